@@ -1,0 +1,1063 @@
+//! Image files in and out: decoding PNG, JPEG, TIFF, BMP and WebP to planar f32 with alpha kept
+//! aside, refusing oversized images before decoding, and atomic writes at the original bit depth.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Cursor, Seek, Write};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use image::codecs::jpeg::JpegEncoder;
+use image::{ColorType, DynamicImage, ImageBuffer, ImageDecoder, ImageError, ImageReader, Limits};
+use serde::{Deserialize, Serialize};
+
+pub use image::ImageFormat;
+
+use crate::{DataError, Image, Result};
+
+/// Images with more pixels than this are refused unless a caller raises the limit: 100 MP is
+/// far beyond any training image, and a forged header must not make us allocate gigabytes.
+pub const DEFAULT_MAX_PIXELS: u64 = 100_000_000;
+
+/// Quality for JPEG output; high because results are compared against references.
+pub const JPEG_QUALITY: u8 = 95;
+
+/// Bits per sample of a file, remembered so results go back at the depth they came in.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
+#[serde(into = "u8", try_from = "u8")]
+pub enum BitDepth {
+    /// 8 bits per sample (256 levels).
+    #[default]
+    Eight,
+    /// 16 bits per sample (65536 levels).
+    Sixteen,
+}
+
+impl BitDepth {
+    /// 8 or 16.
+    pub fn bits(self) -> u8 {
+        match self {
+            BitDepth::Eight => 8,
+            BitDepth::Sixteen => 16,
+        }
+    }
+
+    /// The largest sample value: 255 or 65535.
+    pub fn max_level(self) -> f32 {
+        match self {
+            BitDepth::Eight => 255.0,
+            BitDepth::Sixteen => 65535.0,
+        }
+    }
+}
+
+impl From<BitDepth> for u8 {
+    fn from(depth: BitDepth) -> u8 {
+        depth.bits()
+    }
+}
+
+impl TryFrom<u8> for BitDepth {
+    type Error = String;
+    fn try_from(bits: u8) -> std::result::Result<Self, String> {
+        match bits {
+            8 => Ok(BitDepth::Eight),
+            16 => Ok(BitDepth::Sixteen),
+            _ => Err(format!("unsupported bit depth {bits}; expected 8 or 16")),
+        }
+    }
+}
+
+impl std::fmt::Display for BitDepth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-bit", self.bits())
+    }
+}
+
+/// Samples at the file's own depth.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Samples {
+    U8(Vec<u8>),
+    U16(Vec<u16>),
+}
+
+impl Samples {
+    pub fn len(&self) -> usize {
+        match self {
+            Samples::U8(v) => v.len(),
+            Samples::U16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn bit_depth(&self) -> BitDepth {
+        match self {
+            Samples::U8(_) => BitDepth::Eight,
+            Samples::U16(_) => BitDepth::Sixteen,
+        }
+    }
+
+    /// Heap bytes held.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Samples::U8(v) => v.len(),
+            Samples::U16(v) => 2 * v.len(),
+        }
+    }
+}
+
+// One conversion for every path (whole images, crops, alpha) so that a patch cropped from a
+// cached raw image is bit-identical to the same window of the loaded f32 image.
+#[inline]
+fn u8_to_f32(v: u8) -> f32 {
+    f32::from(v) / 255.0
+}
+
+#[inline]
+fn u16_to_f32(v: u16) -> f32 {
+    f32::from(v) / 65535.0
+}
+
+/// A decoded image before conversion to f32: colour samples interleaved (HWC) at the file's own
+/// depth, alpha separate. The streaming loader caches these because they take a quarter (8-bit)
+/// or half (16-bit) of the memory of the f32 image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RawImage {
+    width: usize,
+    height: usize,
+    channels: usize,
+    samples: Samples,
+    alpha: Option<Samples>,
+    format: ImageFormat,
+}
+
+impl RawImage {
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
+    pub fn height(&self) -> usize {
+        self.height
+    }
+
+    /// Colour channels: 1 (gray) or 3 (RGB). Alpha is never counted here.
+    pub fn channels(&self) -> usize {
+        self.channels
+    }
+
+    /// `height * width * channels` samples, interleaved (HWC).
+    pub fn samples(&self) -> &Samples {
+        &self.samples
+    }
+
+    /// `height * width` alpha samples (same depth as the colour), if the file had alpha.
+    pub fn alpha(&self) -> Option<&Samples> {
+        self.alpha.as_ref()
+    }
+
+    pub fn format(&self) -> ImageFormat {
+        self.format
+    }
+
+    pub fn bit_depth(&self) -> BitDepth {
+        self.samples.bit_depth()
+    }
+
+    /// Heap bytes held (what the loader's cache budget counts).
+    pub fn bytes(&self) -> usize {
+        self.samples.bytes() + self.alpha.as_ref().map_or(0, Samples::bytes)
+    }
+
+    /// Drops the alpha plane (the loader trains on colour only).
+    pub fn without_alpha(mut self) -> Self {
+        self.alpha = None;
+        self
+    }
+
+    /// The `h x w` window at `(y, x)` as a planar f32 image in `[0, 1]`, with the image's own
+    /// channels.
+    ///
+    /// # Shapes
+    /// Returns `channels x h x w`.
+    pub fn crop(&self, y: usize, x: usize, h: usize, w: usize) -> Result<Image> {
+        if y + h > self.height || x + w > self.width {
+            return Err(DataError::Shape(format!(
+                "crop {h}x{w} at ({y}, {x}) outside a {}x{} image",
+                self.height, self.width
+            )));
+        }
+        let mut data = vec![0.0f32; self.channels * h * w];
+        let window = Window {
+            width: self.width,
+            channels: self.channels,
+            y,
+            x,
+            h,
+            w,
+        };
+        match &self.samples {
+            Samples::U8(s) => window.deinterleave(s, &mut data, u8_to_f32),
+            Samples::U16(s) => window.deinterleave(s, &mut data, u16_to_f32),
+        }
+        Image::new(self.channels, h, w, data)
+    }
+
+    /// The whole image as planar f32 in `[0, 1]`.
+    pub fn to_image(&self) -> Image {
+        let mut data = vec![0.0f32; self.channels * self.height * self.width];
+        let window = Window {
+            width: self.width,
+            channels: self.channels,
+            y: 0,
+            x: 0,
+            h: self.height,
+            w: self.width,
+        };
+        match &self.samples {
+            Samples::U8(s) => window.deinterleave(s, &mut data, u8_to_f32),
+            Samples::U16(s) => window.deinterleave(s, &mut data, u16_to_f32),
+        }
+        Image::new(self.channels, self.height, self.width, data)
+            .expect("raw image samples match its dimensions")
+    }
+
+    /// Alpha in `[0, 1]`, `height * width` values.
+    pub fn alpha_f32(&self) -> Option<Vec<f32>> {
+        self.alpha.as_ref().map(|a| match a {
+            Samples::U8(v) => v.iter().map(|&s| u8_to_f32(s)).collect(),
+            Samples::U16(v) => v.iter().map(|&s| u16_to_f32(s)).collect(),
+        })
+    }
+
+    /// Converts to the f32 form the rest of the toolkit uses.
+    pub fn into_loaded(self) -> LoadedImage {
+        LoadedImage {
+            image: self.to_image(),
+            alpha: self.alpha_f32(),
+            bit_depth: self.bit_depth(),
+            format: self.format,
+        }
+    }
+}
+
+/// A rectangle of an interleaved buffer.
+struct Window {
+    width: usize,
+    channels: usize,
+    y: usize,
+    x: usize,
+    h: usize,
+    w: usize,
+}
+
+impl Window {
+    fn deinterleave<T: Copy>(&self, src: &[T], out: &mut [f32], f: impl Fn(T) -> f32) {
+        let c = self.channels;
+        let plane = self.h * self.w;
+        for row in 0..self.h {
+            let start = ((self.y + row) * self.width + self.x) * c;
+            let src_row = &src[start..start + self.w * c];
+            let out_row = row * self.w;
+            if c == 1 {
+                for (o, &s) in out[out_row..out_row + self.w].iter_mut().zip(src_row) {
+                    *o = f(s);
+                }
+            } else {
+                for (col, px) in src_row.chunks_exact(c).enumerate() {
+                    for (ch, &s) in px.iter().enumerate() {
+                        out[ch * plane + out_row + col] = f(s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A decoded image file: colour as planar f32 in `[0, 1]`, alpha aside.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedImage {
+    /// 1 (gray) or 3 (RGB) channels.
+    pub image: Image,
+    /// `height * width` alpha values in `[0, 1]`, if the file had alpha; restore it on write.
+    pub alpha: Option<Vec<f32>>,
+    pub bit_depth: BitDepth,
+    pub format: ImageFormat,
+}
+
+/// What a file's header says, read without decoding the pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ImageInfo {
+    pub width: u32,
+    pub height: u32,
+    /// Colour channels: 1 or 3.
+    pub channels: usize,
+    pub has_alpha: bool,
+    pub bit_depth: BitDepth,
+    pub format: ImageFormat,
+}
+
+impl ImageInfo {
+    pub fn pixels(&self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+}
+
+/// Reads a whole file, telling an empty file apart from an unreadable one.
+pub fn read_file(path: impl AsRef<Path>) -> Result<Vec<u8>> {
+    let path = path.as_ref();
+    let bytes = fs::read(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
+    if bytes.is_empty() {
+        return Err(DataError::EmptyFile { path: path.into() });
+    }
+    Ok(bytes)
+}
+
+/// Loads an image file with the default pixel limit.
+pub fn load(path: impl AsRef<Path>) -> Result<LoadedImage> {
+    load_with_limit(path, DEFAULT_MAX_PIXELS)
+}
+
+/// Loads an image file, refusing images of more than `max_pixels` pixels before decoding them.
+pub fn load_with_limit(path: impl AsRef<Path>, max_pixels: u64) -> Result<LoadedImage> {
+    load_raw(path, max_pixels).map(RawImage::into_loaded)
+}
+
+/// Loads an image file at its own depth, without converting to f32.
+pub fn load_raw(path: impl AsRef<Path>, max_pixels: u64) -> Result<RawImage> {
+    let path = path.as_ref();
+    let bytes = read_file(path)?;
+    decode_raw(&bytes, path, max_pixels)
+}
+
+/// Decodes an in-memory file (an upload, say). `name` is used in error messages and, when the
+/// content has no recognisable signature, its extension picks the format.
+pub fn decode_bytes(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Result<LoadedImage> {
+    decode_raw(bytes, name, max_pixels).map(RawImage::into_loaded)
+}
+
+/// Like [`decode_bytes`] but keeps the samples at their own depth.
+pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Result<RawImage> {
+    let name = name.as_ref();
+    if bytes.is_empty() {
+        return Err(DataError::EmptyFile { path: name.into() });
+    }
+    let (reader, format) = reader_for(Cursor::new(bytes), name)?;
+    let mut decoder = reader.into_decoder().map_err(|e| image_error(name, e))?;
+    let (width, height) = decoder.dimensions();
+    check_pixels(name, width, height, max_pixels)?;
+    decoder
+        .set_limits(alloc_limits(max_pixels))
+        .map_err(|e| image_error(name, e))?;
+    // Decoders are meant to fail cleanly on hostile input; should one panic anyway, an upload
+    // must not take the server (or a loader worker) down with it.
+    let decoded = catch_unwind(AssertUnwindSafe(|| DynamicImage::from_decoder(decoder)))
+        .map_err(|_| DataError::Decode {
+            path: name.into(),
+            message: "the decoder panicked on this file".into(),
+        })?
+        .map_err(|e| image_error(name, e))?;
+    Ok(raw_from_dynamic(decoded, format))
+}
+
+/// Reads only the header of a file: dimensions, channels, alpha, depth and format.
+pub fn probe(path: impl AsRef<Path>) -> Result<ImageInfo> {
+    let path = path.as_ref();
+    let file = fs::File::open(path).map_err(|source| DataError::Io {
+        path: path.into(),
+        source,
+    })?;
+    let len = file
+        .metadata()
+        .map_err(|source| DataError::Io {
+            path: path.into(),
+            source,
+        })?
+        .len();
+    if len == 0 {
+        return Err(DataError::EmptyFile { path: path.into() });
+    }
+    let (reader, format) = reader_for(BufReader::new(file), path)?;
+    let decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
+    let (width, height) = decoder.dimensions();
+    let color = decoder.color_type();
+    Ok(ImageInfo {
+        width,
+        height,
+        channels: if color.has_color() { 3 } else { 1 },
+        has_alpha: color.has_alpha(),
+        bit_depth: depth_of(color),
+        format,
+    })
+}
+
+fn depth_of(color: ColorType) -> BitDepth {
+    // Float formats are stored as 16-bit after decoding (see `raw_from_dynamic`).
+    if color.bytes_per_pixel() / color.channel_count() > 1 {
+        BitDepth::Sixteen
+    } else {
+        BitDepth::Eight
+    }
+}
+
+fn reader_for<R: BufRead + Seek>(inner: R, name: &Path) -> Result<(ImageReader<R>, ImageFormat)> {
+    let mut reader = ImageReader::new(inner)
+        .with_guessed_format()
+        .map_err(|source| DataError::Io {
+            path: name.into(),
+            source,
+        })?;
+    // The header limit is ours (pixels, checked right after); the crate's own allocation limit
+    // would otherwise reject big-but-allowed images with a less helpful message.
+    reader.no_limits();
+    let format = match reader.format() {
+        Some(f) => f,
+        None => match ImageFormat::from_path(name) {
+            Ok(f) => {
+                reader.set_format(f);
+                f
+            }
+            Err(_) => {
+                return Err(DataError::Unsupported {
+                    path: name.into(),
+                    message: "neither the content nor the extension names a known image format"
+                        .into(),
+                });
+            }
+        },
+    };
+    Ok((reader, format))
+}
+
+fn check_pixels(name: &Path, width: u32, height: u32, max_pixels: u64) -> Result<()> {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
+        return Err(DataError::TooLarge {
+            path: name.into(),
+            width: width.into(),
+            height: height.into(),
+            pixels,
+            limit: max_pixels,
+        });
+    }
+    if pixels == 0 {
+        return Err(DataError::Decode {
+            path: name.into(),
+            message: "the image has no pixels".into(),
+        });
+    }
+    Ok(())
+}
+
+fn alloc_limits(max_pixels: u64) -> Limits {
+    let mut limits = Limits::default();
+    // Room for the largest allowed image at RGBA 16-bit plus decoder scratch space.
+    limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(256 << 20));
+    limits
+}
+
+fn image_error(name: &Path, e: ImageError) -> DataError {
+    match e {
+        ImageError::Unsupported(u) => DataError::Unsupported {
+            path: name.into(),
+            message: u.to_string(),
+        },
+        ImageError::IoError(source) => {
+            // The data is in memory or already open, so an i/o error here is a short read.
+            DataError::Decode {
+                path: name.into(),
+                message: source.to_string(),
+            }
+        }
+        other => DataError::Decode {
+            path: name.into(),
+            message: other.to_string(),
+        },
+    }
+}
+
+fn split_alpha<T: Copy>(interleaved: Vec<T>, channels_with_alpha: usize) -> (Vec<T>, Vec<T>) {
+    let colour = channels_with_alpha - 1;
+    let pixels = interleaved.len() / channels_with_alpha;
+    let mut c = Vec::with_capacity(pixels * colour);
+    let mut a = Vec::with_capacity(pixels);
+    for px in interleaved.chunks_exact(channels_with_alpha) {
+        c.extend_from_slice(&px[..colour]);
+        a.push(px[colour]);
+    }
+    (c, a)
+}
+
+fn raw_from_dynamic(img: DynamicImage, format: ImageFormat) -> RawImage {
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let (channels, samples, alpha) = match img {
+        DynamicImage::ImageLuma8(b) => (1, Samples::U8(b.into_raw()), None),
+        DynamicImage::ImageRgb8(b) => (3, Samples::U8(b.into_raw()), None),
+        DynamicImage::ImageLumaA8(b) => {
+            let (c, a) = split_alpha(b.into_raw(), 2);
+            (1, Samples::U8(c), Some(Samples::U8(a)))
+        }
+        DynamicImage::ImageRgba8(b) => {
+            let (c, a) = split_alpha(b.into_raw(), 4);
+            (3, Samples::U8(c), Some(Samples::U8(a)))
+        }
+        DynamicImage::ImageLuma16(b) => (1, Samples::U16(b.into_raw()), None),
+        DynamicImage::ImageRgb16(b) => (3, Samples::U16(b.into_raw()), None),
+        DynamicImage::ImageLumaA16(b) => {
+            let (c, a) = split_alpha(b.into_raw(), 2);
+            (1, Samples::U16(c), Some(Samples::U16(a)))
+        }
+        DynamicImage::ImageRgba16(b) => {
+            let (c, a) = split_alpha(b.into_raw(), 4);
+            (3, Samples::U16(c), Some(Samples::U16(a)))
+        }
+        // Float (and any future) layouts: 16 bits keep far more precision than training uses.
+        other => {
+            let color = other.color();
+            let converted = match (color.has_color(), color.has_alpha()) {
+                (true, true) => DynamicImage::ImageRgba16(other.to_rgba16()),
+                (true, false) => DynamicImage::ImageRgb16(other.to_rgb16()),
+                (false, true) => DynamicImage::ImageLumaA16(other.to_luma_alpha16()),
+                (false, false) => DynamicImage::ImageLuma16(other.to_luma16()),
+            };
+            return raw_from_dynamic(converted, format);
+        }
+    };
+    RawImage {
+        width,
+        height,
+        channels,
+        samples,
+        alpha,
+        format,
+    }
+}
+
+/// Rounds `v` (clipped to `[0, 1]`) to the nearest of `max_level + 1` levels; NaN becomes 0.
+#[inline]
+fn to_level(v: f32, max_level: f32) -> f32 {
+    if v.is_nan() {
+        0.0
+    } else {
+        (v.clamp(0.0, 1.0) * max_level).round()
+    }
+}
+
+/// Clips to `[0, 1]` and rounds every sample to the nearest level of `depth`: what writing the
+/// image at that depth and reading it back gives.
+pub fn quantize(image: &Image, depth: BitDepth) -> Image {
+    let max = depth.max_level();
+    let mut out = image.clone();
+    for v in out.data_mut() {
+        *v = to_level(*v, max) / max;
+    }
+    out
+}
+
+/// [`quantize`] to 256 levels, as evaluation on 8-bit outputs needs.
+pub fn quantize_8bit(image: &Image) -> Image {
+    quantize(image, BitDepth::Eight)
+}
+
+/// The deepest samples `format` can be written with, or `None` if it cannot be written here.
+pub fn max_depth(format: ImageFormat) -> Option<BitDepth> {
+    match format {
+        ImageFormat::Png | ImageFormat::Tiff => Some(BitDepth::Sixteen),
+        ImageFormat::Jpeg | ImageFormat::Bmp | ImageFormat::WebP => Some(BitDepth::Eight),
+        _ => None,
+    }
+}
+
+fn check_writable(
+    name: &Path,
+    format: ImageFormat,
+    channels: usize,
+    has_alpha: bool,
+    depth: BitDepth,
+) -> Result<()> {
+    let unsupported = |message: String| {
+        Err(DataError::Unsupported {
+            path: name.into(),
+            message,
+        })
+    };
+    let Some(deepest) = max_depth(format) else {
+        return unsupported(format!(
+            "cannot write {format:?} files; use png, tiff, bmp, jpeg or webp"
+        ));
+    };
+    if depth > deepest {
+        return unsupported(format!(
+            "{format:?} stores at most {deepest} samples, not {depth}; save as png or tiff"
+        ));
+    }
+    if has_alpha && format == ImageFormat::Jpeg {
+        return unsupported("jpeg has no alpha channel; save as png or drop the alpha".into());
+    }
+    if has_alpha && channels == 1 && format == ImageFormat::Tiff {
+        return unsupported("the tiff writer cannot store gray+alpha; save as png".into());
+    }
+    Ok(())
+}
+
+fn interleave<T>(image: &Image, alpha: Option<&[f32]>, f: impl Fn(f32) -> T) -> Vec<T> {
+    let planes: Vec<&[f32]> = (0..image.channels())
+        .map(|c| image.plane(c))
+        .chain(alpha)
+        .collect();
+    let mut out = Vec::with_capacity(image.pixels() * planes.len());
+    for i in 0..image.pixels() {
+        for p in &planes {
+            out.push(f(p[i]));
+        }
+    }
+    out
+}
+
+fn to_dynamic(
+    name: &Path,
+    image: &Image,
+    alpha: Option<&[f32]>,
+    depth: BitDepth,
+) -> Result<DynamicImage> {
+    let (c, h, w) = image.shape();
+    let encode_err = |message: String| DataError::Encode {
+        path: name.into(),
+        message,
+    };
+    if c != 1 && c != 3 {
+        return Err(encode_err(format!(
+            "{c} channels; only 1 (gray) or 3 (rgb) can be written"
+        )));
+    }
+    if let Some(a) = alpha
+        && a.len() != h * w
+    {
+        return Err(encode_err(format!(
+            "{} alpha values for a {h}x{w} image",
+            a.len()
+        )));
+    }
+    let (w, h) = match (u32::try_from(w), u32::try_from(h)) {
+        (Ok(w), Ok(h)) => (w, h),
+        _ => return Err(encode_err(format!("{h}x{w} is too large to write"))),
+    };
+    let bad_len = || encode_err("sample count does not match the dimensions".into());
+    let img = match depth {
+        BitDepth::Eight => {
+            let buf = interleave(image, alpha, |v| to_level(v, 255.0) as u8);
+            match (c, alpha.is_some()) {
+                (1, false) => {
+                    DynamicImage::ImageLuma8(ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?)
+                }
+                (1, true) => {
+                    DynamicImage::ImageLumaA8(ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?)
+                }
+                (_, false) => {
+                    DynamicImage::ImageRgb8(ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?)
+                }
+                (_, true) => {
+                    DynamicImage::ImageRgba8(ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?)
+                }
+            }
+        }
+        BitDepth::Sixteen => {
+            let buf = interleave(image, alpha, |v| to_level(v, 65535.0) as u16);
+            match (c, alpha.is_some()) {
+                (1, false) => {
+                    DynamicImage::ImageLuma16(ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?)
+                }
+                (1, true) => DynamicImage::ImageLumaA16(
+                    ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?,
+                ),
+                (_, false) => {
+                    DynamicImage::ImageRgb16(ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?)
+                }
+                (_, true) => {
+                    DynamicImage::ImageRgba16(ImageBuffer::from_raw(w, h, buf).ok_or_else(bad_len)?)
+                }
+            }
+        }
+    };
+    Ok(img)
+}
+
+fn encode_named(
+    name: &Path,
+    image: &Image,
+    alpha: Option<&[f32]>,
+    depth: BitDepth,
+    format: ImageFormat,
+) -> Result<Vec<u8>> {
+    check_writable(name, format, image.channels(), alpha.is_some(), depth)?;
+    let img = to_dynamic(name, image, alpha, depth)?;
+    let mut buf = Cursor::new(Vec::new());
+    let written = match format {
+        ImageFormat::Jpeg => {
+            img.write_with_encoder(JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY))
+        }
+        _ => img.write_to(&mut buf, format),
+    };
+    written.map_err(|e| DataError::Encode {
+        path: name.into(),
+        message: e.to_string(),
+    })?;
+    Ok(buf.into_inner())
+}
+
+/// Encodes `image` (clipped to `[0, 1]`, rounded to the nearest level) with optional alpha
+/// (`height * width` values) as a file of `format` in memory.
+pub fn encode(
+    image: &Image,
+    alpha: Option<&[f32]>,
+    depth: BitDepth,
+    format: ImageFormat,
+) -> Result<Vec<u8>> {
+    encode_named(Path::new("<memory>"), image, alpha, depth, format)
+}
+
+/// [`encode`] as PNG, which holds every depth and alpha layout this crate produces.
+pub fn encode_png(image: &Image, alpha: Option<&[f32]>, depth: BitDepth) -> Result<Vec<u8>> {
+    encode(image, alpha, depth, ImageFormat::Png)
+}
+
+/// Writes `image` (with optional alpha) to `path`, the format chosen by the extension, clipped
+/// to `[0, 1]` and rounded to the nearest level of `depth`. Atomic: see [`write_atomic`].
+pub fn save(
+    path: impl AsRef<Path>,
+    image: &Image,
+    alpha: Option<&[f32]>,
+    depth: BitDepth,
+) -> Result<()> {
+    let path = path.as_ref();
+    let format = ImageFormat::from_path(path).map_err(|_| DataError::Unsupported {
+        path: path.into(),
+        message: "unknown extension; use .png, .tif, .bmp, .jpg or .webp".into(),
+    })?;
+    let bytes = encode_named(path, image, alpha, depth, format)?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to a temporary file beside `path`, flushes it to disk and renames it over
+/// `path`, so a crash leaves either the old file or the new one, never half of one.
+pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let path = path.as_ref();
+    let write_err = |source| DataError::Write {
+        path: path.into(),
+        source,
+    };
+    let file_name = path.file_name().ok_or_else(|| {
+        write_err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "not a file path",
+        ))
+    })?;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    // Dot-prefixed so directory scans skip it; pid and counter so concurrent writers of the same
+    // file do not share a temporary.
+    let tmp = dir.join(format!(
+        ".{}.{}-{}.tmp",
+        file_name.to_string_lossy(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let result = (|| {
+        let mut f = fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        drop(f);
+        fs::rename(&tmp, path)
+    })();
+    if let Err(source) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(write_err(source));
+    }
+    // Makes the rename itself durable where the platform allows syncing a directory.
+    if let Ok(d) = fs::File::open(&dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An image whose samples sit exactly on `depth`'s levels, so round trips are exact.
+    fn levels(channels: usize, h: usize, w: usize, depth: BitDepth) -> Image {
+        let max = depth.max_level();
+        let step = if depth == BitDepth::Eight {
+            1.0
+        } else {
+            257.0 + 3.0
+        };
+        Image::from_fn(channels, h, w, |c, y, x| {
+            (((c * 97 + y * w + x) as f32 * step) % (max + 1.0)) / max
+        })
+    }
+
+    fn alpha_for(h: usize, w: usize, depth: BitDepth) -> Vec<f32> {
+        let max = depth.max_level();
+        (0..h * w)
+            .map(|i| ((i * 37) as f32 % (max + 1.0)) / max)
+            .collect()
+    }
+
+    fn round_trip(name: &str, channels: usize, with_alpha: bool, depth: BitDepth) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(name);
+        let img = levels(channels, 13, 17, depth);
+        let alpha = with_alpha.then(|| alpha_for(13, 17, depth));
+        save(&path, &img, alpha.as_deref(), depth).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.image, img, "{name}");
+        assert_eq!(loaded.alpha, alpha, "{name}");
+        assert_eq!(loaded.bit_depth, depth, "{name}");
+        assert_eq!(
+            Some(loaded.format),
+            ImageFormat::from_path(&path).ok(),
+            "{name}"
+        );
+    }
+
+    #[test]
+    fn png_round_trips_every_layout_and_depth() {
+        for depth in [BitDepth::Eight, BitDepth::Sixteen] {
+            for channels in [1, 3] {
+                for alpha in [false, true] {
+                    round_trip("a.png", channels, alpha, depth);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiff_bmp_webp_round_trip() {
+        round_trip("a.tif", 3, false, BitDepth::Sixteen);
+        round_trip("a.tiff", 1, false, BitDepth::Sixteen);
+        round_trip("a.tif", 3, true, BitDepth::Sixteen);
+        round_trip("a.tif", 1, false, BitDepth::Eight);
+        round_trip("a.bmp", 3, false, BitDepth::Eight);
+        round_trip("a.bmp", 3, true, BitDepth::Eight);
+        round_trip("a.webp", 3, false, BitDepth::Eight);
+        round_trip("a.webp", 3, true, BitDepth::Eight);
+    }
+
+    #[test]
+    fn jpeg_is_close_and_refuses_alpha_and_16_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.JPG");
+        let img = Image::from_fn(3, 32, 32, |c, y, x| {
+            0.2 + 0.02 * (x + y) as f32 / 3.0 + 0.1 * c as f32
+        });
+        save(&path, &img, None, BitDepth::Eight).unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.format, ImageFormat::Jpeg);
+        let err: f32 = loaded
+            .image
+            .data()
+            .iter()
+            .zip(img.data())
+            .map(|(a, b)| (a - b).abs())
+            .sum::<f32>()
+            / img.data().len() as f32;
+        assert!(err < 0.01, "mean abs error {err}");
+
+        let alpha = vec![1.0; 32 * 32];
+        let e = save(&path, &img, Some(&alpha), BitDepth::Eight).unwrap_err();
+        assert!(matches!(e, DataError::Unsupported { .. }), "{e}");
+        let e = save(&path, &img, None, BitDepth::Sixteen).unwrap_err();
+        assert!(e.to_string().contains("a.JPG"), "{e}");
+    }
+
+    #[test]
+    fn save_clips_and_rounds() {
+        let img = Image::new(1, 1, 4, vec![-0.5, 1.7, 0.5 / 255.0 + 1e-4, f32::NAN]).unwrap();
+        let bytes = encode_png(&img, None, BitDepth::Eight).unwrap();
+        let back = decode_bytes(&bytes, "x.png", DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(back.image.data(), &[0.0, 1.0, 1.0 / 255.0, 0.0]);
+        assert_eq!(quantize_8bit(&img).data(), back.image.data());
+    }
+
+    #[test]
+    fn bad_files_give_errors_naming_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let good = encode_png(&levels(3, 40, 40, BitDepth::Eight), None, BitDepth::Eight).unwrap();
+
+        let empty = dir.path().join("empty.png");
+        fs::write(&empty, b"").unwrap();
+        let e = load(&empty).unwrap_err();
+        assert!(matches!(e, DataError::EmptyFile { .. }), "{e}");
+        assert!(e.to_string().contains("empty.png"));
+        assert!(matches!(probe(&empty), Err(DataError::EmptyFile { .. })));
+
+        let corrupt = dir.path().join("corrupt.png");
+        let mut bytes = good.clone();
+        for b in &mut bytes[8..] {
+            *b ^= 0x5a;
+        }
+        fs::write(&corrupt, &bytes).unwrap();
+        let e = load(&corrupt).unwrap_err();
+        assert!(matches!(e, DataError::Decode { .. }), "{e}");
+        assert!(e.to_string().starts_with("failed to decode '"), "{e}");
+        assert!(e.to_string().contains("corrupt.png"), "{e}");
+
+        let truncated = dir.path().join("truncated.png");
+        fs::write(&truncated, &good[..good.len() / 2]).unwrap();
+        let e = load(&truncated).unwrap_err();
+        assert!(matches!(e, DataError::Decode { .. }), "{e}");
+        assert!(e.to_string().contains("truncated.png"), "{e}");
+
+        let tiff = encode(
+            &levels(1, 40, 40, BitDepth::Sixteen),
+            None,
+            BitDepth::Sixteen,
+            ImageFormat::Tiff,
+        )
+        .unwrap();
+        let truncated = dir.path().join("truncated.tif");
+        fs::write(&truncated, &tiff[..tiff.len() / 2]).unwrap();
+        assert!(
+            load(&truncated)
+                .unwrap_err()
+                .to_string()
+                .contains("truncated.tif")
+        );
+
+        let garbage = dir.path().join("garbage.bin");
+        fs::write(&garbage, b"hello, world").unwrap();
+        let e = load(&garbage).unwrap_err();
+        assert!(matches!(e, DataError::Unsupported { .. }), "{e}");
+
+        let missing = dir.path().join("missing.png");
+        let e = load(&missing).unwrap_err();
+        assert!(matches!(e, DataError::Io { .. }), "{e}");
+        assert!(e.to_string().contains("missing.png"));
+
+        let e = decode_bytes(&good[..100], "upload.png", DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(e.to_string().contains("upload.png"), "{e}");
+    }
+
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+
+    #[test]
+    fn pixel_limit_refuses_before_decoding() {
+        // A real 8x8 PNG whose header claims 60000x50000: decoding it would fail (the data is for
+        // 8x8), so TooLarge proves the limit is checked on the header alone.
+        let mut png = encode_png(&levels(1, 8, 8, BitDepth::Eight), None, BitDepth::Eight).unwrap();
+        assert_eq!(&png[12..16], b"IHDR");
+        png[16..20].copy_from_slice(&60_000u32.to_be_bytes());
+        png[20..24].copy_from_slice(&50_000u32.to_be_bytes());
+        let crc = crc32(&png[12..29]);
+        png[29..33].copy_from_slice(&crc.to_be_bytes());
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("huge.png");
+        fs::write(&path, &png).unwrap();
+        let e = load(&path).unwrap_err();
+        match &e {
+            DataError::TooLarge {
+                width,
+                height,
+                limit,
+                ..
+            } => {
+                assert_eq!(
+                    (*width, *height, *limit),
+                    (60_000, 50_000, DEFAULT_MAX_PIXELS)
+                );
+            }
+            other => panic!("expected TooLarge, got {other}"),
+        }
+        assert!(e.to_string().contains("huge.png"));
+        assert_eq!(probe(&path).unwrap().pixels(), 3_000_000_000);
+
+        let small = encode_png(&levels(3, 20, 30, BitDepth::Eight), None, BitDepth::Eight).unwrap();
+        assert!(matches!(
+            decode_bytes(&small, "s.png", 599),
+            Err(DataError::TooLarge { .. })
+        ));
+        assert!(decode_bytes(&small, "s.png", 600).is_ok());
+    }
+
+    #[test]
+    fn probe_reads_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.png");
+        save(
+            &path,
+            &levels(1, 5, 7, BitDepth::Sixteen),
+            Some(&alpha_for(5, 7, BitDepth::Sixteen)),
+            BitDepth::Sixteen,
+        )
+        .unwrap();
+        let info = probe(&path).unwrap();
+        assert_eq!(
+            info,
+            ImageInfo {
+                width: 7,
+                height: 5,
+                channels: 1,
+                has_alpha: true,
+                bit_depth: BitDepth::Sixteen,
+                format: ImageFormat::Png
+            }
+        );
+    }
+
+    #[test]
+    fn raw_crop_matches_the_f32_image() {
+        let img = levels(3, 12, 10, BitDepth::Eight);
+        let bytes = encode_png(&img, None, BitDepth::Eight).unwrap();
+        let raw = decode_raw(&bytes, "r.png", DEFAULT_MAX_PIXELS).unwrap();
+        assert_eq!(raw.bytes(), 3 * 12 * 10);
+        assert_eq!(raw.crop(3, 2, 5, 6).unwrap(), img.crop(3, 2, 5, 6).unwrap());
+        assert!(raw.crop(8, 0, 5, 5).is_err());
+    }
+
+    #[test]
+    fn write_atomic_replaces_and_leaves_no_temporaries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.bin");
+        write_atomic(&path, b"first").unwrap();
+        write_atomic(&path, b"second").unwrap();
+        assert_eq!(fs::read(&path).unwrap(), b"second");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        let e = write_atomic(dir.path().join("no/such/dir/x.png"), b"x").unwrap_err();
+        assert!(e.to_string().starts_with("failed to write"), "{e}");
+    }
+
+    #[test]
+    fn bit_depth_serialises_as_a_number() {
+        assert_eq!(serde_json::to_string(&BitDepth::Sixteen).unwrap(), "16");
+        assert_eq!(
+            serde_json::from_str::<BitDepth>("8").unwrap(),
+            BitDepth::Eight
+        );
+        assert!(serde_json::from_str::<BitDepth>("12").is_err());
+    }
+}

@@ -1,0 +1,34 @@
+//! The error type of `denoise-models`.
+
+use std::path::PathBuf;
+
+/// Everything that can go wrong building, running, saving or loading a model.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ModelError {
+    #[error("unknown model '{name}' (known: {known})")]
+    UnknownKind { name: String, known: String },
+    #[error("invalid model config: {0}")]
+    Config(String),
+    #[error("invalid input: {0}")]
+    Input(String),
+    #[error("libtorch error: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("failed to read '{path}': {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("'{path}' is not a valid model artefact: {message}")]
+    Artefact { path: PathBuf, message: String },
+}
+
+impl ModelError {
+    pub(crate) fn artefact(path: &std::path::Path, message: impl Into<String>) -> Self {
+        Self::Artefact {
+            path: path.to_path_buf(),
+            message: message.into(),
+        }
+    }
+}

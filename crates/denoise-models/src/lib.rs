@@ -1,0 +1,25 @@
+//! The denoising networks on libtorch (`tch`): autoencoder, UNet, RIDNet, DnCNN and FFDNet, the
+//! [`Model`] wrapper that pads, casts and runs them, and the saved [`artefact`] format.
+//!
+//! Models know nothing of training: losses, optimisers and checkpoints live in `denoise-train`.
+
+pub mod artefact;
+pub mod autoencoder;
+pub mod config;
+pub mod dncnn;
+pub mod error;
+pub mod ffdnet;
+pub mod layers;
+pub mod model;
+pub mod perf;
+pub mod ridnet;
+pub mod unet;
+
+pub use crate::artefact::{Artefact, Metadata};
+pub use crate::config::{ModelConfig, ModelKind};
+pub use crate::error::ModelError;
+pub use crate::model::Model;
+pub use crate::perf::Precision;
+
+/// Result alias for this crate.
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;

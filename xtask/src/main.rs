@@ -1,0 +1,59 @@
+//! `cargo xtask`: project automation. Links no libtorch crate; it drives `cargo` and
+//! `denoise-cli` as subprocesses so it compiles in seconds.
+
+mod ci;
+mod demo;
+mod passthrough;
+mod setup;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "Project automation for denoise",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Provision libtorch 2.13.0 (LIBTORCH, an existing torch install, or a cached virtualenv).
+    Setup(setup::SetupArgs),
+    /// Denoise the sample images in assets/ with the default model and print a PSNR/SSIM table.
+    Demo(demo::DemoArgs),
+    /// Exactly what CI runs: fmt check, clippy -D warnings, every test of the workspace.
+    Ci,
+    /// Scan a folder of clean images and write a training manifest (see `denoise-cli prepare-data`).
+    #[command(disable_help_flag = true)]
+    PrepareData {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Train a model (see `denoise-cli train --help`).
+    #[command(disable_help_flag = true)]
+    Train {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Setup(args) => setup::run(&args).map(|_| ()),
+        Command::Demo(args) => demo::run(&args),
+        Command::Ci => ci::run(),
+        Command::PrepareData { args } => passthrough::run("prepare-data", &args),
+        Command::Train { args } => passthrough::run("train", &args),
+    };
+    if let Err(err) = result {
+        eprintln!("xtask: {err:#}");
+        std::process::exit(1);
+    }
+}
