@@ -1,1 +1,32 @@
-fn main() {}
+//! `denoise-cli`: denoise images, evaluate and benchmark models, and the data, metrics and
+//! training tools, from one binary. Errors print as `denoise-cli: <message>` with a non-zero
+//! exit, never a panic or a backtrace.
+
+mod cmd;
+mod common;
+
+use clap::Parser;
+
+fn main() {
+    // Plain libtorch ops panic on errors; the library turns those into `Err` at its edges, and
+    // the default hook would print a scary message first. Keep panics for real bugs brief.
+    std::panic::set_hook(Box::new(|info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        if std::env::var_os("DENOISE_DEBUG").is_some() {
+            eprintln!(
+                "denoise-cli: internal panic at {:?}: {msg}",
+                info.location()
+            );
+        }
+    }));
+    let cli = cmd::Cli::parse();
+    if let Err(err) = cmd::run(cli) {
+        eprintln!("denoise-cli: {err:#}");
+        std::process::exit(1);
+    }
+}

@@ -4,6 +4,7 @@
 pub mod augment;
 pub mod dataset;
 pub mod error;
+pub mod estimate;
 pub mod image;
 pub mod io;
 pub mod loader;

@@ -13,6 +13,7 @@ pub mod layers;
 pub mod model;
 pub mod perf;
 pub mod ridnet;
+pub mod tile;
 pub mod unet;
 
 pub use crate::artefact::{Artefact, Metadata};

@@ -51,6 +51,17 @@ impl Model {
     pub fn flops_per_pixel(&self) -> f64 {
         self.flops_per_pixel
     }
+    /// The widest feature map of the network (channels at full resolution), for memory estimates.
+    pub fn widest_features(&self) -> i64 {
+        match &self.config {
+            ModelConfig::Autoencoder(c) => c.widths.first().copied().unwrap_or(64),
+            ModelConfig::Unet(c) => 2 * c.base,
+            ModelConfig::Ridnet(c) => 2 * c.features,
+            ModelConfig::Dncnn(c) => c.features,
+            ModelConfig::Ffdnet(c) => c.features / 4 + 1,
+        }
+    }
+
     /// Number of trainable parameters.
     pub fn num_params(&self) -> i64 {
         self.vs

@@ -1,1 +1,19 @@
-//! denoise-train
+//! Training for denoise models: the TOML/serde [`TrainConfig`], losses, an Adam/AdamW whose
+//! state we own (so checkpoints really hold it), atomic checkpoints with exact resume, validation
+//! and the training loop. Uses `denoise-data` (patches), `denoise-models` (networks) and
+//! `denoise-metrics` (validation numbers).
+
+pub mod checkpoint;
+pub mod config;
+pub mod error;
+pub mod loss;
+pub mod optim;
+pub mod trainer;
+pub mod validate;
+
+pub use crate::config::TrainConfig;
+pub use crate::error::TrainError;
+pub use crate::trainer::{TrainOutcome, Trainer};
+
+/// Result alias for this crate.
+pub type Result<T, E = TrainError> = std::result::Result<T, E>;

@@ -1,0 +1,58 @@
+//! The subcommands, one module each; [`Cli`] is parsed once here and each command turns its raw
+//! flags into checked values before doing any work.
+
+mod doctor;
+mod metrics;
+mod models;
+mod noise;
+mod prepare;
+mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "denoise-cli",
+    version,
+    about = "Denoise images with trained CNNs (autoencoder, UNet, RIDNet, DnCNN, FFDNet) on libtorch",
+    propagate_version = true
+)]
+pub struct Cli {
+    /// libtorch threads (default: all cores).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show libtorch, CUDA, threads, CPU features and where the default model lives.
+    Doctor(doctor::Args),
+    /// List the model kinds with their parameter count and FLOPs per pixel.
+    Models(models::Args),
+    /// PSNR, SSIM, MSE and MAE between two images or two directories (matched by file name).
+    Metrics(metrics::Args),
+    /// Add synthetic noise to an image.
+    Noise(noise::Args),
+    /// Validate a folder of clean images and write a training manifest.
+    PrepareData(prepare::Args),
+    /// Train (or resume) a model on a manifest.
+    Train(Box<train::Args>),
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        anyhow::ensure!(n > 0, "--threads must be at least 1");
+        tch::set_num_threads(n as i32);
+    }
+    match cli.command {
+        Command::Doctor(args) => doctor::run(&args),
+        Command::Models(args) => models::run(&args),
+        Command::Metrics(args) => metrics::run(&args),
+        Command::Noise(args) => noise::run(&args),
+        Command::PrepareData(args) => prepare::run(&args),
+        Command::Train(args) => train::run(&args),
+    }
+}

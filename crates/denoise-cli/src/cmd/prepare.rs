@@ -1,0 +1,74 @@
+//! `denoise-cli prepare-data`: validate a folder of clean images and write `manifest.json`.
+
+use anyhow::Result;
+use denoise_data::manifest::{NoisyValidationConfig, PrepareConfig, Progress, prepare};
+use denoise_data::noise::NoiseSpec;
+use std::path::PathBuf;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Folder of clean images (scanned recursively).
+    #[arg(long)]
+    src: PathBuf,
+    /// Output folder for manifest.json (and noisy validation images).
+    #[arg(long)]
+    out: PathBuf,
+    /// Fraction of the images held out for validation.
+    #[arg(long, default_value_t = 0.05)]
+    val_fraction: f64,
+    /// Seed of the train/validation split.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Also write fixed noisy validation images with this noise (e.g. gaussian:25).
+    #[arg(long, value_name = "SPEC")]
+    noisy_val: Option<String>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    anyhow::ensure!(
+        (0.0..1.0).contains(&args.val_fraction),
+        "--val-fraction must be in [0, 1), got {}",
+        args.val_fraction
+    );
+    let mut cfg = PrepareConfig::new(&args.src, &args.out);
+    cfg.val_fraction = args.val_fraction;
+    cfg.seed = args.seed;
+    if let Some(spec) = &args.noisy_val {
+        cfg.noisy_validation = Some(NoisyValidationConfig::new(
+            spec.parse::<NoiseSpec>()?,
+            args.seed,
+        ));
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:>10} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let report = prepare(&cfg, &|p| match p {
+        Progress::Scanned { files } => {
+            bar.set_length(files as u64);
+            bar.set_message("checking");
+        }
+        Progress::Checked { done, .. } => bar.set_position(done as u64),
+        Progress::NoisyWritten { done, total } => {
+            bar.set_message("noisy val");
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        }
+        Progress::Finished => bar.finish_and_clear(),
+    })?;
+    let m = &report.manifest;
+    eprintln!(
+        "wrote {}: {} training and {} validation images ({} decoded, {} reused)",
+        report.manifest_path.display(),
+        m.train_paths().len(),
+        m.validation_paths().len(),
+        report.decoded,
+        report.reused
+    );
+    if let Some(why) = &report.previous_ignored {
+        eprintln!("note: previous manifest not reused: {why}");
+    }
+    Ok(())
+}

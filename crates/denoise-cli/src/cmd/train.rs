@@ -1,0 +1,132 @@
+//! `denoise-cli train`: run or resume a training run (`cargo xtask train` calls this).
+
+use anyhow::{Context, Result};
+use denoise_models::{ModelKind, Precision};
+use denoise_train::{TrainConfig, Trainer};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// TOML config (see configs/); the flags below override its fields.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// manifest.json from prepare-data.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Model kind with its default config (autoencoder, unet, ridnet, dncnn, ffdnet).
+    #[arg(long)]
+    model: Option<String>,
+    /// Image channels for --model (3 colour, 1 gray).
+    #[arg(long, default_value_t = 3)]
+    channels: i64,
+    /// Training noise spec (e.g. gaussian:0-55, method2).
+    #[arg(long)]
+    noise: Option<String>,
+    #[arg(long)]
+    steps: Option<u64>,
+    #[arg(long)]
+    batch: Option<usize>,
+    #[arg(long)]
+    patch: Option<usize>,
+    #[arg(long)]
+    lr: Option<f64>,
+    /// Run directory (config, log, checkpoints, best model).
+    #[arg(long)]
+    out: PathBuf,
+    /// Continue the run in --out from its checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// auto, cpu, cuda or cuda:N.
+    #[arg(long)]
+    device: Option<String>,
+    /// fp32 or bf16 (mixed precision: bf16 compute, fp32 master weights).
+    #[arg(long)]
+    precision: Option<Precision>,
+    /// Validate every N steps.
+    #[arg(long)]
+    val_every: Option<u64>,
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let mut cfg = if args.resume && args.config.is_none() {
+        // A resumed run keeps its own config unless told otherwise.
+        let saved = args.out.join("config.toml");
+        TrainConfig::from_file(&saved)
+            .with_context(|| format!("--resume needs '{}'", saved.display()))?
+    } else if let Some(path) = &args.config {
+        TrainConfig::from_file(path)?
+    } else {
+        TrainConfig::default()
+    };
+    if let Some(d) = &args.data {
+        cfg.data = d.clone();
+    }
+    if let Some(m) = &args.model {
+        cfg.model = Some(m.parse::<ModelKind>()?.default_config(args.channels));
+    }
+    if let Some(n) = &args.noise {
+        cfg.noise = n.clone();
+    }
+    if let Some(v) = args.steps {
+        cfg.steps = v;
+    }
+    if let Some(v) = args.batch {
+        cfg.batch_size = v;
+    }
+    if let Some(v) = args.patch {
+        cfg.patch_size = v;
+    }
+    if let Some(v) = args.lr {
+        cfg.optimizer.lr = v;
+    }
+    if let Some(v) = &args.device {
+        cfg.device = v.clone();
+    }
+    if let Some(v) = args.precision {
+        cfg.precision = v;
+    }
+    if let Some(v) = args.val_every {
+        cfg.val_every = v;
+    }
+    if let Some(v) = args.seed {
+        cfg.seed = v;
+    }
+    let mut trainer = Trainer::new(cfg, &args.out, args.resume)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit at once)");
+    })
+    .context("cannot install the Ctrl-C handler")?;
+    eprintln!(
+        "training in {} from step {}",
+        args.out.display(),
+        trainer.step()
+    );
+    let outcome = trainer.run(&stop, None)?;
+    eprintln!(
+        "{} at step {}: last loss {:.5}, {:.1} patches/s, best val PSNR {}",
+        if outcome.finished {
+            "finished"
+        } else {
+            "stopped"
+        },
+        outcome.step,
+        outcome.last_loss,
+        outcome.patches_per_s,
+        outcome
+            .best_val_psnr
+            .map_or("-".into(), |p| format!("{p:.2} dB"))
+    );
+    if !outcome.finished {
+        eprintln!("resume with: --out {} --resume", args.out.display());
+    }
+    Ok(())
+}

@@ -1,0 +1,244 @@
+//! [`TrainConfig`]: everything a training run needs, read from TOML (flags override fields), saved
+//! in the run directory, and checked once before any work starts.
+
+use crate::loss::Loss;
+use crate::optim::{OptimizerConfig, Schedule};
+use crate::{Result, TrainError};
+use denoise_data::augment::AugmentConfig;
+use denoise_data::noise::NoiseSpec;
+use denoise_models::{ModelConfig, Precision};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// The `manifest.json` written by `prepare-data`.
+    pub data: PathBuf,
+    /// The architecture: a `[model]` table with `kind = "ffdnet"` and that kind's fields.
+    pub model: Option<ModelConfig>,
+    /// Training noise, a `denoise-data` spec (`gaussian:0-55` for a blind model, `method2`, ...).
+    pub noise: String,
+    pub patch_size: usize,
+    pub patches_per_image: usize,
+    pub batch_size: usize,
+    pub augment: AugmentConfig,
+    pub optimizer: OptimizerConfig,
+    pub schedule: Schedule,
+    pub loss: Loss,
+    pub steps: u64,
+    /// Validate (and keep the best model) every this many steps.
+    pub val_every: u64,
+    /// Validation images taken from the manifest's validation split (centre crops).
+    pub val_images: usize,
+    /// Centre-crop validation images to at most this side (keeps validation cheap on a CPU).
+    pub val_crop: usize,
+    /// Validation noise; default: the training noise, or `gaussian:25` when that is a range.
+    pub val_noise: Option<String>,
+    /// Write the resumable checkpoint every this many steps (and at every validation).
+    pub checkpoint_every: u64,
+    pub seed: u64,
+    /// `auto` (CUDA when available), `cpu` or `cuda` / `cuda:N`.
+    pub device: String,
+    /// `fp32`, or `bf16` mixed precision (bf16 compute, fp32 master weights and optimizer).
+    pub precision: Precision,
+    /// libtorch threads (0 = all cores).
+    pub threads: usize,
+    /// Patch loader threads (0 = one per core, at most 4).
+    pub workers: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            data: PathBuf::new(),
+            model: None,
+            noise: "gaussian:0-55".into(),
+            patch_size: 64,
+            patches_per_image: 8,
+            batch_size: 16,
+            augment: AugmentConfig {
+                dihedral: true,
+                ..Default::default()
+            },
+            optimizer: OptimizerConfig::default(),
+            schedule: Schedule::default(),
+            loss: Loss::default(),
+            steps: 10_000,
+            val_every: 500,
+            val_images: 8,
+            val_crop: 256,
+            val_noise: None,
+            checkpoint_every: 100,
+            seed: 0,
+            device: "auto".into(),
+            precision: Precision::Fp32,
+            threads: 0,
+            workers: 0,
+        }
+    }
+}
+
+/// The parts of a config that `validate` turns into checked values.
+#[derive(Debug)]
+pub struct Checked {
+    pub model: ModelConfig,
+    pub noise: NoiseSpec,
+    pub val_noise: NoiseSpec,
+    pub device: tch::Device,
+}
+
+impl TrainConfig {
+    /// Reads a TOML config file.
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        toml::from_str(&text).map_err(|e| TrainError::ConfigFile {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a train config serialises to TOML")
+    }
+
+    /// Checks every field and resolves the model, noise and device, before any work starts.
+    pub fn validate(&self) -> Result<Checked> {
+        let bad = |m: String| Err(TrainError::Config(m));
+        let Some(model) = self.model.clone() else {
+            return bad(
+                "no model: give --model NAME or a [model] table with kind = \"...\"".into(),
+            );
+        };
+        model.validate()?;
+        if self.data.as_os_str().is_empty() {
+            return bad("no data: give --data MANIFEST (written by `prepare-data`)".into());
+        }
+        if !self.data.is_file() {
+            return bad(format!(
+                "manifest '{}' does not exist (run prepare-data first)",
+                self.data.display()
+            ));
+        }
+        let noise: NoiseSpec = self.noise.parse()?;
+        let val_noise: NoiseSpec = match &self.val_noise {
+            Some(spec) => spec.parse()?,
+            None if noise.nominal_sigma().is_none() => "gaussian:25".parse()?,
+            None => noise.clone(),
+        };
+        if self.patch_size < 8 || self.patch_size % model.multiple() as usize != 0 {
+            return bad(format!(
+                "patch_size {} must be at least 8 and a multiple of {} for {}",
+                self.patch_size,
+                model.multiple(),
+                model.kind()
+            ));
+        }
+        if self.batch_size == 0 || self.patches_per_image == 0 || self.steps == 0 {
+            return bad("batch_size, patches_per_image and steps must be positive".into());
+        }
+        if self.val_every == 0 || self.checkpoint_every == 0 {
+            return bad("val_every and checkpoint_every must be positive".into());
+        }
+        if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
+            return bad(format!(
+                "learning rate must be positive, got {}",
+                self.optimizer.lr
+            ));
+        }
+        let device = parse_device(&self.device)?;
+        Ok(Checked {
+            model,
+            noise,
+            val_noise,
+            device,
+        })
+    }
+}
+
+/// `auto`, `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<tch::Device> {
+    match s {
+        "auto" => Ok(tch::Device::cuda_if_available()),
+        "cpu" => Ok(tch::Device::Cpu),
+        "cuda" | "gpu" => cuda(0),
+        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
+            Some(n) => cuda(n),
+            None => Err(TrainError::Config(format!(
+                "unknown device '{s}' (auto, cpu, cuda, cuda:N)"
+            ))),
+        },
+    }
+}
+
+fn cuda(n: usize) -> Result<tch::Device> {
+    if tch::Cuda::device_count() as usize > n {
+        Ok(tch::Device::Cuda(n))
+    } else {
+        Err(TrainError::Config(format!(
+            "cuda:{n} requested but libtorch sees {} CUDA device(s)",
+            tch::Cuda::device_count()
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_round_trips_and_partial_files_take_defaults() {
+        let text = "data = \"m.json\"\nnoise = \"gaussian:25\"\nsteps = 7\n[model]\nkind = \"dncnn\"\ndepth = 5\n";
+        let cfg: TrainConfig = toml::from_str(text).unwrap();
+        assert_eq!(cfg.steps, 7);
+        assert_eq!(cfg.batch_size, 16);
+        assert_eq!(
+            cfg.model.as_ref().unwrap().kind(),
+            denoise_models::ModelKind::Dncnn
+        );
+        let again: TrainConfig = toml::from_str(&cfg.to_toml()).unwrap();
+        assert_eq!(again, cfg);
+    }
+
+    #[test]
+    fn bad_configs_fail_before_any_work() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = dir.path().join("manifest.json");
+        std::fs::write(&manifest, "{}").unwrap();
+        let good = TrainConfig {
+            data: manifest.clone(),
+            model: Some(denoise_models::ModelKind::Dncnn.default_config(3)),
+            ..Default::default()
+        };
+        assert!(good.validate().is_ok());
+        let err = |cfg: TrainConfig| cfg.validate().unwrap_err().to_string();
+        assert!(
+            err(TrainConfig {
+                model: None,
+                ..good.clone()
+            })
+            .contains("no model")
+        );
+        let e = err(TrainConfig {
+            noise: "gaussian:-5".into(),
+            ..good.clone()
+        });
+        assert!(e.contains("gaussian:-5"), "{e}");
+        let e = err(TrainConfig {
+            data: dir.path().join("missing.json"),
+            ..good.clone()
+        });
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(toml::from_str::<TrainConfig>("[model]\nkind = \"resnet\"\n").is_err());
+        assert!(
+            err(TrainConfig {
+                device: "tpu".into(),
+                ..good
+            })
+            .contains("unknown device")
+        );
+    }
+}

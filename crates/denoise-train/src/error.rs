@@ -1,0 +1,28 @@
+//! The error type of `denoise-train`.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrainError {
+    #[error("invalid training config: {0}")]
+    Config(String),
+    #[error("failed to read config '{path}': {message}")]
+    ConfigFile { path: PathBuf, message: String },
+    #[error(transparent)]
+    Data(#[from] denoise_data::DataError),
+    #[error(transparent)]
+    Model(#[from] denoise_models::ModelError),
+    #[error(transparent)]
+    Metrics(#[from] denoise_metrics::MetricsError),
+    #[error("libtorch error: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("i/o error on '{path}': {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid checkpoint '{path}': {message}")]
+    Checkpoint { path: PathBuf, message: String },
+}

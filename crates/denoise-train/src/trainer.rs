@@ -1,0 +1,556 @@
+//! The training loop: patches from the data crate's loader, forward/backward in fp32 or bf16
+//! mixed precision (bf16 compute on a shadow copy, fp32 master weights and Adam), periodic
+//! validation keeping the best model, atomic checkpoints, exact resume, and a clean stop on
+//! request (Ctrl-C).
+
+use crate::checkpoint::{self, CheckpointMeta};
+use crate::config::{Checked, TrainConfig};
+use crate::optim::Adam;
+use crate::validate::{ValScores, ValidationSet};
+use crate::{Result, TrainError};
+use denoise_data::loader::{Batch, LoaderConfig, PatchLoader};
+use denoise_models::artefact::{self, Metadata};
+use denoise_models::perf::to_channels_last;
+use denoise_models::{Model, Precision};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+use tch::Tensor;
+
+/// How a run ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrainOutcome {
+    pub step: u64,
+    pub finished: bool,
+    pub best_val_psnr: Option<f64>,
+    pub last_loss: f64,
+    pub patches_per_s: f64,
+}
+
+/// A training run in a run directory: `config.toml`, `train.jsonl`, `checkpoint.safetensors`
+/// (latest, resumable) and `model.safetensors` (best validation PSNR, a model artefact).
+pub struct Trainer {
+    cfg: TrainConfig,
+    checked: Checked,
+    run_dir: PathBuf,
+    master: Model,
+    shadow: Option<Model>,
+    adam: Adam,
+    step: u64,
+    best_val_psnr: Option<f64>,
+    train_files: Vec<PathBuf>,
+    val: ValidationSet,
+    quiet: bool,
+}
+
+impl Trainer {
+    /// Checks the config, prepares the run directory and builds (or, with `resume`, restores)
+    /// the model and optimizer. Everything that can be refused is refused here, before training.
+    pub fn new(cfg: TrainConfig, run_dir: &Path, resume: bool) -> Result<Self> {
+        let checked = cfg.validate()?;
+        let (train_files, val_files) = manifest_split(&cfg.data)?;
+        if train_files.is_empty() {
+            return Err(TrainError::Config(format!(
+                "manifest '{}' has no training images",
+                cfg.data.display()
+            )));
+        }
+        std::fs::create_dir_all(run_dir).map_err(|source| TrainError::Io {
+            path: run_dir.to_path_buf(),
+            source,
+        })?;
+        let ck_path = run_dir.join(checkpoint::FILE_NAME);
+        let restored = if resume {
+            if !ck_path.is_file() {
+                return Err(TrainError::Config(format!(
+                    "--resume: no checkpoint in '{}'",
+                    run_dir.display()
+                )));
+            }
+            Some(checkpoint::load(&ck_path)?)
+        } else {
+            if ck_path.exists() {
+                return Err(TrainError::Config(format!(
+                    "'{}' already holds a run: pass --resume to continue it or choose another --out",
+                    run_dir.display()
+                )));
+            }
+            None
+        };
+        if cfg.threads > 0 {
+            tch::set_num_threads(cfg.threads as i32);
+        }
+        tch::manual_seed(cfg.seed as i64);
+        let mut master = Model::new(&checked.model, checked.device)?;
+        master.set_channels_last();
+        let params: BTreeMap<String, Tensor> = master
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
+        let mut adam = Adam::new(cfg.optimizer.clone(), params);
+        let (mut step, mut best_val_psnr) = (0, None);
+        if let Some(ck) = restored {
+            restore_model(&master, &ck.tensors).map_err(|m| TrainError::Checkpoint {
+                path: ck_path.clone(),
+                message: m,
+            })?;
+            let optim: BTreeMap<String, Tensor> = ck
+                .tensors
+                .iter()
+                .filter_map(|(k, t)| {
+                    k.strip_prefix("optim.")
+                        .map(|k| (k.to_owned(), t.to_device(checked.device)))
+                })
+                .collect();
+            adam.load_state(&optim, ck.meta.optimizer_step)
+                .map_err(|m| TrainError::Checkpoint {
+                    path: ck_path.clone(),
+                    message: m,
+                })?;
+            step = ck.meta.step;
+            best_val_psnr = ck.meta.best_val_psnr;
+        }
+        let shadow = match cfg.precision {
+            Precision::Fp32 => None,
+            Precision::Bf16 => {
+                let mut m = Model::new(&checked.model, checked.device)?;
+                m.set_precision(Precision::Bf16);
+                Some(m)
+            }
+        };
+        let val = ValidationSet::new(
+            if val_files.is_empty() {
+                &train_files
+            } else {
+                &val_files
+            },
+            cfg.val_images,
+            cfg.val_crop,
+            checked.model.multiple() as usize,
+            checked.model.channels() as usize,
+            &checked.val_noise,
+            cfg.seed ^ 0x5eed_0000,
+        )?;
+        std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(|source| {
+            TrainError::Io {
+                path: run_dir.join("config.toml"),
+                source,
+            }
+        })?;
+        Ok(Self {
+            cfg,
+            checked,
+            run_dir: run_dir.to_path_buf(),
+            master,
+            shadow,
+            adam,
+            step,
+            best_val_psnr,
+            train_files,
+            val,
+            quiet: false,
+        })
+    }
+
+    /// Hide the progress bar and validation lines (tests, scripts).
+    pub fn quiet(mut self, quiet: bool) -> Self {
+        self.quiet = quiet;
+        self
+    }
+
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+    pub fn model(&self) -> &Model {
+        &self.master
+    }
+
+    /// Trains until `config.steps` (or `stop_at`, if smaller) or until `stop` is raised; then
+    /// writes a checkpoint so nothing is lost.
+    pub fn run(&mut self, stop: &AtomicBool, stop_at: Option<u64>) -> Result<TrainOutcome> {
+        let end = stop_at.map_or(self.cfg.steps, |s| s.min(self.cfg.steps));
+        let mut loader =
+            PatchLoader::resume(self.train_files.clone(), self.loader_config(), self.step)?;
+        let bar = self.progress_bar(end);
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.run_dir.join("train.jsonl"))
+            .map_err(|source| TrainError::Io {
+                path: self.run_dir.join("train.jsonl"),
+                source,
+            })?;
+        let start = Instant::now();
+        let first_step = self.step;
+        let mut last_loss = f64::NAN;
+        while self.step < end && !stop.load(Ordering::SeqCst) {
+            let batch = loader.next_batch()?;
+            let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
+            let loss = self.train_step(&batch, lr)?;
+            if !loss.is_finite() {
+                self.save_checkpoint()?;
+                return Err(TrainError::Config(format!(
+                    "loss became {loss} at step {}: lower the learning rate (checkpoint kept)",
+                    self.step
+                )));
+            }
+            last_loss = loss;
+            self.step += 1;
+            let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+            let rate = (self.step - first_step) as f64 * self.cfg.batch_size as f64 / elapsed;
+            writeln!(log, "{}", serde_json::json!({"step": self.step, "loss": loss, "lr": lr, "patches_per_s": rate}))
+                .map_err(|source| TrainError::Io { path: self.run_dir.join("train.jsonl"), source })?;
+            bar.set_position(self.step);
+            bar.set_message(format!("loss {loss:.5}  {rate:.0} patches/s"));
+            if self.step % self.cfg.val_every == 0 || self.step == self.cfg.steps {
+                let scores = self.validate_and_keep_best()?;
+                writeln!(log, "{}", serde_json::json!({"step": self.step, "val_psnr": scores.psnr, "val_ssim": scores.ssim, "noisy_psnr": scores.noisy_psnr}))
+                    .map_err(|source| TrainError::Io { path: self.run_dir.join("train.jsonl"), source })?;
+                if !self.quiet {
+                    bar.println(format!(
+                        "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}",
+                        self.step,
+                        scores.psnr,
+                        scores.noisy_psnr,
+                        scores.ssim,
+                        self.best_val_psnr.unwrap_or(f64::NAN)
+                    ));
+                }
+                self.save_checkpoint()?;
+            } else if self.step % self.cfg.checkpoint_every == 0 {
+                self.save_checkpoint()?;
+            }
+        }
+        self.save_checkpoint()?;
+        bar.finish_and_clear();
+        let elapsed = start.elapsed().as_secs_f64().max(1e-9);
+        Ok(TrainOutcome {
+            step: self.step,
+            finished: self.step >= self.cfg.steps,
+            best_val_psnr: self.best_val_psnr,
+            last_loss,
+            patches_per_s: (self.step - first_step) as f64 * self.cfg.batch_size as f64 / elapsed,
+        })
+    }
+
+    fn loader_config(&self) -> LoaderConfig {
+        let mut lc = LoaderConfig::new(self.checked.noise.clone());
+        lc.patch_size = self.cfg.patch_size;
+        lc.patches_per_image = self.cfg.patches_per_image;
+        lc.batch_size = self.cfg.batch_size;
+        lc.channels = self.checked.model.channels() as usize;
+        lc.augment = self.cfg.augment.clone();
+        lc.seed = self.cfg.seed;
+        lc.workers = self.cfg.workers;
+        lc
+    }
+
+    /// One optimisation step on `batch` at learning rate `lr`; returns the loss.
+    fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<f64> {
+        let device = self.checked.device;
+        let dims = [
+            batch.n as i64,
+            batch.channels as i64,
+            batch.size as i64,
+            batch.size as i64,
+        ];
+        let clean = Tensor::from_slice(&batch.clean)
+            .view(dims)
+            .to_device(device);
+        let noisy = Tensor::from_slice(&batch.noisy)
+            .view(dims)
+            .to_device(device);
+        let sigma = match (&batch.sigma, self.checked.model.noise_map()) {
+            (Some(s), true) => Some(
+                Tensor::from_slice(s)
+                    .view([dims[0], 1, dims[2], dims[3]])
+                    .to_device(device),
+            ),
+            (None, true) => {
+                return Err(TrainError::Config(format!(
+                    "the {} model needs a noise-level map but noise '{}' gives none",
+                    self.checked.model.kind(),
+                    self.cfg.noise
+                )));
+            }
+            (_, false) => None,
+        };
+        let net = match &self.shadow {
+            Some(shadow) => {
+                copy_vars(&self.master, shadow, true);
+                shadow
+            }
+            None => &self.master,
+        };
+        let kind = net.precision().kind();
+        let x = to_channels_last(&noisy.to_kind(kind));
+        let map = sigma.map(|s| s.to_kind(kind));
+        for mut var in net.var_store().trainable_variables() {
+            var.zero_grad();
+        }
+        let out = net.forward_t(&x, map.as_ref(), true);
+        let loss = self.cfg.loss.compute(&out, &clean);
+        loss.f_backward()?;
+        let grads: BTreeMap<String, Tensor> = net
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .map(|(k, t)| (k, t.grad()))
+            .filter(|(_, g)| g.defined())
+            .collect();
+        self.adam.step(&grads, lr);
+        if let Some(shadow) = &self.shadow {
+            // Batch-norm running statistics are updated in the shadow's forward pass.
+            copy_vars(shadow, &self.master, false);
+        }
+        Ok(loss.double_value(&[]))
+    }
+
+    fn validate_and_keep_best(&mut self) -> Result<ValScores> {
+        let scores = self.val.score(&self.master)?;
+        if self.best_val_psnr.is_none_or(|best| scores.psnr > best) {
+            self.best_val_psnr = Some(scores.psnr);
+            let mut meta = Metadata::new(self.master.config());
+            meta.noise = Some(self.cfg.noise.clone());
+            meta.val_psnr = Some(scores.psnr);
+            meta.training = Some(serde_json::json!({
+                "manifest": self.cfg.data,
+                "train_images": self.train_files.len(),
+                "steps": self.step,
+                "batch_size": self.cfg.batch_size,
+                "patch_size": self.cfg.patch_size,
+                "val_noise": self.checked.val_noise.to_string(),
+                "precision": self.cfg.precision,
+            }));
+            artefact::save(&self.master, &meta, &self.run_dir.join(artefact::FILE_NAME))?;
+        }
+        Ok(scores)
+    }
+
+    fn save_checkpoint(&self) -> Result<()> {
+        let mut tensors: Vec<(String, Tensor)> = self
+            .master
+            .var_store()
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (format!("model.{k}"), t))
+            .collect();
+        tensors.extend(
+            self.adam
+                .state()
+                .into_iter()
+                .map(|(k, t)| (format!("optim.{k}"), t)),
+        );
+        let meta = CheckpointMeta::new(self.step, self.adam.step, self.best_val_psnr, &self.cfg);
+        checkpoint::save(&self.run_dir.join(checkpoint::FILE_NAME), &meta, &tensors)
+    }
+
+    fn progress_bar(&self, end: u64) -> indicatif::ProgressBar {
+        if self.quiet {
+            return indicatif::ProgressBar::hidden();
+        }
+        let bar = indicatif::ProgressBar::new(end);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{elapsed_precise} [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_position(self.step);
+        bar
+    }
+}
+
+/// Copies variables `from` -> `to` by name (trainable ones if `trainable`, else the others),
+/// converting kind and layout as needed.
+fn copy_vars(from: &Model, to: &Model, trainable: bool) {
+    let src = from.var_store().variables();
+    tch::no_grad(|| {
+        for (name, mut dst) in to.var_store().variables() {
+            if dst.requires_grad() == trainable {
+                if let Some(s) = src.get(&name) {
+                    dst.copy_(s);
+                }
+            }
+        }
+    });
+}
+
+/// Loads `model.NAME` tensors of a checkpoint into `model`.
+fn restore_model(
+    model: &Model,
+    tensors: &BTreeMap<String, Tensor>,
+) -> std::result::Result<(), String> {
+    tch::no_grad(|| {
+        for (name, mut var) in model.var_store().variables() {
+            let key = format!("model.{name}");
+            let src = tensors
+                .get(&key)
+                .ok_or_else(|| format!("missing tensor '{key}'"))?;
+            if src.size() != var.size() {
+                return Err(format!(
+                    "tensor '{key}' has shape {:?}, the model needs {:?}",
+                    src.size(),
+                    var.size()
+                ));
+            }
+            var.copy_(src);
+        }
+        Ok(())
+    })
+}
+
+/// The training and validation files of a manifest, as absolute paths.
+fn manifest_split(path: &Path) -> Result<(Vec<PathBuf>, Vec<PathBuf>)> {
+    let manifest = denoise_data::manifest::Manifest::load(path)?;
+    Ok((manifest.train_paths(), manifest.validation_paths()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use denoise_data::Image;
+    use denoise_data::manifest::{PrepareConfig, prepare};
+
+    /// A manifest over 6 generated 48x48 RGB images (smooth gradients and stripes).
+    fn manifest(dir: &Path) -> PathBuf {
+        let src = dir.join("src");
+        std::fs::create_dir_all(&src).unwrap();
+        for i in 0..6 {
+            let img = Image::from_fn(3, 48, 48, |c, y, x| {
+                let f = (i + 1) as f32;
+                (0.5 + 0.4 * ((x as f32 * f * 0.07 + c as f32).sin() * (y as f32 * 0.05 * f).cos()))
+                    .clamp(0.0, 1.0)
+            });
+            denoise_data::io::save(
+                src.join(format!("{i}.png")),
+                &img,
+                None,
+                denoise_data::io::BitDepth::Eight,
+            )
+            .unwrap();
+        }
+        let mut cfg = PrepareConfig::new(&src, dir.join("data"));
+        cfg.val_fraction = 0.34;
+        prepare(&cfg, &|_| {}).unwrap().manifest_path
+    }
+
+    fn config(data: PathBuf, steps: u64) -> TrainConfig {
+        TrainConfig {
+            data,
+            model: Some(
+                serde_json::from_str(
+                    r#"{"kind":"dncnn","depth":4,"features":16,"batch_norm":false}"#,
+                )
+                .unwrap(),
+            ),
+            noise: "gaussian:25".into(),
+            patch_size: 16,
+            patches_per_image: 4,
+            batch_size: 8,
+            steps,
+            val_every: 10,
+            val_images: 2,
+            checkpoint_every: 5,
+            device: "cpu".into(),
+            workers: 1,
+            optimizer: crate::optim::OptimizerConfig {
+                lr: 2e-3,
+                ..Default::default()
+            },
+            ..Default::default()
+        }
+    }
+
+    fn weights(model: &Model) -> BTreeMap<String, Tensor> {
+        model.var_store().variables().into_iter().collect()
+    }
+
+    #[test]
+    fn a_tiny_model_learns_and_keeps_its_best() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let run = dir.path().join("run");
+        let mut trainer = Trainer::new(config(data, 200), &run, false)
+            .unwrap()
+            .quiet(true);
+        let before = trainer.val.score(trainer.model()).unwrap();
+        let outcome = trainer.run(&AtomicBool::new(false), None).unwrap();
+        assert!(outcome.finished);
+        let after = trainer.val.score(trainer.model()).unwrap();
+        assert!(
+            after.psnr > before.psnr + 1.0,
+            "val PSNR {:.2} -> {:.2}",
+            before.psnr,
+            after.psnr
+        );
+        assert!(
+            after.psnr > after.noisy_psnr,
+            "denoised {:.2} vs noisy {:.2}",
+            after.psnr,
+            after.noisy_psnr
+        );
+        let log = std::fs::read_to_string(run.join("train.jsonl")).unwrap();
+        assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 200);
+        let best = artefact::load(&run, tch::Device::Cpu).unwrap();
+        assert_eq!(best.metadata.val_psnr, outcome.best_val_psnr);
+        // A second run into the same directory must not clobber it.
+        assert!(Trainer::new(config(trainer.cfg.data.clone(), 60), &run, false).is_err());
+    }
+
+    #[test]
+    fn resume_gives_the_weights_of_an_uninterrupted_run() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let stop = AtomicBool::new(false);
+        let mut straight = Trainer::new(config(data.clone(), 20), &dir.path().join("a"), false)
+            .unwrap()
+            .quiet(true);
+        straight.run(&stop, None).unwrap();
+
+        let run_b = dir.path().join("b");
+        let mut first = Trainer::new(config(data.clone(), 20), &run_b, false)
+            .unwrap()
+            .quiet(true);
+        assert_eq!(first.run(&stop, Some(10)).unwrap().step, 10);
+        drop(first); // as if the process had been killed after its step-10 checkpoint
+        let mut resumed = Trainer::new(config(data, 20), &run_b, true)
+            .unwrap()
+            .quiet(true);
+        assert_eq!(resumed.step(), 10);
+        resumed.run(&stop, None).unwrap();
+
+        let (a, b) = (weights(straight.model()), weights(resumed.model()));
+        for (name, wa) in &a {
+            let diff = (wa - &b[name]).abs().max().double_value(&[]);
+            // Same data, same Adam state: identical up to non-associative float reductions.
+            assert!(diff < 1e-5, "{name} differs by {diff}");
+        }
+    }
+
+    #[test]
+    fn bf16_mixed_precision_trains() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let mut cfg = config(data, 30);
+        cfg.precision = Precision::Bf16;
+        let mut trainer = Trainer::new(cfg, &dir.path().join("run"), false)
+            .unwrap()
+            .quiet(true);
+        let before = trainer.val.score(trainer.model()).unwrap();
+        trainer.run(&AtomicBool::new(false), None).unwrap();
+        let after = trainer.val.score(trainer.model()).unwrap();
+        assert!(
+            after.psnr > before.psnr + 1.0,
+            "val PSNR {:.2} -> {:.2}",
+            before.psnr,
+            after.psnr
+        );
+    }
+}
