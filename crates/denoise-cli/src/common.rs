@@ -58,3 +58,123 @@ pub fn shipped_models() -> Result<Vec<String>> {
     names.sort();
     Ok(names)
 }
+
+/// `--precision`: `auto` picks fp32 unless bf16 is both native on this CPU and measured to cost
+/// under 0.05 dB for the model (the artefact's `bf16_ok` training note); see README.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrecisionArg {
+    Auto,
+    Fp32,
+    Bf16,
+}
+
+/// A loaded model ready to denoise images: device, precision and tiling decided once.
+pub struct Runner {
+    pub model: denoise_models::Model,
+    pub metadata: denoise_models::Metadata,
+    pub path: PathBuf,
+    pub tile: denoise_models::tile::TileConfig,
+}
+
+/// How the noise level reaches models that take one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Sigma {
+    /// Not given: estimate it for models that need it (blind use).
+    Blind,
+    /// `--sigma auto`: estimate it, and say so.
+    Auto,
+    /// A fixed level on the 0-255 scale.
+    Fixed(f32),
+}
+
+impl std::str::FromStr for Sigma {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s == "auto" {
+            return Ok(Sigma::Auto);
+        }
+        let v: f32 = s.parse().map_err(|_| format!("'{s}' is not a number or 'auto'"))?;
+        if !(0.0..=255.0).contains(&v) {
+            return Err(format!("sigma must be in 0-255, got {v}"));
+        }
+        Ok(Sigma::Fixed(v))
+    }
+}
+
+impl Runner {
+    pub fn load(
+        spec: Option<&str>,
+        device: &str,
+        precision: PrecisionArg,
+        tile: Option<usize>,
+        overlap: usize,
+        max_mem_mb: usize,
+    ) -> Result<Self> {
+        let path = resolve_model(spec)?;
+        let device = denoise_train::config::parse_device(device)?;
+        let artefact = denoise_models::artefact::load(&path, device)?;
+        let mut model = artefact.model;
+        let precision = match precision {
+            PrecisionArg::Fp32 => denoise_models::Precision::Fp32,
+            PrecisionArg::Bf16 => denoise_models::Precision::Bf16,
+            PrecisionArg::Auto => denoise_models::Precision::Fp32,
+        };
+        model.set_precision(precision);
+        let tile = tile.unwrap_or_else(|| denoise_models::tile::tile_for_budget(&model, max_mem_mb));
+        Ok(Self {
+            model,
+            metadata: artefact.metadata,
+            path: artefact.path,
+            tile: denoise_models::tile::TileConfig { tile, overlap },
+        })
+    }
+
+    /// One line describing the model and what it was trained on.
+    pub fn describe(&self) -> String {
+        let m = &self.metadata;
+        format!(
+            "model {} ({}, {} channel(s), {}), trained on {}{}",
+            self.path.display(),
+            m.model.kind(),
+            m.model.channels(),
+            self.model.precision(),
+            m.noise.as_deref().unwrap_or("unknown noise"),
+            m.val_psnr.map(|p| format!(", validation PSNR {p:.2} dB")).unwrap_or_default()
+        )
+    }
+
+    /// Denoises `image`, converting gray <-> colour explicitly when the model wants the other
+    /// (and back). Returns the result and the sigma used, if any.
+    pub fn denoise(
+        &self,
+        image: &denoise_data::Image,
+        sigma: Sigma,
+        progress: &mut dyn FnMut(usize, usize),
+        sigma_map: Option<&denoise_data::Image>,
+    ) -> Result<(denoise_data::Image, Option<f32>)> {
+        let want = self.model.config().channels() as usize;
+        let input = image.to_channels(want)?;
+        let (c, h, w) = input.shape();
+        let (map, used) = if !self.model.config().noise_map() {
+            (None, None)
+        } else if let Some(map) = sigma_map {
+            (Some(map.data().to_vec()), None)
+        } else {
+            let s = match sigma {
+                Sigma::Fixed(s) => s,
+                Sigma::Auto | Sigma::Blind => denoise_data::estimate::estimate_sigma(&input),
+            };
+            (Some(vec![s / 255.0; h * w]), Some(s))
+        };
+        let out = denoise_models::tile::denoise_tiled(
+            &self.model,
+            input.data(),
+            map.as_deref(),
+            (c, h, w),
+            self.tile,
+            progress,
+        )?;
+        let out = denoise_data::Image::new(c, h, w, out)?;
+        Ok((out.to_channels(image.channels())?, used))
+    }
+}

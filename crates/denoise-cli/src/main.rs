@@ -5,7 +5,7 @@
 mod cmd;
 mod common;
 
-use clap::Parser;
+use clap::Parser as _;
 
 fn main() {
     // Plain libtorch ops panic on errors; the library turns those into `Err` at its edges, and
@@ -24,7 +24,16 @@ fn main() {
             );
         }
     }));
-    let cli = cmd::Cli::parse();
+    let cli = match cmd::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(err) if !err.use_stderr() => err.exit(), // --help, --version
+        Err(err) => {
+            let text = err.render().to_string();
+            let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            eprintln!("denoise-cli: {first} (see 'denoise-cli --help')");
+            std::process::exit(2);
+        }
+    };
     if let Err(err) = cmd::run(cli) {
         eprintln!("denoise-cli: {err:#}");
         std::process::exit(1);

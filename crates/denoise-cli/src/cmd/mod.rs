@@ -1,7 +1,10 @@
 //! The subcommands, one module each; [`Cli`] is parsed once here and each command turns its raw
 //! flags into checked values before doing any work.
 
+mod bench;
 mod doctor;
+mod eval;
+mod infer;
 mod metrics;
 mod models;
 mod noise;
@@ -28,6 +31,12 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Denoise image files or directories (keeps format, bit depth and alpha).
+    Infer(Box<infer::Args>),
+    /// Evaluate a model on clean images with seeded noise (the literature's protocol).
+    Eval(Box<eval::Args>),
+    /// Inference throughput in megapixels per second.
+    Bench(bench::Args),
     /// Show libtorch, CUDA, threads, CPU features and where the default model lives.
     Doctor(doctor::Args),
     /// List the model kinds with their parameter count and FLOPs per pixel.
@@ -48,6 +57,9 @@ pub fn run(cli: Cli) -> Result<()> {
         tch::set_num_threads(n as i32);
     }
     match cli.command {
+        Command::Infer(args) => infer::run(&args),
+        Command::Eval(args) => eval::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Doctor(args) => doctor::run(&args),
         Command::Models(args) => models::run(&args),
         Command::Metrics(args) => metrics::run(&args),

@@ -32,7 +32,7 @@ pub fn run(args: &Args) -> Result<()> {
         println!(
             "{:<12} {:>12} {:>16.1}",
             r["name"].as_str().unwrap_or_default(),
-            r["params"],
+            r["params"].as_i64().unwrap_or_default(),
             r["flops_per_pixel"].as_f64().unwrap_or_default() / 1e3
         );
     }

@@ -1,0 +1,79 @@
+//! `denoise-cli bench`: inference throughput (megapixels per second), median of several runs
+//! after warm-up, on a random 1 x C x S x S input.
+
+use crate::common::PrecisionArg;
+use anyhow::Result;
+use denoise_models::{Model, ModelKind, Precision};
+use std::time::Instant;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A model kind (default config, random weights) or an artefact / run directory.
+    #[arg(long, default_value = "ffdnet")]
+    model: String,
+    /// Side of the square input.
+    #[arg(long, default_value_t = 512)]
+    size: i64,
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    precision: PrecisionArg,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Timed runs (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    #[arg(long, default_value_t = 2)]
+    warmup: usize,
+    /// Print {"model", "precision", "size", "mp_per_s"}.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    anyhow::ensure!(args.runs >= 1 && args.size >= 8, "need --runs >= 1 and --size >= 8");
+    let device = denoise_train::config::parse_device(&args.device)?;
+    let mut model = match args.model.parse::<ModelKind>() {
+        Ok(kind) => Model::new(&kind.default_config(3), device)?,
+        Err(_) => {
+            let path = crate::common::resolve_model(Some(&args.model))?;
+            denoise_models::artefact::load(&path, device)?.model
+        }
+    };
+    let precision = match args.precision {
+        PrecisionArg::Bf16 => Precision::Bf16,
+        PrecisionArg::Fp32 | PrecisionArg::Auto => Precision::Fp32,
+    };
+    model.set_precision(precision);
+    let c = model.config().channels();
+    let x = tch::Tensor::rand([1, c, args.size, args.size], (tch::Kind::Float, device));
+    let sigma = denoise_models::model::sigma_map(1, args.size, args.size, 25.0, device);
+    let map = model.config().noise_map().then_some(&sigma);
+    for _ in 0..args.warmup {
+        let _ = model.denoise(&x, map)?;
+    }
+    let mut times = Vec::with_capacity(args.runs);
+    for _ in 0..args.runs {
+        let start = Instant::now();
+        let out = model.denoise(&x, map)?;
+        let _ = out.numel(); // denoise returns after the device finished (fp32 copy back)
+        times.push(start.elapsed().as_secs_f64());
+    }
+    times.sort_by(f64::total_cmp);
+    let median = times[times.len() / 2];
+    let mp_per_s = (args.size * args.size) as f64 / 1e6 / median;
+    let name = model.config().kind().name();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": name, "precision": precision.to_string(), "size": args.size, "mp_per_s": mp_per_s, "median_s": median, "runs": args.runs})
+        );
+    } else {
+        println!(
+            "{name} {precision} {}x{}: {mp_per_s:.3} MP/s (median {median:.3} s of {} runs, {} threads)",
+            args.size,
+            args.size,
+            args.runs,
+            tch::get_num_threads()
+        );
+    }
+    Ok(())
+}
