@@ -30,7 +30,8 @@ fn picture(h: usize, w: usize) -> Image {
 /// A tiny (untrained) DnCNN artefact: enough to exercise every path of infer and eval.
 fn tiny_model(dir: &Path) -> PathBuf {
     tch::manual_seed(0);
-    let cfg = serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":8,"batch_norm":false}"#).unwrap();
+    let cfg = serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":8,"batch_norm":false}"#)
+        .unwrap();
     let model = Model::new(&cfg, tch::Device::Cpu).unwrap();
     let path = dir.join("tiny.safetensors");
     artefact::save(&model, &artefact::Metadata::new(model.config()), &path).unwrap();
@@ -39,10 +40,21 @@ fn tiny_model(dir: &Path) -> PathBuf {
 
 fn assert_clean_failure(out: &Output, needle: &str) {
     let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got success: {err}");
-    assert!(err.lines().last().is_some_and(|l| l.starts_with("denoise-cli: ")), "{err}");
+    assert!(
+        !out.status.success(),
+        "expected failure, got success: {err}"
+    );
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.starts_with("denoise-cli: ")),
+        "{err}"
+    );
     assert!(err.contains(needle), "'{needle}' not in: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -50,7 +62,17 @@ fn help_lists_the_commands() {
     let out = run(&["--help"]);
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
-    for cmd in ["infer", "eval", "bench", "metrics", "noise", "models", "doctor", "prepare-data", "train"] {
+    for cmd in [
+        "infer",
+        "eval",
+        "bench",
+        "metrics",
+        "noise",
+        "models",
+        "doctor",
+        "prepare-data",
+        "train",
+    ] {
         assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
     }
 }
@@ -58,8 +80,14 @@ fn help_lists_the_commands() {
 #[test]
 fn unknown_commands_and_missing_files_are_clean_errors() {
     assert_clean_failure(&run(&["frobnicate"]), "unrecognized subcommand");
-    assert_clean_failure(&run(&["metrics", "/no/such/a.png", "/no/such/b.png"]), "/no/such/a.png");
-    assert_clean_failure(&run(&["noise", "--kind", "gaussian:-3", "a.png", "-o", "b.png"]), "gaussian:-3");
+    assert_clean_failure(
+        &run(&["metrics", "/no/such/a.png", "/no/such/b.png"]),
+        "/no/such/a.png",
+    );
+    assert_clean_failure(
+        &run(&["noise", "--kind", "gaussian:-3", "a.png", "-o", "b.png"]),
+        "gaussian:-3",
+    );
 }
 
 #[test]
@@ -82,9 +110,15 @@ fn models_json_lists_every_kind() {
     let out = run(&["models", "--json"]);
     assert!(out.status.success(), "{}", stderr(&out));
     let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-    let ridnet = rows.iter().find(|r| r["name"] == "ridnet").expect("ridnet listed");
+    let ridnet = rows
+        .iter()
+        .find(|r| r["name"] == "ridnet")
+        .expect("ridnet listed");
     assert_eq!(ridnet["params"], 1_499_347);
-    assert!(rows.iter().all(|r| r["flops_per_pixel"].as_f64().unwrap() > 0.0));
+    assert!(
+        rows.iter()
+            .all(|r| r["flops_per_pixel"].as_f64().unwrap() > 0.0)
+    );
 }
 
 #[test]
@@ -94,22 +128,44 @@ fn noise_is_reproducible_and_metrics_report_json() {
     io::save(&clean, &picture(40, 50), None, BitDepth::Eight).unwrap();
     let noisy = |name: &str, seed: &str| {
         let path = dir.path().join(name);
-        let out = run(&["noise", "--kind", "gaussian:25", "--seed", seed, clean.to_str().unwrap(), "-o", path.to_str().unwrap()]);
+        let out = run(&[
+            "noise",
+            "--kind",
+            "gaussian:25",
+            "--seed",
+            seed,
+            clean.to_str().unwrap(),
+            "-o",
+            path.to_str().unwrap(),
+        ]);
         assert!(out.status.success(), "{}", stderr(&out));
         std::fs::read(path).unwrap()
     };
     assert_eq!(noisy("a.png", "3"), noisy("b.png", "3"));
     assert_ne!(noisy("a.png", "3"), noisy("c.png", "4"));
 
-    let out = run(&["metrics", clean.to_str().unwrap(), dir.path().join("a.png").to_str().unwrap(), "--json"]);
+    let out = run(&[
+        "metrics",
+        clean.to_str().unwrap(),
+        dir.path().join("a.png").to_str().unwrap(),
+        "--json",
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let psnr = v["psnr"].as_f64().unwrap();
-    assert!((18.0..23.0).contains(&psnr), "sigma 25 gives about 20 dB, got {psnr}");
+    assert!(
+        (18.0..23.0).contains(&psnr),
+        "sigma 25 gives about 20 dB, got {psnr}"
+    );
     for key in ["ssim", "mse", "mae"] {
         assert!(v[key].is_number(), "{key} missing: {v}");
     }
-    let same = run(&["metrics", clean.to_str().unwrap(), clean.to_str().unwrap(), "--json"]);
+    let same = run(&[
+        "metrics",
+        clean.to_str().unwrap(),
+        clean.to_str().unwrap(),
+        "--json",
+    ]);
     let v: serde_json::Value = serde_json::from_slice(&same.stdout).unwrap();
     assert_eq!(v["psnr"], "inf");
 }
@@ -121,18 +177,38 @@ fn infer_a_file_a_directory_and_a_16_bit_image() {
     let input = dir.path().join("in");
     std::fs::create_dir_all(input.join("sub")).unwrap();
     io::save(input.join("a.png"), &picture(30, 41), None, BitDepth::Eight).unwrap();
-    io::save(input.join("sub/b16.png"), &picture(33, 20), None, BitDepth::Sixteen).unwrap();
+    io::save(
+        input.join("sub/b16.png"),
+        &picture(33, 20),
+        None,
+        BitDepth::Sixteen,
+    )
+    .unwrap();
     std::fs::write(input.join("sub/broken.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
 
     let single = dir.path().join("single.png");
     let m = model.to_str().unwrap();
-    let out = run(&["infer", "--model", m, input.join("a.png").to_str().unwrap(), "-o", single.to_str().unwrap()]);
+    let out = run(&[
+        "infer",
+        "--model",
+        m,
+        input.join("a.png").to_str().unwrap(),
+        "-o",
+        single.to_str().unwrap(),
+    ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(io::load(&single).unwrap().image.shape(), (3, 30, 41));
 
     // A directory batch goes on past the broken file, names it, and fails at the end.
     let outdir = dir.path().join("out");
-    let out = run(&["infer", "--model", m, input.to_str().unwrap(), "--out-dir", outdir.to_str().unwrap()]);
+    let out = run(&[
+        "infer",
+        "--model",
+        m,
+        input.to_str().unwrap(),
+        "--out-dir",
+        outdir.to_str().unwrap(),
+    ]);
     assert_clean_failure(&out, "broken.png");
     assert!(outdir.join("a.png").is_file());
     let b16 = io::load(outdir.join("sub/b16.png")).unwrap();
@@ -145,12 +221,21 @@ fn tiled_inference_matches_untiled_within_a_hundredth_of_a_db() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
     let clean = picture(150, 170);
-    let noisy = denoise_data::noise::NoiseSpec::Gaussian { lo: 25.0, hi: 25.0 }.apply(&clean, 1).image;
+    let noisy = denoise_data::noise::NoiseSpec::Gaussian { lo: 25.0, hi: 25.0 }
+        .apply(&clean, 1)
+        .image;
     let input = dir.path().join("noisy.png");
     io::save(&input, &noisy, None, BitDepth::Sixteen).unwrap();
     let denoise = |name: &str, extra: &[&str]| {
         let path = dir.path().join(name);
-        let mut args = vec!["infer", "--model", model.to_str().unwrap(), input.to_str().unwrap(), "-o", path.to_str().unwrap()];
+        let mut args = vec![
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "-o",
+            path.to_str().unwrap(),
+        ];
         args.extend_from_slice(extra);
         let out = run(&args);
         assert!(out.status.success(), "{}", stderr(&out));
@@ -159,7 +244,10 @@ fn tiled_inference_matches_untiled_within_a_hundredth_of_a_db() {
     };
     let whole = denoise("whole.png", &["--tile", "4096"]);
     let tiled = denoise("tiled.png", &["--tile", "64", "--overlap", "16"]);
-    assert!((whole - tiled).abs() < 0.01, "untiled {whole:.4} dB vs tiled {tiled:.4} dB");
+    assert!(
+        (whole - tiled).abs() < 0.01,
+        "untiled {whole:.4} dB vs tiled {tiled:.4} dB"
+    );
 }
 
 #[test]
@@ -171,8 +259,14 @@ fn eval_prints_the_documented_json() {
     io::save(data.join("1.png"), &picture(32, 40), None, BitDepth::Eight).unwrap();
     io::save(data.join("2.png"), &picture(36, 28), None, BitDepth::Eight).unwrap();
     let out = run(&[
-        "eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap(),
-        "--noise", "gaussian:15,method2", "--json",
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--noise",
+        "gaussian:15,method2",
+        "--json",
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -187,5 +281,8 @@ fn eval_prints_the_documented_json() {
         }
     }
     let noisy15 = results[0]["noisy_psnr"].as_f64().unwrap();
-    assert!((23.5..25.5).contains(&noisy15), "sigma 15 noisy PSNR ~24.6 dB, got {noisy15}");
+    assert!(
+        (23.5..25.5).contains(&noisy15),
+        "sigma 15 noisy PSNR ~24.6 dB, got {noisy15}"
+    );
 }

@@ -27,5 +27,5 @@ pub fn build_cli() -> Result<std::path::PathBuf> {
         "cargo build --release -p denoise-cli",
         util::cargo().args(["build", "--release", "-p", "denoise-cli"]),
     )?;
-    Ok(util::root().join("target/release/denoise-cli"))
+    Ok(util::target_dir().join("release/denoise-cli"))
 }

@@ -145,7 +145,7 @@ fn python_torch(python: &Path) -> Result<Option<PathBuf>> {
     let (Some(version), Some(dir)) = (lines.next(), lines.next()) else {
         return Ok(None);
     };
-    if !version.starts_with(&TORCH_VERSION) {
+    if !version.starts_with(TORCH_VERSION) {
         return Ok(None);
     }
     let dir = PathBuf::from(dir);

@@ -34,3 +34,8 @@ pub fn run_step(label: &str, cmd: &mut Command) -> Result<()> {
     eprintln!("    {label}: ok in {secs:.1}s");
     Ok(())
 }
+
+/// Cargo's target directory (`CARGO_TARGET_DIR` or `target/`).
+pub fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root().join("target"), PathBuf::from)
+}

@@ -93,7 +93,9 @@ impl std::str::FromStr for Sigma {
         if s == "auto" {
             return Ok(Sigma::Auto);
         }
-        let v: f32 = s.parse().map_err(|_| format!("'{s}' is not a number or 'auto'"))?;
+        let v: f32 = s
+            .parse()
+            .map_err(|_| format!("'{s}' is not a number or 'auto'"))?;
         if !(0.0..=255.0).contains(&v) {
             return Err(format!("sigma must be in 0-255, got {v}"));
         }
@@ -120,7 +122,8 @@ impl Runner {
             PrecisionArg::Auto => denoise_models::Precision::Fp32,
         };
         model.set_precision(precision);
-        let tile = tile.unwrap_or_else(|| denoise_models::tile::tile_for_budget(&model, max_mem_mb));
+        let tile =
+            tile.unwrap_or_else(|| denoise_models::tile::tile_for_budget(&model, max_mem_mb));
         Ok(Self {
             model,
             metadata: artefact.metadata,
@@ -139,7 +142,9 @@ impl Runner {
             m.model.channels(),
             self.model.precision(),
             m.noise.as_deref().unwrap_or("unknown noise"),
-            m.val_psnr.map(|p| format!(", validation PSNR {p:.2} dB")).unwrap_or_default()
+            m.val_psnr
+                .map(|p| format!(", validation PSNR {p:.2} dB"))
+                .unwrap_or_default()
         )
     }
 

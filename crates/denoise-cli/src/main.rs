@@ -29,7 +29,11 @@ fn main() {
         Err(err) if !err.use_stderr() => err.exit(), // --help, --version
         Err(err) => {
             let text = err.render().to_string();
-            let first = text.lines().next().unwrap_or_default().trim_start_matches("error: ");
+            let first = text
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .trim_start_matches("error: ");
             eprintln!("denoise-cli: {first} (see 'denoise-cli --help')");
             std::process::exit(2);
         }

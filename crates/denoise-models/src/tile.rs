@@ -110,7 +110,7 @@ fn denoise_window(
     let t = Tensor::from_slice(&crop(image, c)).view([1, c as i64, th as i64, tw as i64]);
     let map = sigma.map(|s| Tensor::from_slice(&crop(s, 1)).view([1, 1, th as i64, tw as i64]));
     match model.denoise(&t, map.as_ref()) {
-        Ok(out) => Ok(Vec::try_from(out.view([-1])).map_err(tch::TchError::from)?),
+        Ok(out) => Ok(Vec::try_from(out.view([-1]))?),
         Err(err) if is_oom(&err) && th.max(tw) > 64 => {
             // Halve the window: the quarters are denoised separately with their own margins.
             let sub = TileConfig {

@@ -5,26 +5,19 @@ use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
 
 /// Which loss to minimise.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind")]
 pub enum Loss {
+    #[default]
     Mse,
     /// Mean absolute error (MAE).
     L1,
     /// sqrt((x - y)^2 + eps^2), a smooth L1 (Charbonnier 1994; used by many restoration nets).
-    Charbonnier {
-        eps: f64,
-    },
+    Charbonnier { eps: f64 },
     /// KL divergence (the article trains with one), defined as `denoise_metrics::kld`: each
     /// image becomes a distribution `p = (max(x, 0) + 1e-7) / sum`, and the loss is
     /// `sum p_clean ln(p_clean / p_output)` per image, averaged over the batch.
     Kld,
-}
-
-impl Default for Loss {
-    fn default() -> Self {
-        Loss::Mse
-    }
 }
 
 impl Loss {

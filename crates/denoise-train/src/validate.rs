@@ -67,7 +67,7 @@ impl ValidationSet {
                 .as_ref()
                 .map(|s| Tensor::from_slice(s.data()).view([1, 1, h as i64, w as i64]));
             let out = model.denoise(&x, map.as_ref())?;
-            let out: Vec<f32> = Vec::try_from(out.view([-1])).map_err(tch::TchError::from)?;
+            let out: Vec<f32> = Vec::try_from(out.view([-1]))?;
             let shape = Shape {
                 channels: c,
                 height: h,

@@ -29,7 +29,10 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    anyhow::ensure!(args.runs >= 1 && args.size >= 8, "need --runs >= 1 and --size >= 8");
+    anyhow::ensure!(
+        args.runs >= 1 && args.size >= 8,
+        "need --runs >= 1 and --size >= 8"
+    );
     let device = denoise_train::config::parse_device(&args.device)?;
     let mut model = match args.model.parse::<ModelKind>() {
         Ok(kind) => Model::new(&kind.default_config(3), device)?,

@@ -52,14 +52,22 @@ pub fn run(args: &Args) -> Result<()> {
     if files.is_empty() {
         bail!("no images in '{}'", args.data.display());
     }
-    let runner = Runner::load(args.model.as_deref(), &args.device, args.precision, None, 32, args.max_mem_mb)?;
+    let runner = Runner::load(
+        args.model.as_deref(),
+        &args.device,
+        args.precision,
+        None,
+        32,
+        args.max_mem_mb,
+    )?;
     if !args.json {
         eprintln!("{}", runner.describe());
     }
     let want = runner.model.config().channels() as usize;
     let mut results = Vec::new();
     for (name, spec) in &specs {
-        let (mut psnr, mut ssim, mut noisy_psnr, mut seconds, mut pixels) = (0.0, 0.0, 0.0, 0.0, 0.0);
+        let (mut psnr, mut ssim, mut noisy_psnr, mut seconds, mut pixels) =
+            (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut per_image = Vec::new();
         for file in &files {
             let clean = io::load(file)?.image;
@@ -71,7 +79,11 @@ pub fn run(args: &Args) -> Result<()> {
                 );
             }
             let noisy = spec.apply(&clean, args.seed);
-            let map = if args.blind { None } else { noisy.sigma_map.as_ref() };
+            let map = if args.blind {
+                None
+            } else {
+                noisy.sigma_map.as_ref()
+            };
             let start = Instant::now();
             let (out, _) = runner.denoise(&noisy.image, Sigma::Blind, &mut |_, _| {}, map)?;
             seconds += start.elapsed().as_secs_f64();
@@ -79,14 +91,28 @@ pub fn run(args: &Args) -> Result<()> {
             let out = io::quantize_8bit(&out);
             let (c, h, w) = clean.shape();
             let p = denoise_metrics::psnr(clean.data(), out.data(), 1.0)?;
-            let s = denoise_metrics::ssim(clean.data(), out.data(), Shape { channels: c, height: h, width: w }, 1.0)?;
+            let s = denoise_metrics::ssim(
+                clean.data(),
+                out.data(),
+                Shape {
+                    channels: c,
+                    height: h,
+                    width: w,
+                },
+                1.0,
+            )?;
             let n = denoise_metrics::psnr(clean.data(), noisy.image.data(), 1.0)?;
             psnr += p;
             ssim += s;
             noisy_psnr += n;
             if args.per_image {
-                let rel = file.strip_prefix(&args.data).unwrap_or(file).display().to_string();
-                per_image.push(serde_json::json!({"name": rel, "psnr": p, "ssim": s, "noisy_psnr": n}));
+                let rel = file
+                    .strip_prefix(&args.data)
+                    .unwrap_or(file)
+                    .display()
+                    .to_string();
+                per_image
+                    .push(serde_json::json!({"name": rel, "psnr": p, "ssim": s, "noisy_psnr": n}));
             }
         }
         let k = files.len() as f64;
@@ -112,7 +138,12 @@ pub fn run(args: &Args) -> Result<()> {
             );
             if let Some(rows) = row.get("per_image").and_then(|v| v.as_array()) {
                 for r in rows {
-                    eprintln!("    {:<28} {:>6.2} dB  SSIM {:.4}", r["name"].as_str().unwrap_or(""), r["psnr"].as_f64().unwrap_or(0.0), r["ssim"].as_f64().unwrap_or(0.0));
+                    eprintln!(
+                        "    {:<28} {:>6.2} dB  SSIM {:.4}",
+                        r["name"].as_str().unwrap_or(""),
+                        r["psnr"].as_f64().unwrap_or(0.0),
+                        r["ssim"].as_f64().unwrap_or(0.0)
+                    );
                 }
             }
         }
@@ -120,7 +151,10 @@ pub fn run(args: &Args) -> Result<()> {
     }
     if args.json {
         let model = runner.path.display().to_string();
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"model": model, "results": results}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"model": model, "results": results}))?
+        );
     }
     Ok(())
 }

@@ -85,7 +85,13 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let mut failures = Vec::new();
     for (input, output) in &jobs {
-        match denoise_one(&runner, input, output, args.sigma.unwrap_or(Sigma::Blind), &bar) {
+        match denoise_one(
+            &runner,
+            input,
+            output,
+            args.sigma.unwrap_or(Sigma::Blind),
+            &bar,
+        ) {
             Ok(note) => {
                 if let Some(note) = note {
                     say(&bar, note);
