@@ -204,6 +204,30 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_example_configs_parse() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let cfg = TrainConfig::from_file(&path).unwrap();
+                cfg.model
+                    .as_ref()
+                    .expect("a [model] table")
+                    .validate()
+                    .unwrap();
+                let noise: NoiseSpec = cfg.noise.parse().unwrap();
+                assert!(noise.validate().is_ok(), "{}", path.display());
+                seen += 1;
+            }
+        }
+        assert!(
+            seen >= 5,
+            "expected an example config per model, found {seen}"
+        );
+    }
+
+    #[test]
     fn bad_configs_fail_before_any_work() {
         let dir = tempfile::tempdir().unwrap();
         let manifest = dir.path().join("manifest.json");
