@@ -68,29 +68,39 @@ pub fn save(model: &Model, metadata: &Metadata, path: &Path) -> Result<()> {
 
 /// The artefact as bytes (see [`save`]).
 pub fn to_bytes(model: &Model, metadata: &Metadata) -> Result<Vec<u8>> {
-    let mut named: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
-    named.sort_by(|a, b| a.0.cmp(&b.0));
+    let named: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    let meta_json = serde_json::to_string(metadata).expect("metadata serialises");
+    serialize_named(&named, META_KEY, meta_json)
+}
+
+/// Serialises named tensors as fp32 safetensors, sorted by name, with one JSON string under
+/// `meta_key` in the header metadata. Shared by model artefacts and training checkpoints.
+pub fn serialize_named(
+    named: &[(String, Tensor)],
+    meta_key: &str,
+    meta_json: String,
+) -> Result<Vec<u8>> {
     let mut buffers = Vec::with_capacity(named.len());
-    for (name, t) in &named {
+    for (name, t) in named {
         let t = t
             .f_to_kind(Kind::Float)?
             .f_to_device(Device::Cpu)?
             .f_contiguous()?;
-        let mut data = vec![0f32; t.numel()];
-        let n = data.len();
+        let n = t.numel();
+        let mut data = vec![0f32; n];
         t.f_copy_data(&mut data, n)?;
         let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
         let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
         buffers.push((name.clone(), shape, bytes));
     }
+    buffers.sort_by(|a, b| a.0.cmp(&b.0));
     let views = buffers.iter().map(|(name, shape, bytes)| {
         let view = TensorView::new(Dtype::F32, shape.clone(), bytes).expect("shape matches bytes");
         (name.clone(), view)
     });
-    let meta_json = serde_json::to_string(metadata).expect("metadata serialises");
-    let info = HashMap::from([(META_KEY.to_owned(), meta_json)]);
+    let info = HashMap::from([(meta_key.to_owned(), meta_json)]);
     safetensors::serialize(views, Some(info))
-        .map_err(|e| ModelError::Config(format!("cannot serialise weights: {e}")))
+        .map_err(|e| ModelError::Config(format!("cannot serialise tensors: {e}")))
 }
 
 /// Writes `bytes` to `path` through a temporary file, fsync and rename.

@@ -4,11 +4,11 @@
 
 use crate::config::TrainConfig;
 use crate::{Result, TrainError};
-use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 pub const FILE_NAME: &str = "checkpoint.safetensors";
 const META_KEY: &str = "denoise-checkpoint";
@@ -39,38 +39,8 @@ pub static FAIL_MID_WRITE: std::sync::atomic::AtomicBool =
 
 /// Serialises named fp32 tensors and the metadata; writes atomically.
 pub fn save(path: &Path, meta: &CheckpointMeta, tensors: &[(String, Tensor)]) -> Result<()> {
-    let mut buffers = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t
-            .f_to_kind(Kind::Float)?
-            .f_to_device(Device::Cpu)?
-            .f_contiguous()?;
-        let n = t.numel();
-        let mut data = vec![0f32; n];
-        t.f_copy_data(&mut data, n)?;
-        let shape: Vec<usize> = t.size().iter().map(|&d| d as usize).collect();
-        buffers.push((
-            name.clone(),
-            shape,
-            data.iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect::<Vec<u8>>(),
-        ));
-    }
-    let views = buffers.iter().map(|(name, shape, bytes)| {
-        (
-            name.clone(),
-            TensorView::new(Dtype::F32, shape.clone(), bytes).expect("shape matches bytes"),
-        )
-    });
-    let info = HashMap::from([(
-        META_KEY.to_owned(),
-        serde_json::to_string(meta).expect("serialises"),
-    )]);
-    let bytes = safetensors::serialize(views, Some(info)).map_err(|e| TrainError::Checkpoint {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })?;
+    let json = serde_json::to_string(meta).expect("checkpoint metadata serialises");
+    let bytes = denoise_models::artefact::serialize_named(tensors, META_KEY, json)?;
     if FAIL_MID_WRITE.load(std::sync::atomic::Ordering::SeqCst) {
         let tmp = path.with_extension("partial");
         std::fs::write(&tmp, &bytes[..bytes.len() / 2]).map_err(|source| TrainError::Io {
