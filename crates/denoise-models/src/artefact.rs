@@ -255,6 +255,7 @@ mod tests {
 
     #[test]
     fn save_then_load_gives_bit_identical_outputs() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(0);
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
@@ -272,6 +273,7 @@ mod tests {
 
     #[test]
     fn a_directory_with_model_safetensors_loads() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let model = Model::new(&ModelKind::Ffdnet.default_config(1), Device::Cpu).unwrap();
         save(
@@ -295,6 +297,7 @@ mod tests {
 
     #[test]
     fn truncated_wrong_and_mismatched_files_are_clear_errors() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let model = Model::new(&tiny(), Device::Cpu).unwrap();
         let bytes = to_bytes(&model, &Metadata::new(model.config())).unwrap();

@@ -4,7 +4,7 @@
 
 use crate::Result;
 use crate::config::{Net, ensure};
-use crate::layers::{ConvSpec, Flops, conv};
+use crate::layers::{ConvSpec, Flops, conv, upsample2};
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn, nn::Module};
 
@@ -92,8 +92,7 @@ impl Net for Autoencoder {
         }
         let last = self.decoder.len() - 1;
         for (i, c) in self.decoder.iter().enumerate() {
-            let s = h.size();
-            h = c.forward(&h.upsample_nearest2d([s[2] * 2, s[3] * 2], 2.0, 2.0));
+            h = c.forward(&upsample2(&h));
             h = if i == last { h.sigmoid() } else { h.relu() };
         }
         h

@@ -68,6 +68,12 @@ pub fn pad_to_multiple(x: &Tensor, m: i64) -> Tensor {
     }
 }
 
+/// Nearest-neighbour 2x upsampling by scale factor (not by output size, so a TorchScript trace
+/// of the network stays valid for every input size).
+pub fn upsample2(x: &Tensor) -> Tensor {
+    x.upsample_nearest2d_vec(None::<&[i64]>, [2.0, 2.0].as_slice())
+}
+
 /// Crops `x` (N x C x H' x W') back to its top-left `h x w`.
 pub fn crop_to(x: &Tensor, h: i64, w: i64) -> Tensor {
     let s = x.size();
@@ -85,6 +91,7 @@ mod tests {
 
     #[test]
     fn padding_round_trips_any_size() {
+        let _rng = crate::test_rng_lock();
         let x = Tensor::rand([1, 3, 33, 47], (Kind::Float, Device::Cpu));
         let p = pad_to_multiple(&x, 16);
         assert_eq!(p.size(), [1, 3, 48, 48]);
@@ -95,6 +102,7 @@ mod tests {
 
     #[test]
     fn conv_counts_flops() {
+        let _rng = crate::test_rng_lock();
         let vs = nn::VarStore::new(Device::Cpu);
         let mut flops = Flops::default();
         let _ = conv(vs.root() / "c", ConvSpec::new(3, 64, 3), &mut flops);

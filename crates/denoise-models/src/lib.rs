@@ -8,6 +8,7 @@ pub mod autoencoder;
 pub mod config;
 pub mod dncnn;
 pub mod error;
+pub mod export;
 pub mod ffdnet;
 pub mod layers;
 pub mod model;
@@ -24,3 +25,11 @@ pub use crate::perf::Precision;
 
 /// Result alias for this crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// libtorch's RNG is global: tests that seed it and build models take this lock, so tests
+/// running in parallel threads cannot draw from it in between.
+#[cfg(test)]
+pub(crate) fn test_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

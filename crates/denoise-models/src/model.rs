@@ -112,6 +112,14 @@ impl Model {
         crop_to(&self.net.forward_t(&padded, train), h, w)
     }
 
+    /// The network body alone (no padding or noise-map handling), as TorchScript export traces it.
+    ///
+    /// # Shapes
+    /// `x`: N x (C + m) x H x W with H, W multiples of [`ModelConfig::multiple`]; returns N x C x H x W.
+    pub fn net_forward(&self, x: &Tensor) -> Tensor {
+        self.net.forward_t(x, false)
+    }
+
     /// Denoises a batch for inference: checks the input, runs without autograd at the model's
     /// precision in channels-last, and returns fp32 contiguous output. libtorch errors
     /// (out-of-memory included) come back as `Err`, never as a panic.
@@ -173,7 +181,7 @@ mod tests {
         let json = match kind {
             ModelKind::Autoencoder => r#"{"kind":"autoencoder","widths":[8,16]}"#,
             ModelKind::Unet => r#"{"kind":"unet","base":8,"levels":2}"#,
-            ModelKind::Ridnet => r#"{"kind":"ridnet","features":16,"blocks":1,"reduction":4}"#,
+            ModelKind::Ridnet => r#"{"kind":"ridnet","features":16,"blocks":1,"reduction":1}"#,
             ModelKind::Dncnn => r#"{"kind":"dncnn","depth":4,"features":8}"#,
             ModelKind::Ffdnet => r#"{"kind":"ffdnet","depth":4,"features":8}"#,
         };
@@ -188,6 +196,7 @@ mod tests {
 
     #[test]
     fn output_shape_equals_input_shape_for_odd_sizes_and_gray() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(0);
         for kind in ModelKind::ALL {
             for channels in [3, 1] {
@@ -207,6 +216,7 @@ mod tests {
 
     #[test]
     fn gradients_reach_every_parameter() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(1);
         for kind in ModelKind::ALL {
             let model = Model::new(&small(kind, 3), Device::Cpu).unwrap();
@@ -231,6 +241,7 @@ mod tests {
 
     #[test]
     fn forward_is_deterministic_for_a_seed() {
+        let _rng = crate::test_rng_lock();
         let run = || {
             tch::manual_seed(7);
             let model = Model::new(&small(ModelKind::Ridnet, 3), Device::Cpu).unwrap();
@@ -242,6 +253,7 @@ mod tests {
 
     #[test]
     fn bf16_agrees_with_fp32() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(3);
         let mut model = Model::new(&small(ModelKind::Dncnn, 3), Device::Cpu).unwrap();
         let x = input(1, 3, 32, 32);
@@ -259,6 +271,7 @@ mod tests {
 
     #[test]
     fn denoise_checks_its_input() {
+        let _rng = crate::test_rng_lock();
         let model = Model::new(&small(ModelKind::Ffdnet, 3), Device::Cpu).unwrap();
         let err = model
             .denoise(&input(1, 1, 8, 8), None)
@@ -274,6 +287,7 @@ mod tests {
 
     #[test]
     fn reference_parameter_counts() {
+        let _rng = crate::test_rng_lock();
         // Counts printed by shared/reference/models.py (PyTorch) for the same architectures;
         // RIDNet's 1,499,347 excludes the 24 mean-shift parameters, fixed constants here.
         let count = |cfg: ModelConfig| Model::new(&cfg, Device::Cpu).unwrap().num_params();

@@ -98,6 +98,7 @@ mod tests {
 
     #[test]
     fn channels_last_keeps_values_and_changes_strides() {
+        let _rng = crate::test_rng_lock();
         let x = Tensor::rand([2, 3, 5, 7], (Kind::Float, Device::Cpu));
         let y = to_channels_last(&x);
         assert!(!is_channels_last(&x));
@@ -108,6 +109,7 @@ mod tests {
 
     #[test]
     fn precision_parses() {
+        let _rng = crate::test_rng_lock();
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Bf16);
         assert!("fp8".parse::<Precision>().is_err());
     }

@@ -136,7 +136,8 @@ pub struct Ridnet {
     head: nn::Conv2D,
     blocks: Vec<Eam>,
     tail: nn::Conv2D,
-    mean: Vec<f64>,
+    /// The mean shift, 1 x C x 1 x 1 (a constant, not a parameter).
+    mean: Tensor,
     channels: i64,
     paper_skips: bool,
 }
@@ -155,6 +156,10 @@ impl Ridnet {
         } else {
             vec![GRAY_MEAN]
         };
+        let mean =
+            Tensor::from_slice(&mean)
+                .to_kind(tch::Kind::Float)
+                .view([1, cfg.channels, 1, 1]);
         Self {
             head,
             blocks,
@@ -169,10 +174,7 @@ impl Ridnet {
 impl Net for Ridnet {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Tensor {
         let image = x.narrow(1, 0, self.channels);
-        let mean = Tensor::from_slice(&self.mean)
-            .to_kind(x.kind())
-            .to_device(x.device())
-            .view([1, self.channels, 1, 1]);
+        let mean = self.mean.to_device(x.device()).to_kind(x.kind());
         // The authors' sub_mean / add_mean are 1x1 convs with identity weights: a plain shift.
         let centred = &image - &mean;
         let input = if x.size()[1] > self.channels {

@@ -194,6 +194,7 @@ mod tests {
 
     #[test]
     fn starts_cover_the_axis() {
+        let _rng = crate::test_rng_lock();
         assert_eq!(starts(100, 128, 16), vec![0]);
         assert_eq!(starts(300, 128, 32), vec![0, 96, 172]);
         assert_eq!(starts(256, 128, 0), vec![0, 128]);
@@ -201,6 +202,7 @@ mod tests {
 
     #[test]
     fn tiled_output_matches_untiled() {
+        let _rng = crate::test_rng_lock();
         tch::manual_seed(0);
         let cfg: crate::ModelConfig =
             serde_json::from_str(r#"{"kind":"dncnn","depth":4,"features":8}"#).unwrap();

@@ -5,7 +5,7 @@
 
 use crate::Result;
 use crate::config::{Net, ensure};
-use crate::layers::{ConvSpec, Flops, conv};
+use crate::layers::{ConvSpec, Flops, conv, upsample2};
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn, nn::Module};
 
@@ -150,10 +150,7 @@ impl Net for Unet {
         for ((up, dec), skip) in self.up.iter().zip(&self.dec).zip(skips.iter().rev()) {
             let upsampled = match up {
                 Up::Transposed(t) => t.forward(&h),
-                Up::Upsample(c) => {
-                    let s = h.size();
-                    c.forward(&h.upsample_nearest2d([s[2] * 2, s[3] * 2], 2.0, 2.0))
-                }
+                Up::Upsample(c) => c.forward(&upsample2(&h)),
             };
             h = dec.forward(&Tensor::cat(&[skip, &upsampled], 1));
         }

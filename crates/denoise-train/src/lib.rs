@@ -17,3 +17,10 @@ pub use crate::trainer::{TrainOutcome, Trainer};
 
 /// Result alias for this crate.
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
+
+/// libtorch's RNG is global: tests that build models take this lock (see denoise-models).
+#[cfg(test)]
+pub(crate) fn test_rng_lock() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -474,6 +474,7 @@ mod tests {
 
     #[test]
     fn a_tiny_model_learns_and_keeps_its_best() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let data = manifest(dir.path());
         let run = dir.path().join("run");
@@ -506,6 +507,7 @@ mod tests {
 
     #[test]
     fn resume_gives_the_weights_of_an_uninterrupted_run() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let data = manifest(dir.path());
         let stop = AtomicBool::new(false);
@@ -536,6 +538,7 @@ mod tests {
 
     #[test]
     fn bf16_mixed_precision_trains() {
+        let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let data = manifest(dir.path());
         let mut cfg = config(data, 30);

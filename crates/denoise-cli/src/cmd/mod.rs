@@ -4,6 +4,7 @@
 mod bench;
 mod doctor;
 mod eval;
+mod export;
 mod infer;
 mod metrics;
 mod models;
@@ -37,6 +38,8 @@ enum Command {
     Eval(Box<eval::Args>),
     /// Inference throughput in megapixels per second.
     Bench(bench::Args),
+    /// Export a model as TorchScript.
+    Export(export::Args),
     /// Show libtorch, CUDA, threads, CPU features and where the default model lives.
     Doctor(doctor::Args),
     /// List the model kinds with their parameter count and FLOPs per pixel.
@@ -60,6 +63,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Infer(args) => infer::run(&args),
         Command::Eval(args) => eval::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Export(args) => export::run(&args),
         Command::Doctor(args) => doctor::run(&args),
         Command::Models(args) => models::run(&args),
         Command::Metrics(args) => metrics::run(&args),

@@ -1,0 +1,45 @@
+//! `denoise-cli export`: write a model as TorchScript for TorchServe, Triton or `torch.jit.load`.
+
+use anyhow::{Context, Result};
+use std::path::PathBuf;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    Torchscript,
+}
+
+#[derive(clap::Args)]
+#[command(
+    after_help = "The exported forward() takes N x (C + m) x H x W in [0, 1]: m = 1 for \
+models with a noise-level map (last channel = sigma / 255), and H, W multiples of the model's \
+multiple (pad by edge replication, crop back). It returns the denoised N x C x H x W."
+)]
+pub struct Args {
+    /// Model: a shipped name, an artefact file or a training run directory.
+    model: String,
+    #[arg(long, value_enum, default_value_t = Format::Torchscript)]
+    format: Format,
+    /// Output file (e.g. model.pt).
+    #[arg(short, long)]
+    output: PathBuf,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let path = crate::common::resolve_model(Some(&args.model))?;
+    let artefact = denoise_models::artefact::load(&path, tch::Device::Cpu)?;
+    match args.format {
+        Format::Torchscript => {
+            denoise_models::export::torchscript(&artefact.model, &args.output, 64)
+                .with_context(|| format!("failed to export to '{}'", args.output.display()))?
+        }
+    }
+    let cfg = artefact.model.config();
+    eprintln!(
+        "wrote {} ({}, input N x {} x H x W, H and W multiples of {})",
+        args.output.display(),
+        cfg.kind(),
+        cfg.channels() + i64::from(cfg.noise_map()),
+        cfg.multiple()
+    );
+    Ok(())
+}

@@ -1,0 +1,73 @@
+//! TorchScript export: the network body traced with libtorch's JIT, loadable by `torch.jit.load`,
+//! TorchServe, Triton or tch's `CModule`.
+//!
+//! The exported `forward` takes the network's input as it is after [`crate::Model`]'s
+//! preparation: N x (C + m) x H x W in [0, 1], where m = 1 when the model takes a noise-level map
+//! (its last channel, sigma / 255 per pixel) and H, W are multiples of
+//! [`crate::ModelConfig::multiple`] (pad with edge replication and crop back otherwise).
+
+use crate::{Model, Result};
+use std::path::Path;
+use tch::{CModule, Device, Kind, Tensor};
+
+/// Traces `model` on an example input of `size` x `size` and writes TorchScript to `path`.
+pub fn torchscript(model: &Model, path: &Path, size: i64) -> Result<()> {
+    let cfg = model.config();
+    let m = cfg.multiple();
+    let side = (size.max(m) + m - 1) / m * m;
+    let channels = cfg.channels() + i64::from(cfg.noise_map());
+    let example = Tensor::rand([1, channels, side, side], (Kind::Float, Device::Cpu))
+        .to_device(model.device());
+    // The tracer stores weights as constants, which it refuses for tensors requiring grad:
+    // trace a frozen copy.
+    let mut frozen = Model::new(cfg, model.device())?;
+    frozen.var_store_mut().copy(model.var_store())?;
+    frozen.var_store_mut().freeze();
+    let module = tch::no_grad(|| {
+        CModule::create_by_tracing("Denoiser", "forward", &[example], &mut |inputs| {
+            vec![frozen.net_forward(&inputs[0])]
+        })
+    })?;
+    module.save(path)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ModelConfig, ModelKind};
+
+    #[test]
+    fn exported_modules_match_the_native_model() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        for kind in [
+            ModelKind::Dncnn,
+            ModelKind::Ffdnet,
+            ModelKind::Unet,
+            ModelKind::Autoencoder,
+            ModelKind::Ridnet,
+        ] {
+            tch::manual_seed(0);
+            let json = match kind {
+                ModelKind::Autoencoder => r#"{"kind":"autoencoder","widths":[8,16]}"#,
+                ModelKind::Unet => r#"{"kind":"unet","base":8,"levels":2,"up":"upsample"}"#,
+                ModelKind::Ridnet => r#"{"kind":"ridnet","features":16,"blocks":1,"reduction":4}"#,
+                ModelKind::Dncnn => r#"{"kind":"dncnn","depth":4,"features":8}"#,
+                ModelKind::Ffdnet => r#"{"kind":"ffdnet","depth":4,"features":8}"#,
+            };
+            let cfg: ModelConfig = serde_json::from_str(json).unwrap();
+            let model = Model::new(&cfg, Device::Cpu).unwrap();
+            let path = dir.path().join(format!("{kind}.pt"));
+            torchscript(&model, &path, 32).unwrap();
+            let loaded = CModule::load(&path).unwrap();
+            let channels = cfg.channels() + i64::from(cfg.noise_map());
+            // A size other than the traced one: the export is size-generic.
+            let x = Tensor::rand([2, channels, 48, 40], (Kind::Float, Device::Cpu));
+            let native = tch::no_grad(|| model.net_forward(&x));
+            let traced = loaded.forward_ts(&[&x]).unwrap();
+            let diff = (native - traced).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{kind}: max difference {diff}");
+        }
+    }
+}
