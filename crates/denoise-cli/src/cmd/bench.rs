@@ -3,7 +3,7 @@
 
 use crate::common::PrecisionArg;
 use anyhow::Result;
-use denoise_models::{Model, ModelKind, Precision};
+use denoise_models::{Model, ModelKind};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -41,10 +41,7 @@ pub fn run(args: &Args) -> Result<()> {
             denoise_models::artefact::load(&path, device)?.model
         }
     };
-    let precision = match args.precision {
-        PrecisionArg::Bf16 => Precision::Bf16,
-        PrecisionArg::Fp32 | PrecisionArg::Auto => Precision::Fp32,
-    };
+    let precision = args.precision.resolve();
     model.set_precision(precision);
     let c = model.config().channels();
     let x = tch::Tensor::rand([1, c, args.size, args.size], (tch::Kind::Float, device));
