@@ -23,6 +23,8 @@ pub enum TrainError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot draw the training plots: {0}")]
+    Plot(String),
     #[error("invalid checkpoint '{path}': {message}")]
     Checkpoint { path: PathBuf, message: String },
 }

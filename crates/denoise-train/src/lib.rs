@@ -1,6 +1,6 @@
 //! Training for denoise models: the TOML/serde [`TrainConfig`], losses, an Adam/AdamW whose
 //! state we own (so checkpoints really hold it), atomic checkpoints with exact resume, validation
-//! and the training loop. Uses `denoise-data` (patches), `denoise-models` (networks) and
+//! the training loop and its PNG plots. Uses `denoise-data` (patches), `denoise-models` (networks) and
 //! `denoise-metrics` (validation numbers).
 
 pub mod checkpoint;
@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod loss;
 pub mod optim;
+pub mod plot;
 pub mod trainer;
 pub mod validate;
 

@@ -6,6 +6,7 @@
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{Checked, TrainConfig};
 use crate::optim::Adam;
+use crate::plot::{self, History, ValPoint};
 use crate::validate::{ValScores, ValidationSet};
 use crate::{Result, TrainError};
 use denoise_data::loader::{Batch, LoaderConfig, PatchLoader};
@@ -18,6 +19,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 use tch::Tensor;
+
+/// The JSONL log of a run directory: one line per step, one per validation.
+pub const LOG_FILE: &str = "train.jsonl";
 
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq)]
@@ -40,6 +44,7 @@ pub struct Trainer {
     adam: Adam,
     step: u64,
     best_val_psnr: Option<f64>,
+    history: History,
     train_files: Vec<PathBuf>,
     val: ValidationSet,
     quiet: bool,
@@ -135,6 +140,7 @@ impl Trainer {
             &checked.val_noise,
             cfg.seed ^ 0x5eed_0000,
         )?;
+        let history = start_log(&run_dir.join(LOG_FILE), resume.then_some(step))?;
         std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(|source| {
             TrainError::Io {
                 path: run_dir.join("config.toml"),
@@ -150,6 +156,7 @@ impl Trainer {
             adam,
             step,
             best_val_psnr,
+            history,
             train_files,
             val,
             quiet: false,
@@ -179,9 +186,9 @@ impl Trainer {
         let mut log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.run_dir.join("train.jsonl"))
+            .open(self.run_dir.join(LOG_FILE))
             .map_err(|source| TrainError::Io {
-                path: self.run_dir.join("train.jsonl"),
+                path: self.run_dir.join(LOG_FILE),
                 source,
             })?;
         let start = Instant::now();
@@ -200,16 +207,27 @@ impl Trainer {
             }
             last_loss = loss;
             self.step += 1;
+            self.history.push_loss(self.step, loss);
             let elapsed = start.elapsed().as_secs_f64().max(1e-9);
             let rate = (self.step - first_step) as f64 * self.cfg.batch_size as f64 / elapsed;
             writeln!(log, "{}", serde_json::json!({"step": self.step, "loss": loss, "lr": lr, "patches_per_s": rate}))
-                .map_err(|source| TrainError::Io { path: self.run_dir.join("train.jsonl"), source })?;
+                .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
             bar.set_position(self.step);
             bar.set_message(format!("loss {loss:.5}  {rate:.0} patches/s"));
             if self.step % self.cfg.val_every == 0 || self.step == self.cfg.steps {
                 let scores = self.validate_and_keep_best()?;
+                self.history.push_val(ValPoint {
+                    step: self.step,
+                    psnr: scores.psnr,
+                    noisy_psnr: scores.noisy_psnr,
+                });
+                let title = format!("{} on {}", self.checked.model.kind(), self.cfg.noise);
+                if let Err(e) = plot::write_plots(&self.history, &self.run_dir, &title) {
+                    // A plot is a convenience: training goes on without it.
+                    bar.println(format!("warning: {e}"));
+                }
                 writeln!(log, "{}", serde_json::json!({"step": self.step, "val_psnr": scores.psnr, "val_ssim": scores.ssim, "noisy_psnr": scores.noisy_psnr}))
-                    .map_err(|source| TrainError::Io { path: self.run_dir.join("train.jsonl"), source })?;
+                    .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
                 if !self.quiet {
                     bar.println(format!(
                         "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}",
@@ -369,6 +387,31 @@ impl Trainer {
 
 /// Copies variables `from` -> `to` by name (trainable ones if `trainable`, else the others),
 /// converting kind and layout as needed.
+/// Opens the history of a run: a fresh run starts an empty log; a run resumed from the
+/// checkpoint of `resumed_at` keeps the lines up to that step (later ones are redone).
+fn start_log(path: &Path, resumed_at: Option<u64>) -> Result<History> {
+    let io_err = |source| TrainError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let Some(step) = resumed_at else {
+        if path.exists() {
+            std::fs::remove_file(path).map_err(io_err)?;
+        }
+        return Ok(History::default());
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(io_err(e)),
+    };
+    let kept = plot::log_up_to(&text, step);
+    if kept != text {
+        denoise_data::io::write_atomic(path, kept.as_bytes())?;
+    }
+    Ok(History::parse(&kept))
+}
+
 fn copy_vars(from: &Model, to: &Model, trainable: bool) {
     let src = from.var_store().variables();
     tch::no_grad(|| {
@@ -499,6 +542,9 @@ mod tests {
         );
         let log = std::fs::read_to_string(run.join("train.jsonl")).unwrap();
         assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 200);
+        for name in [plot::LOSS_PLOT, plot::PSNR_PLOT] {
+            assert!(run.join(name).is_file(), "{name} missing");
+        }
         let best = artefact::load(&run, tch::Device::Cpu).unwrap();
         assert_eq!(best.metadata.val_psnr, outcome.best_val_psnr);
         // A second run into the same directory must not clobber it.
@@ -521,12 +567,30 @@ mod tests {
             .unwrap()
             .quiet(true);
         assert_eq!(first.run(&stop, Some(10)).unwrap().step, 10);
-        drop(first); // as if the process had been killed after its step-10 checkpoint
+        drop(first); // as if the process had been killed after its step-10 checkpoint...
+        // ...having logged two more steps that the resumed run must redo, not duplicate.
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(run_b.join(LOG_FILE))
+            .unwrap();
+        writeln!(log, "{{\"step\":11,\"loss\":0.5}}\n{{\"step\":12,\"lo").unwrap();
         let mut resumed = Trainer::new(config(data, 20), &run_b, true)
             .unwrap()
             .quiet(true);
         assert_eq!(resumed.step(), 10);
         resumed.run(&stop, None).unwrap();
+
+        let log = std::fs::read_to_string(run_b.join(LOG_FILE)).unwrap();
+        let steps: Vec<u64> = log
+            .lines()
+            .filter(|l| l.contains("\"loss\""))
+            .map(|l| {
+                serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(steps, (1..=20).collect::<Vec<_>>());
 
         let (a, b) = (weights(straight.model()), weights(resumed.model()));
         for (name, wa) in &a {

@@ -9,6 +9,7 @@ mod infer;
 mod metrics;
 mod models;
 mod noise;
+mod plot;
 mod prepare;
 mod train;
 
@@ -52,6 +53,8 @@ enum Command {
     PrepareData(prepare::Args),
     /// Train (or resume) a model on a manifest.
     Train(Box<train::Args>),
+    /// Redraw a training run's loss and validation-PSNR plots from its log.
+    Plot(plot::Args),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -70,5 +73,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Noise(args) => noise::run(&args),
         Command::PrepareData(args) => prepare::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Plot(args) => plot::run(&args),
     }
 }
