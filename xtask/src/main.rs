@@ -1,6 +1,7 @@
 //! `cargo xtask`: project automation. Links no libtorch crate; it drives `cargo` and
 //! `denoise-cli` as subprocesses so it compiles in seconds.
 
+mod bench;
 mod ci;
 mod demo;
 mod passthrough;
@@ -27,6 +28,8 @@ enum Command {
     Setup(setup::SetupArgs),
     /// Denoise the sample images in assets/ with the default model and print a PSNR/SSIM table.
     Demo(demo::DemoArgs),
+    /// Our inference (and training) throughput beside PyTorch's, measured in one run.
+    Bench(bench::BenchArgs),
     /// Exactly what CI runs: fmt check, clippy -D warnings, every test of the workspace.
     Ci,
     /// Scan a folder of clean images and write a training manifest (see `denoise-cli prepare-data`).
@@ -48,6 +51,7 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Setup(args) => setup::run(&args).map(|_| ()),
         Command::Demo(args) => demo::run(&args),
+        Command::Bench(args) => bench::run(&args),
         Command::Ci => ci::run(),
         Command::PrepareData { args } => passthrough::run("prepare-data", &args),
         Command::Train { args } => passthrough::run("train", &args),

@@ -87,13 +87,13 @@ impl Net for Autoencoder {
         for c in &self.encoder {
             h = c
                 .forward(&h)
-                .relu()
+                .relu_()
                 .max_pool2d([2, 2], [2, 2], [0, 0], [1, 1], false);
         }
         let last = self.decoder.len() - 1;
         for (i, c) in self.decoder.iter().enumerate() {
             h = c.forward(&upsample2(&h));
-            h = if i == last { h.sigmoid() } else { h.relu() };
+            h = if i == last { h.sigmoid() } else { h.relu_() };
         }
         h
     }

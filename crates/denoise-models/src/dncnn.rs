@@ -101,13 +101,13 @@ impl Dncnn {
 
 impl Net for Dncnn {
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor {
-        let mut h = self.first.forward(x).relu();
+        let mut h = self.first.forward(x).relu_();
         for m in &self.middle {
             h = m.conv.forward(&h);
             if let Some(bn) = &m.bn {
                 h = bn.forward_t(&h, train);
             }
-            h = h.relu();
+            h = h.relu_();
         }
         x.narrow(1, 0, self.channels) - self.last.forward(&h)
     }

@@ -128,7 +128,7 @@ impl Net for Ffdnet {
             if let Some(bn) = &layer.bn {
                 h = bn.forward_t(&h, train);
             }
-            h = h.relu();
+            h = h.relu_();
         }
         let out = self.last.forward(&h);
         let out = if self.residual { sub - out } else { out };

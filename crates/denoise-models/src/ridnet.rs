@@ -112,20 +112,20 @@ impl Eam {
 
     fn forward(&self, x: &Tensor) -> Tensor {
         let b1 = self.body1[1]
-            .forward(&self.body1[0].forward(x).relu())
-            .relu();
+            .forward(&self.body1[0].forward(x).relu_())
+            .relu_();
         let b2 = self.body2[1]
-            .forward(&self.body2[0].forward(x).relu())
-            .relu();
-        let r1 = self.body3.forward(&Tensor::cat(&[b1, b2], 1)).relu() + x;
-        let r2 = (self.res[1].forward(&self.res[0].forward(&r1).relu()) + &r1).relu();
+            .forward(&self.body2[0].forward(x).relu_())
+            .relu_();
+        let r1 = self.body3.forward(&Tensor::cat(&[b1, b2], 1)).relu_() + x;
+        let r2 = (self.res[1].forward(&self.res[0].forward(&r1).relu_()) + &r1).relu_();
         let e = self.eres[1]
-            .forward(&self.eres[0].forward(&r2).relu())
-            .relu();
-        let r3 = (self.eres[2].forward(&e) + &r2).relu();
+            .forward(&self.eres[0].forward(&r2).relu_())
+            .relu_();
+        let r3 = (self.eres[2].forward(&e) + &r2).relu_();
         let pooled = r3.adaptive_avg_pool2d([1, 1]);
         let attention = self.ca[1]
-            .forward(&self.ca[0].forward(&pooled).relu())
+            .forward(&self.ca[0].forward(&pooled).relu_())
             .sigmoid();
         r3 * attention
     }
@@ -182,7 +182,7 @@ impl Net for Ridnet {
         } else {
             centred
         };
-        let head = self.head.forward(&input).relu();
+        let head = self.head.forward(&input).relu_();
         let mut h = head.shallow_clone();
         for block in &self.blocks {
             h = if self.paper_skips {

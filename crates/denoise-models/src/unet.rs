@@ -69,7 +69,7 @@ impl DoubleConv {
         )
     }
     fn forward(&self, x: &Tensor) -> Tensor {
-        self.1.forward(&self.0.forward(x).relu()).relu()
+        self.1.forward(&self.0.forward(x).relu_()).relu_()
     }
 }
 

@@ -3,6 +3,7 @@
 //! the training loop and its PNG plots. Uses `denoise-data` (patches), `denoise-models` (networks) and
 //! `denoise-metrics` (validation numbers).
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod error;

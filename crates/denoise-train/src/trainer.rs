@@ -5,6 +5,7 @@
 
 use crate::checkpoint::{self, CheckpointMeta};
 use crate::config::{Checked, TrainConfig};
+use crate::loss::Loss;
 use crate::optim::Adam;
 use crate::plot::{self, History, ValPoint};
 use crate::validate::{ValScores, ValidationSet};
@@ -12,13 +13,13 @@ use crate::{Result, TrainError};
 use denoise_data::loader::{Batch, LoaderConfig, PatchLoader};
 use denoise_models::artefact::{self, Metadata};
 use denoise_models::perf::to_channels_last;
-use denoise_models::{Model, Precision};
+use denoise_models::{Model, ModelConfig, Precision};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tch::Tensor;
+use tch::{Device, Tensor};
 
 /// The JSONL log of a run directory: one line per step, one per validation.
 pub const LOG_FILE: &str = "train.jsonl";
@@ -88,15 +89,8 @@ impl Trainer {
             tch::set_num_threads(cfg.threads as i32);
         }
         tch::manual_seed(cfg.seed as i64);
-        let mut master = Model::new(&checked.model, checked.device)?;
-        master.set_channels_last();
-        let params: BTreeMap<String, Tensor> = master
-            .var_store()
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .collect();
-        let mut adam = Adam::new(cfg.optimizer.clone(), params);
+        let (master, shadow) = master_and_shadow(&checked.model, checked.device, cfg.precision)?;
+        let mut adam = Adam::new(cfg.optimizer.clone(), trainable(&master));
         let (mut step, mut best_val_psnr) = (0, None);
         if let Some(ck) = restored {
             restore_model(&master, &ck.tensors).map_err(|m| TrainError::Checkpoint {
@@ -119,14 +113,6 @@ impl Trainer {
             step = ck.meta.step;
             best_val_psnr = ck.meta.best_val_psnr;
         }
-        let shadow = match cfg.precision {
-            Precision::Fp32 => None,
-            Precision::Bf16 => {
-                let mut m = Model::new(&checked.model, checked.device)?;
-                m.set_precision(Precision::Bf16);
-                Some(m)
-            }
-        };
         let val = ValidationSet::new(
             if val_files.is_empty() {
                 &train_files
@@ -297,36 +283,16 @@ impl Trainer {
             }
             (_, false) => None,
         };
-        let net = match &self.shadow {
-            Some(shadow) => {
-                copy_vars(&self.master, shadow, true);
-                shadow
-            }
-            None => &self.master,
-        };
-        let kind = net.precision().kind();
-        let x = to_channels_last(&noisy.to_kind(kind));
-        let map = sigma.map(|s| s.to_kind(kind));
-        for mut var in net.var_store().trainable_variables() {
-            var.zero_grad();
-        }
-        let out = net.forward_t(&x, map.as_ref(), true);
-        let loss = self.cfg.loss.compute(&out, &clean);
-        loss.f_backward()?;
-        let grads: BTreeMap<String, Tensor> = net
-            .var_store()
-            .variables()
-            .into_iter()
-            .filter(|(_, t)| t.requires_grad())
-            .map(|(k, t)| (k, t.grad()))
-            .filter(|(_, g)| g.defined())
-            .collect();
-        self.adam.step(&grads, lr);
-        if let Some(shadow) = &self.shadow {
-            // Batch-norm running statistics are updated in the shadow's forward pass.
-            copy_vars(shadow, &self.master, false);
-        }
-        Ok(loss.double_value(&[]))
+        optimisation_step(
+            &self.master,
+            self.shadow.as_ref(),
+            &mut self.adam,
+            self.cfg.loss,
+            &noisy,
+            sigma.as_ref(),
+            &clean,
+            lr,
+        )
     }
 
     fn validate_and_keep_best(&mut self) -> Result<ValScores> {
@@ -387,6 +353,82 @@ impl Trainer {
 
 /// Copies variables `from` -> `to` by name (trainable ones if `trainable`, else the others),
 /// converting kind and layout as needed.
+/// The fp32 master model (channels-last) and, for bf16 training, its bf16 shadow.
+pub(crate) fn master_and_shadow(
+    config: &ModelConfig,
+    device: Device,
+    precision: Precision,
+) -> Result<(Model, Option<Model>)> {
+    let mut master = Model::new(config, device)?;
+    master.set_channels_last();
+    let shadow = match precision {
+        Precision::Fp32 => None,
+        Precision::Bf16 => {
+            let mut m = Model::new(config, device)?;
+            m.set_precision(Precision::Bf16);
+            Some(m)
+        }
+    };
+    Ok((master, shadow))
+}
+
+/// The trainable variables of `model`, by name (what Adam optimises).
+pub(crate) fn trainable(model: &Model) -> BTreeMap<String, Tensor> {
+    model
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .collect()
+}
+
+/// One Adam step of `master` on (`noisy`, `sigma`) -> `clean` at rate `lr`; returns the loss.
+/// With a bf16 `shadow`, the forward and backward passes run on the shadow (refreshed from the
+/// fp32 master weights first) and Adam updates the fp32 master. Inputs are laid out
+/// channels-last here. The training loop and the training bench both call this.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn optimisation_step(
+    master: &Model,
+    shadow: Option<&Model>,
+    adam: &mut Adam,
+    loss: Loss,
+    noisy: &Tensor,
+    sigma: Option<&Tensor>,
+    clean: &Tensor,
+    lr: f64,
+) -> Result<f64> {
+    let net = match shadow {
+        Some(shadow) => {
+            copy_vars(master, shadow, true);
+            shadow
+        }
+        None => master,
+    };
+    let kind = net.precision().kind();
+    let x = to_channels_last(&noisy.to_kind(kind));
+    let map = sigma.map(|s| s.to_kind(kind));
+    for mut var in net.var_store().trainable_variables() {
+        var.zero_grad();
+    }
+    let out = net.forward_t(&x, map.as_ref(), true);
+    let loss = loss.compute(&out, clean);
+    loss.f_backward()?;
+    let grads: BTreeMap<String, Tensor> = net
+        .var_store()
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(k, t)| (k, t.grad()))
+        .filter(|(_, g)| g.defined())
+        .collect();
+    adam.step(&grads, lr);
+    if let Some(shadow) = shadow {
+        // Batch-norm running statistics are updated in the shadow's forward pass.
+        copy_vars(shadow, master, false);
+    }
+    Ok(loss.f_double_value(&[])?)
+}
+
 /// Opens the history of a run: a fresh run starts an empty log; a run resumed from the
 /// checkpoint of `resumed_at` keeps the lines up to that step (later ones are redone).
 fn start_log(path: &Path, resumed_at: Option<u64>) -> Result<History> {

@@ -1,5 +1,6 @@
 //! `denoise-cli bench`: inference throughput (megapixels per second), median of several runs
-//! after warm-up, on a random 1 x C x S x S input.
+//! after warm-up, on a random 1 x C x S x S input; with `--train`, training throughput (patches
+//! per second of the training loop's Adam step), batched as `../shared/reference/bench.py` does.
 
 use crate::common::PrecisionArg;
 use anyhow::Result;
@@ -23,9 +24,57 @@ pub struct Args {
     runs: usize,
     #[arg(long, default_value_t = 2)]
     warmup: usize,
-    /// Print {"model", "precision", "size", "mp_per_s"}.
+    /// Print {"model", "precision", "size", "mp_per_s"} (with --train: "patches_per_s").
     #[arg(long)]
     json: bool,
+    /// Time training steps instead of inference (random weights and data, MSE, Adam).
+    #[arg(long)]
+    train: bool,
+    /// Training batch size (default: 8 for RIDNet, 16 otherwise, as the PyTorch reference).
+    #[arg(long, requires = "train")]
+    batch: Option<i64>,
+    /// Training patch side (default: 80 for RIDNet, 64 otherwise, as the PyTorch reference).
+    #[arg(long, requires = "train")]
+    patch: Option<i64>,
+}
+
+fn median(mut times: Vec<f64>) -> f64 {
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Device) -> Result<()> {
+    let kind = config.kind();
+    let ridnet = kind == ModelKind::Ridnet;
+    let bench = denoise_train::bench::TrainBench {
+        model: config,
+        batch: args.batch.unwrap_or(if ridnet { 8 } else { 16 }),
+        patch: args.patch.unwrap_or(if ridnet { 80 } else { 64 }),
+        precision: args.precision.resolve(),
+        device,
+        warmup: args.warmup,
+        runs: args.runs,
+    };
+    let median = median(denoise_train::bench::time_train_steps(&bench)?);
+    let rate = bench.batch as f64 / median;
+    let name = kind.name();
+    let precision = bench.precision;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::json!({"model": name, "precision": precision.to_string(), "mode": "train", "batch": bench.batch, "patch": bench.patch, "patches_per_s": rate, "median_s": median, "runs": args.runs})
+        );
+    } else {
+        println!(
+            "{name} {precision} train {}x{}x{}: {rate:.2} patches/s (median {median:.3} s of {} runs, {} threads)",
+            bench.batch,
+            bench.patch,
+            bench.patch,
+            args.runs,
+            tch::get_num_threads()
+        );
+    }
+    Ok(())
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -35,10 +84,15 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let device = denoise_train::config::parse_device(&args.device)?;
     let mut model = match args.model.parse::<ModelKind>() {
+        Ok(kind) if args.train => return run_train(args, kind.default_config(3), device),
         Ok(kind) => Model::new(&kind.default_config(3), device)?,
         Err(_) => {
             let path = crate::common::resolve_model(Some(&args.model))?;
-            denoise_models::artefact::load(&path, device)?.model
+            let loaded = denoise_models::artefact::load(&path, device)?.model;
+            if args.train {
+                return run_train(args, loaded.config().clone(), device);
+            }
+            loaded
         }
     };
     let precision = args.precision.resolve();
@@ -57,8 +111,7 @@ pub fn run(args: &Args) -> Result<()> {
         let _ = out.numel(); // denoise returns after the device finished (fp32 copy back)
         times.push(start.elapsed().as_secs_f64());
     }
-    times.sort_by(f64::total_cmp);
-    let median = times[times.len() / 2];
+    let median = median(times);
     let mp_per_s = (args.size * args.size) as f64 / 1e6 / median;
     let name = model.config().kind().name();
     if args.json {
