@@ -72,6 +72,7 @@ fn help_lists_the_commands() {
         "doctor",
         "prepare-data",
         "train",
+        "serve",
     ] {
         assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
     }
@@ -285,4 +286,62 @@ fn eval_prints_the_documented_json() {
         (23.5..25.5).contains(&noisy15),
         "sigma 15 noisy PSNR ~24.6 dB, got {noisy15}"
     );
+}
+
+#[test]
+fn eval_records_the_bf16_loss_in_the_model_metadata() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("clean");
+    std::fs::create_dir_all(&data).unwrap();
+    io::save(data.join("1.png"), &picture(24, 20), None, BitDepth::Eight).unwrap();
+    let model_arg = model.to_str().unwrap();
+    let out = run(&[
+        "eval",
+        "--model",
+        model_arg,
+        "--data",
+        data.to_str().unwrap(),
+        "--noise",
+        "gaussian:25",
+        "--record-bf16",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let meta = artefact::load(&model, tch::Device::Cpu).unwrap().metadata;
+    let loss = meta.bf16_psnr_loss_db.expect("bf16 loss recorded");
+    // bf16 keeps 8 mantissa bits: on an untrained tiny net the loss is small but not huge.
+    assert!(loss.abs() < 1.0, "bf16 loss {loss} dB");
+    assert!(meta.bf16_measured_on.unwrap().contains("gaussian:25"));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("recorded bf16 PSNR loss"));
+    // Recording measures the non-blind protocol only.
+    let out = run(&[
+        "eval",
+        "--model",
+        model_arg,
+        "--data",
+        data.to_str().unwrap(),
+        "--noise",
+        "gaussian:25",
+        "--record-bf16",
+        "--blind",
+    ]);
+    assert_clean_failure(&out, "cannot be used with");
+}
+
+#[test]
+fn plot_redraws_a_runs_curves() {
+    let dir = tempfile::tempdir().unwrap();
+    let log: String = (1..=50)
+        .map(|s| format!("{{\"step\":{s},\"loss\":{}}}\n", 0.02 / s as f64))
+        .chain(["{\"step\":50,\"val_psnr\":27.0,\"noisy_psnr\":20.2,\"val_ssim\":0.7}\n".into()])
+        .collect();
+    std::fs::write(dir.path().join("train.jsonl"), log).unwrap();
+    let out = run(&["plot", dir.path().to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("50 steps, 1 validations"));
+    for name in ["loss.png", "psnr.png"] {
+        let img = io::load(dir.path().join(name)).unwrap().image;
+        assert_eq!(img.shape(), (3, 520, 900), "{name}");
+    }
+    assert_clean_failure(&run(&["plot", "/nonexistent/run"]), "cannot read");
 }

@@ -1,12 +1,17 @@
 //! `cargo xtask ci`: formatting, lints and every test of the workspace, as `.ci/run` runs them.
+//! Installs Chromium and chromedriver first when missing (the web app's end-to-end test drives
+//! them), and runs the tests with `CI` set, so that test fails rather than skips without them.
 
 use crate::{setup, util};
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
+use std::path::Path;
+use std::process::Command;
 use std::time::Instant;
 
 pub fn run() -> Result<()> {
     let start = Instant::now();
     setup::run(&setup::SetupArgs::default())?;
+    ensure_chromium()?;
     util::run_step(
         "cargo fmt --all --check",
         util::cargo().args(["fmt", "--all", "--check"]),
@@ -22,10 +27,55 @@ pub fn run() -> Result<()> {
             "warnings",
         ]),
     )?;
+    let ci = std::env::var_os("CI").unwrap_or_else(|| "1".into());
     util::run_step(
         "cargo test --workspace",
-        util::cargo().args(["test", "--workspace"]),
+        util::cargo().args(["test", "--workspace"]).env("CI", ci),
     )?;
     eprintln!("ci: all green in {:.0}s", start.elapsed().as_secs_f64());
     Ok(())
+}
+
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
+}
+
+/// Installs the Debian packages `chromium` and `chromium-driver` with apt-get unless a Chromium
+/// and a chromedriver are already on `PATH` (as root, or through passwordless sudo).
+fn ensure_chromium() -> Result<()> {
+    let browser = ["chromium", "chromium-browser", "google-chrome"]
+        .iter()
+        .any(|n| on_path(n));
+    if browser && on_path("chromedriver") {
+        return Ok(());
+    }
+    if !Path::new("/usr/bin/apt-get").is_file() {
+        bail!(
+            "the web app's end-to-end test needs Chromium and chromedriver on PATH, and there is \
+             no apt-get to install them"
+        );
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .context("cannot run `id -u`")?
+        .stdout
+        .starts_with(b"0");
+    let apt = |args: &[&str]| {
+        let mut cmd = if root {
+            Command::new("apt-get")
+        } else {
+            let mut sudo = Command::new("sudo");
+            sudo.args(["-n", "apt-get"]);
+            sudo
+        };
+        cmd.args(args).env("DEBIAN_FRONTEND", "noninteractive");
+        cmd
+    };
+    util::run_step("apt-get update", &mut apt(&["update", "-qq"]))?;
+    util::run_step(
+        "apt-get install chromium chromium-driver",
+        &mut apt(&["install", "-y", "-qq", "chromium", "chromium-driver"]),
+    )
 }

@@ -1,4 +1,5 @@
-//! Helpers shared by the subcommands: the shipped default model and model resolution.
+//! Helpers shared by the subcommands: the shipped default model, model resolution and the demo
+//! samples.
 
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -10,6 +11,14 @@ pub fn models_dir() -> PathBuf {
         return PathBuf::from(dir);
     }
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/models"))
+}
+
+/// Where the demo images live: `$DENOISE_SAMPLES`, else `assets/samples` of the source tree.
+pub fn samples_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("DENOISE_SAMPLES") {
+        return PathBuf::from(dir);
+    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/samples"))
 }
 
 /// The shipped default model file (it may not exist yet).
@@ -59,8 +68,9 @@ pub fn shipped_models() -> Result<Vec<String>> {
     Ok(names)
 }
 
-/// `--precision`. `auto` is fp32 for now: bf16 is to be chosen only where the CPU runs it
-/// natively and its PSNR cost on CBSD68 is measured under 0.05 dB, which is not done yet.
+/// `--precision`. `auto` runs bf16 only where the hardware does bf16 natively and the model's
+/// metadata records a bf16 PSNR loss under 0.05 dB (`eval --record-bf16` measures it); see
+/// `denoise_models::artefact::Metadata::auto_precision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrecisionArg {
     Auto,
@@ -69,11 +79,16 @@ pub enum PrecisionArg {
 }
 
 impl PrecisionArg {
-    /// The precision to run at (see the type's doc for `auto`).
-    pub fn resolve(self) -> denoise_models::Precision {
+    /// The precision to run `metadata`'s model at on `device`.
+    pub fn resolve(
+        self,
+        metadata: &denoise_models::artefact::Metadata,
+        device: tch::Device,
+    ) -> denoise_models::Precision {
         match self {
             PrecisionArg::Bf16 => denoise_models::Precision::Bf16,
-            PrecisionArg::Fp32 | PrecisionArg::Auto => denoise_models::Precision::Fp32,
+            PrecisionArg::Fp32 => denoise_models::Precision::Fp32,
+            PrecisionArg::Auto => metadata.auto_precision(device),
         }
     }
 }
@@ -126,7 +141,7 @@ impl Runner {
         let device = denoise_train::config::parse_device(device)?;
         let artefact = denoise_models::artefact::load(&path, device)?;
         let mut model = artefact.model;
-        model.set_precision(precision.resolve());
+        model.set_precision(precision.resolve(&artefact.metadata, device));
         let tile =
             tile.unwrap_or_else(|| denoise_models::tile::tile_for_budget(&model, max_mem_mb));
         Ok(Self {

@@ -4,6 +4,7 @@
 //! loads the same way.
 
 use crate::config::ModelConfig;
+use crate::perf::{CpuFeatures, Precision};
 use crate::{Model, ModelError, Result};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
@@ -31,6 +32,14 @@ pub struct Metadata {
     pub training: Option<serde_json::Value>,
     /// Best validation PSNR (dB) seen during training.
     pub val_psnr: Option<f64>,
+    /// How much PSNR (dB) bf16 inference loses against fp32, as measured on a test set by
+    /// `denoise-cli eval --record-bf16` (the largest loss over the noise levels tried), with
+    /// what it was measured on. `--precision auto` picks bf16 only when this is recorded and
+    /// under [`BF16_MAX_PSNR_LOSS_DB`] (see [`Metadata::auto_precision`]).
+    #[serde(default)]
+    pub bf16_psnr_loss_db: Option<f64>,
+    #[serde(default)]
+    pub bf16_measured_on: Option<String>,
     /// The denoise version that wrote the file.
     pub written_by: String,
 }
@@ -45,7 +54,29 @@ impl Metadata {
             normalisation: "unit".into(),
             training: None,
             val_psnr: None,
+            bf16_psnr_loss_db: None,
+            bf16_measured_on: None,
             written_by: concat!("denoise ", env!("CARGO_PKG_VERSION")).into(),
+        }
+    }
+}
+
+/// The most PSNR (dB) that `--precision auto` lets bf16 cost.
+pub const BF16_MAX_PSNR_LOSS_DB: f64 = 0.05;
+
+impl Metadata {
+    /// The precision `--precision auto` runs this model at on `device`: bf16 where it is native
+    /// (CUDA, or a CPU with AMX or AVX512-BF16) and its measured PSNR loss is under
+    /// [`BF16_MAX_PSNR_LOSS_DB`]; fp32 otherwise (emulated bf16 is slower than fp32).
+    pub fn auto_precision(&self, device: Device) -> Precision {
+        let native = device.is_cuda() || CpuFeatures::detect().fast_bf16();
+        let cheap = self
+            .bf16_psnr_loss_db
+            .is_some_and(|loss| loss < BF16_MAX_PSNR_LOSS_DB);
+        if native && cheap {
+            Precision::Bf16
+        } else {
+            Precision::Fp32
         }
     }
 }

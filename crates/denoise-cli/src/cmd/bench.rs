@@ -4,6 +4,7 @@
 
 use crate::common::PrecisionArg;
 use anyhow::Result;
+use denoise_models::artefact::Metadata;
 use denoise_models::{Model, ModelKind};
 use std::time::Instant;
 
@@ -15,6 +16,7 @@ pub struct Args {
     /// Side of the square input.
     #[arg(long, default_value_t = 512)]
     size: i64,
+    /// auto: as `infer` would run this model here (see `infer --help`).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
     precision: PrecisionArg,
     #[arg(long, default_value = "auto")]
@@ -50,7 +52,11 @@ fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Devi
         model: config,
         batch: args.batch.unwrap_or(if ridnet { 8 } else { 16 }),
         patch: args.patch.unwrap_or(if ridnet { 80 } else { 64 }),
-        precision: args.precision.resolve(),
+        // Training runs bf16 only when asked (auto is about inference).
+        precision: match args.precision {
+            PrecisionArg::Bf16 => denoise_models::Precision::Bf16,
+            PrecisionArg::Fp32 | PrecisionArg::Auto => denoise_models::Precision::Fp32,
+        },
         device,
         warmup: args.warmup,
         runs: args.runs,
@@ -83,19 +89,22 @@ pub fn run(args: &Args) -> Result<()> {
         "need --runs >= 1 and --size >= 8"
     );
     let device = denoise_train::config::parse_device(&args.device)?;
-    let mut model = match args.model.parse::<ModelKind>() {
+    let (mut model, metadata) = match args.model.parse::<ModelKind>() {
         Ok(kind) if args.train => return run_train(args, kind.default_config(3), device),
-        Ok(kind) => Model::new(&kind.default_config(3), device)?,
+        Ok(kind) => {
+            let config = kind.default_config(3);
+            (Model::new(&config, device)?, Metadata::new(&config))
+        }
         Err(_) => {
             let path = crate::common::resolve_model(Some(&args.model))?;
-            let loaded = denoise_models::artefact::load(&path, device)?.model;
+            let loaded = denoise_models::artefact::load(&path, device)?;
             if args.train {
-                return run_train(args, loaded.config().clone(), device);
+                return run_train(args, loaded.model.config().clone(), device);
             }
-            loaded
+            (loaded.model, loaded.metadata)
         }
     };
-    let precision = args.precision.resolve();
+    let precision = args.precision.resolve(&metadata, device);
     model.set_precision(precision);
     let c = model.config().channels();
     let x = tch::Tensor::rand([1, c, args.size, args.size], (tch::Kind::Float, device));

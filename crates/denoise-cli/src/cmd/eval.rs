@@ -40,6 +40,10 @@ pub struct Args {
     /// Also report every image.
     #[arg(long)]
     per_image: bool,
+    /// Evaluate at fp32 and at bf16 and record bf16's PSNR loss (the largest over the noise
+    /// levels) in the model file's metadata, where `--precision auto` reads it.
+    #[arg(long, conflicts_with_all = ["precision", "blind", "per_image"])]
+    record_bf16: bool,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -52,24 +56,90 @@ pub fn run(args: &Args) -> Result<()> {
     if files.is_empty() {
         bail!("no images in '{}'", args.data.display());
     }
-    let runner = Runner::load(
-        args.model.as_deref(),
-        &args.device,
-        args.precision,
-        None,
-        32,
-        args.max_mem_mb,
-    )?;
+    if args.record_bf16 {
+        return record_bf16(args, &files, &specs);
+    }
+    let runner = load(args, args.precision)?;
     if !args.json {
         eprintln!("{}", runner.describe());
     }
+    let results = evaluate(args, &runner, &files, &specs)?;
+    if args.json {
+        let model = runner.path.display().to_string();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"model": model, "results": results}))?
+        );
+    }
+    Ok(())
+}
+
+fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
+    Runner::load(
+        args.model.as_deref(),
+        &args.device,
+        precision,
+        None,
+        32,
+        args.max_mem_mb,
+    )
+}
+
+/// Measures bf16's PSNR loss against fp32 and writes it into the model's metadata.
+fn record_bf16(args: &Args, files: &[PathBuf], specs: &[(String, NoiseSpec)]) -> Result<()> {
+    let fp32 = load(args, PrecisionArg::Fp32)?;
+    let bf16 = load(args, PrecisionArg::Bf16)?;
+    eprintln!("{}", fp32.describe());
+    let a = evaluate(args, &fp32, files, specs)?;
+    let b = evaluate(args, &bf16, files, specs)?;
+    let mut loss = f64::MIN;
+    for (ra, rb) in a.iter().zip(&b) {
+        let (pa, pb) = (ra["mean_psnr"].as_f64(), rb["mean_psnr"].as_f64());
+        let (Some(pa), Some(pb)) = (pa, pb) else {
+            bail!("no PSNR to compare");
+        };
+        eprintln!(
+            "{:<24} fp32 {pa:.3} dB, bf16 {pb:.3} dB: bf16 loses {:.3} dB",
+            ra["noise"].as_str().unwrap_or(""),
+            pa - pb
+        );
+        loss = loss.max(pa - pb);
+    }
+    let mut meta = fp32.metadata.clone();
+    meta.bf16_psnr_loss_db = Some(loss);
+    meta.bf16_measured_on = Some(format!(
+        "{} ({} images), {}",
+        args.data.display(),
+        files.len(),
+        args.noise.join(",")
+    ));
+    denoise_models::artefact::save(&fp32.model, &meta, &fp32.path)?;
+    let verdict = if loss < denoise_models::artefact::BF16_MAX_PSNR_LOSS_DB {
+        "--precision auto will use bf16 where it is native"
+    } else {
+        "--precision auto will keep fp32"
+    };
+    println!(
+        "recorded bf16 PSNR loss {loss:.3} dB in '{}': {verdict}",
+        fp32.path.display()
+    );
+    Ok(())
+}
+
+/// Mean PSNR / SSIM per noise spec (one JSON row each), printed as it goes unless `--json`.
+fn evaluate(
+    args: &Args,
+    runner: &Runner,
+    files: &[PathBuf],
+    specs: &[(String, NoiseSpec)],
+) -> Result<Vec<serde_json::Value>> {
     let want = runner.model.config().channels() as usize;
     let mut results = Vec::new();
-    for (name, spec) in &specs {
+    for (name, spec) in specs {
         let (mut psnr, mut ssim, mut noisy_psnr, mut seconds, mut pixels) =
             (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut per_image = Vec::new();
-        for file in &files {
+        for file in files {
             let clean = io::load(file)?.image;
             if clean.channels() != want {
                 bail!(
@@ -149,12 +219,5 @@ pub fn run(args: &Args) -> Result<()> {
         }
         results.push(row);
     }
-    if args.json {
-        let model = runner.path.display().to_string();
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&serde_json::json!({"model": model, "results": results}))?
-        );
-    }
-    Ok(())
+    Ok(results)
 }

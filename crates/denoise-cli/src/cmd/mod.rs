@@ -11,6 +11,7 @@ mod models;
 mod noise;
 mod plot;
 mod prepare;
+mod serve;
 mod train;
 
 use anyhow::Result;
@@ -55,6 +56,8 @@ enum Command {
     Train(Box<train::Args>),
     /// Redraw a training run's loss and validation-PSNR plots from its log.
     Plot(plot::Args),
+    /// Serve the web app and its HTTP API (upload, URL or sample; before/after; PNG download).
+    Serve(Box<serve::Args>),
 }
 
 pub fn run(cli: Cli) -> Result<()> {
@@ -73,6 +76,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Noise(args) => noise::run(&args),
         Command::PrepareData(args) => prepare::run(&args),
         Command::Train(args) => train::run(&args),
+        Command::Serve(args) => serve::run(&args),
         Command::Plot(args) => plot::run(&args),
     }
 }

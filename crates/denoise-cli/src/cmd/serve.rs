@@ -1,0 +1,165 @@
+//! `denoise-cli serve`: the web app and its HTTP API (`denoise-serve`), on one address.
+
+use crate::common::{models_dir, resolve_model, samples_dir, shipped_models};
+use anyhow::{Context, Result};
+use denoise_serve::fetch::FetchConfig;
+use denoise_serve::{App, ModelEntry, ServeConfig};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Address to listen on; port 0 picks a free port (the address is printed).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Default model: a shipped name, an artefact file or a training run directory (default:
+    /// the shipped default). The shipped models are offered too.
+    #[arg(long)]
+    model: Option<String>,
+    /// Largest upload (or fetched URL) in MiB.
+    #[arg(long, default_value_t = 20)]
+    max_upload_mb: usize,
+    /// Largest image in pixels, checked from the header before decoding.
+    #[arg(long, default_value_t = 40_000_000)]
+    max_pixels: u64,
+    /// Inference worker threads, each with its own copy of the models.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
+    /// Requests that may wait for a worker; beyond that they get 503 with Retry-After.
+    #[arg(long, default_value_t = 16)]
+    queue: usize,
+    /// Allow image URLs on loopback, private and link-local addresses (cloud-metadata
+    /// addresses stay refused). For local testing only.
+    #[arg(long)]
+    allow_private_urls: bool,
+    /// Seconds to wait for a URL's server: connect (at most 5 s) and each read; the whole fetch
+    /// gets three times this.
+    #[arg(long, default_value_t = 10)]
+    fetch_timeout: u64,
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Tile side in pixels (0: whole images). Bounds memory per job and gives the page its
+    /// progress bar on large images.
+    #[arg(long, default_value_t = 512)]
+    tile: usize,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    anyhow::ensure!(args.fetch_timeout > 0, "--fetch-timeout must be at least 1");
+    let (models, default_model) = model_entries(args.model.as_deref())?;
+    let timeout = Duration::from_secs(args.fetch_timeout);
+    let config = ServeConfig {
+        default_model,
+        samples_dir: Some(samples_dir()),
+        max_upload_bytes: args
+            .max_upload_mb
+            .checked_mul(1 << 20)
+            .context("--max-upload-mb is too large")?,
+        max_pixels: args.max_pixels,
+        workers: args.workers,
+        queue: args.queue,
+        device: denoise_train::config::parse_device(&args.device)?,
+        tile: args.tile,
+        fetch: FetchConfig {
+            allow_private: args.allow_private_urls,
+            connect_timeout: timeout.min(Duration::from_secs(5)),
+            read_timeout: timeout,
+            total_timeout: timeout * 3,
+            ..FetchConfig::default()
+        },
+        ..ServeConfig::new(models)
+    };
+    let names: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
+    let summary = format!(
+        "{} worker(s), queue {}, models: {}; default: {}",
+        config.workers,
+        config.queue,
+        names.join(", "),
+        config.default_model
+    );
+    let app = App::new(config).context("cannot start the server")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("denoise-http")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(args.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.addr))?;
+        let addr = listener.local_addr()?;
+        eprintln!("denoise-cli: serving http://{addr}/ ({summary}); Ctrl-C stops");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        denoise_serve::serve(app, listener, shutdown).await?;
+        eprintln!("denoise-cli: stopped");
+        Ok(())
+    })
+}
+
+/// The shipped models, plus `--model` when it names a file or directory; and the default's name.
+fn model_entries(spec: Option<&str>) -> Result<(Vec<ModelEntry>, String)> {
+    let dir = models_dir();
+    let mut entries: Vec<ModelEntry> = shipped_models()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|name| ModelEntry {
+            path: dir.join(format!("{name}.safetensors")),
+            name,
+        })
+        .collect();
+    let default = match spec {
+        Some(name) if entries.iter().any(|e| e.name == name) => name.to_owned(),
+        Some(_) => {
+            let path = resolve_model(spec)?;
+            let mut name = sanitise(&path);
+            if entries.iter().any(|e| e.name == name) {
+                name = format!("custom-{name}");
+            }
+            entries.insert(
+                0,
+                ModelEntry {
+                    name: name.clone(),
+                    path,
+                },
+            );
+            name
+        }
+        None => {
+            resolve_model(None)?;
+            "default".to_owned()
+        }
+    };
+    Ok((entries, default))
+}
+
+/// A model name from a path: the file stem (or directory name) in URL-safe characters.
+fn sanitise(path: &Path) -> String {
+    let stem = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    let name: String = stem
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    if name.is_empty() {
+        "custom".into()
+    } else {
+        name
+    }
+}

@@ -1,0 +1,107 @@
+//! The models a server offers: their public description ([`ModelInfo`], read from artefact
+//! headers without loading weights) and [`Denoiser`], a loaded model that denoises one image.
+
+use crate::config::{ModelEntry, Strength};
+use crate::{Result, ServeError};
+use denoise_data::Image;
+use denoise_models::tile::{TileConfig, denoise_tiled};
+use denoise_models::{Model, Precision, artefact};
+use serde::Serialize;
+
+/// What `GET /api/models` says about a model.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ModelInfo {
+    pub name: String,
+    /// Network kind (`ffdnet`, `dncnn`, ...).
+    pub kind: String,
+    /// 1 (gray) or 3 (colour); other images are converted and back.
+    pub channels: i64,
+    /// Whether `sigma` changes the result (the model takes a noise-level map).
+    pub takes_sigma: bool,
+    /// The noise it was trained on, as a `denoise-data` spec.
+    pub trained_on: Option<String>,
+    /// Its best validation PSNR in dB, if recorded.
+    pub val_psnr: Option<f64>,
+}
+
+impl ModelInfo {
+    /// Reads the artefact header of `entry` (no weights).
+    pub fn read(entry: &ModelEntry) -> Result<Self> {
+        let meta = artefact::read_metadata(&entry.path).map_err(|cause| ServeError::LoadModel {
+            name: entry.name.clone(),
+            path: entry.path.clone(),
+            cause,
+        })?;
+        Ok(Self {
+            name: entry.name.clone(),
+            kind: meta.model.kind().to_string(),
+            channels: meta.model.channels(),
+            takes_sigma: meta.model.noise_map(),
+            trained_on: meta.noise,
+            val_psnr: meta.val_psnr,
+        })
+    }
+}
+
+/// Blend width between tiles, in pixels.
+const OVERLAP: usize = 32;
+
+/// A loaded model, owned by one worker thread.
+pub struct Denoiser {
+    model: Model,
+    tile: TileConfig,
+}
+
+impl Denoiser {
+    /// Loads `entry` onto `device` at fp32. `tile` is the tile side (0: whole images).
+    pub fn load(entry: &ModelEntry, device: tch::Device, tile: usize) -> Result<Self> {
+        let loaded =
+            artefact::load(&entry.path, device).map_err(|cause| ServeError::LoadModel {
+                name: entry.name.clone(),
+                path: entry.path.clone(),
+                cause,
+            })?;
+        let mut model = loaded.model;
+        model.set_precision(Precision::Fp32);
+        Ok(Self {
+            model,
+            tile: TileConfig {
+                tile,
+                overlap: OVERLAP,
+            },
+        })
+    }
+
+    /// Denoises `image`, converting gray <-> colour when the model wants the other (and back),
+    /// and calling `progress(tiles_done, tiles_total)` as it goes. Returns the result (not
+    /// clipped) and the sigma used (0-255 scale; estimated when `strength` is blind) for models
+    /// that take one.
+    ///
+    /// # Shapes
+    /// `image`: C x H x W with C = 1 or 3; the result has the same shape.
+    pub fn denoise(
+        &self,
+        image: &Image,
+        strength: Strength,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<(Image, Option<f32>)> {
+        let config = self.model.config();
+        let input = image.to_channels(config.channels() as usize)?;
+        let (c, h, w) = input.shape();
+        let sigma = config.noise_map().then(|| match strength {
+            Strength::Fixed(s) => s,
+            Strength::Blind => denoise_data::estimate::estimate_sigma(&input),
+        });
+        let map = sigma.map(|s| vec![s / 255.0; h * w]);
+        let out = denoise_tiled(
+            &self.model,
+            input.data(),
+            map.as_deref(),
+            (c, h, w),
+            self.tile,
+            progress,
+        )?;
+        let out = Image::new(c, h, w, out)?;
+        Ok((out.to_channels(image.channels())?, sigma))
+    }
+}

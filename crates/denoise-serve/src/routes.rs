@@ -1,0 +1,653 @@
+//! The HTTP surface: the page and its two assets, the JSON API, and how a request becomes a
+//! worker [`Job`]. Every error answers `{"error": "..."}` with a 4xx or 5xx status.
+
+use crate::config::{ServeConfig, Strength, valid_name};
+use crate::fetch::Fetcher;
+use crate::models::ModelInfo;
+use crate::progress::Registry;
+use crate::samples::{self, SampleInfo};
+use crate::worker::{Denoised, Job, Outcome, Pool, Rejected, Task, Worker, WorkerConfig};
+use crate::{Result, ServeError};
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router, middleware};
+use http_body_util::BodyExt;
+use serde::Deserialize;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const PAGE: &str = include_str!("../web/index.html");
+const SCRIPT: &str = include_str!("../web/app.js");
+const STYLE: &str = include_str!("../web/style.css");
+
+/// The page may load only what this server serves: no CDN, no external font, no inline script.
+const CSP: &str = "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; \
+    script-src 'self'; connect-src 'self' blob:; object-src 'none'; base-uri 'none'; \
+    form-action 'self'; frame-ancestors 'none'";
+
+/// Whole request bodies must arrive within this (a slow client cannot hold a body open).
+const BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Past the limit, up to this much more is read and dropped, so the client sees the 413 rather
+/// than a connection reset while it is still sending.
+const DRAIN_BYTES: usize = 64 << 20;
+/// Largest JSON request body.
+const MAX_JSON_BYTES: usize = 64 << 10;
+/// Jobs whose progress is tracked at once.
+const MAX_TRACKED_JOBS: usize = 4096;
+/// Demo noise when the request names none.
+const DEFAULT_NOISE_SIGMA: f32 = 25.0;
+
+struct AppState {
+    pool: Pool<Job>,
+    registry: Arc<Registry>,
+    fetcher: Fetcher,
+    models: Vec<ModelInfo>,
+    default_model: String,
+    samples: Vec<SampleInfo>,
+    max_upload: usize,
+    max_pixels: u64,
+}
+
+/// A ready server: workers started (each with the default model loaded), routes built.
+pub struct App {
+    state: Arc<AppState>,
+}
+
+impl App {
+    /// Validates `config`, reads every model's header, lists the samples, and starts the
+    /// workers; fails if the default model does not load. Blocks while models load: call it
+    /// before (or outside) the async runtime.
+    pub fn new(config: ServeConfig) -> Result<Self> {
+        config.validate()?;
+        let models = config
+            .models
+            .iter()
+            .map(ModelInfo::read)
+            .collect::<Result<Vec<_>>>()?;
+        let samples = match &config.samples_dir {
+            Some(dir) => samples::scan(dir)?,
+            None => Vec::new(),
+        };
+        let mut fetch = config.fetch.clone();
+        fetch.max_bytes = config.max_upload_bytes;
+        let fetcher = Fetcher::new(&fetch)?;
+        let worker_config = Arc::new(WorkerConfig {
+            models: config.models.clone(),
+            default_model: config.default_model.clone(),
+            samples: samples.clone(),
+            device: config.device,
+            tile: config.tile,
+            max_pixels: config.max_pixels,
+        });
+        let pool = Pool::start("denoise-worker", config.workers, config.queue, move |_| {
+            let mut worker = Worker::new(Arc::clone(&worker_config))?;
+            Ok::<_, ServeError>(move |job: Job| worker.handle(job))
+        })?;
+        Ok(Self {
+            state: Arc::new(AppState {
+                pool,
+                registry: Registry::new(MAX_TRACKED_JOBS),
+                fetcher,
+                models,
+                default_model: config.default_model,
+                samples,
+                max_upload: config.max_upload_bytes,
+                max_pixels: config.max_pixels,
+            }),
+        })
+    }
+
+    /// The routes (see the README's "Web app" section for the API).
+    pub fn router(&self) -> Router {
+        Router::new()
+            .route("/", get(page))
+            .route("/app.js", get(script))
+            .route("/style.css", get(style))
+            .route("/healthz", get(healthz))
+            .route("/api/models", get(models))
+            .route("/api/samples", get(sample_list))
+            .route("/api/samples/{name}", get(noisy_sample))
+            .route("/api/progress/{id}", get(progress))
+            .route("/api/denoise", post(denoise))
+            .route("/api/denoise-url", post(denoise_url))
+            .route("/api/fetch-url", post(fetch_url))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
+            // Bodies are read by `read_body`, with its own limit and drain.
+            .layer(DefaultBodyLimit::disable())
+            .layer(middleware::from_fn(headers_and_log))
+            .with_state(Arc::clone(&self.state))
+    }
+
+    /// Serves until `shutdown` resolves, then lets the workers finish their queue.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> Result<()> {
+        let router = self.router();
+        axum::serve(listener, router)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| ServeError::Internal(format!("the server stopped: {e}")))?;
+        // The router (and its state) is gone with the server; join the workers if no request
+        // still holds the state.
+        if let Ok(state) = Arc::try_unwrap(self.state) {
+            tokio::task::spawn_blocking(move || state.pool.shutdown())
+                .await
+                .map_err(|e| ServeError::Internal(e.to_string()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Security headers on every response, and one log line per API call (not progress polls).
+async fn headers_and_log(request: Request, next: middleware::Next) -> Response {
+    let start = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let mut response = next.run(request).await;
+    let h = response.headers_mut();
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(CSP),
+    );
+    h.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    if path.starts_with("/api/") && !path.starts_with("/api/progress/") {
+        eprintln!(
+            "{method} {path} {} ({:.0} ms)",
+            response.status().as_u16(),
+            start.elapsed().as_secs_f64() * 1e3
+        );
+    }
+    response
+}
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, content_type),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+async fn page() -> Response {
+    asset("text/html; charset=utf-8", PAGE)
+}
+
+async fn script() -> Response {
+    asset("text/javascript; charset=utf-8", SCRIPT)
+}
+
+async fn style() -> Response {
+    asset("text/css; charset=utf-8", STYLE)
+}
+
+async fn not_found(uri: Uri) -> ServeError {
+    ServeError::NotFound(format!("no route for '{}'", uri.path()))
+}
+
+async fn method_not_allowed() -> Response {
+    let body = Json(serde_json::json!({ "error": "method not allowed on this route" }));
+    (StatusCode::METHOD_NOT_ALLOWED, body).into_response()
+}
+
+async fn healthz(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "workers": s.pool.workers(),
+        "queued": s.pool.queued(),
+        "queue_capacity": s.pool.capacity(),
+    }))
+}
+
+async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "default": s.default_model,
+        "models": s.models,
+        "limits": { "max_upload_bytes": s.max_upload, "max_pixels": s.max_pixels },
+    }))
+}
+
+async fn sample_list(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "samples": s.samples,
+        "noise_seed": samples::NOISE_SEED,
+    }))
+}
+
+async fn progress(
+    State(s): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::progress::Snapshot>> {
+    s.registry
+        .get(&id)
+        .map(Json)
+        .ok_or_else(|| ServeError::NotFound(format!("no job '{id}' (finished jobs expire)")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NoiseParams {
+    sigma: Option<f32>,
+}
+
+/// `GET /api/samples/{name}?sigma=S`: the clean sample with seeded Gaussian noise, as PNG.
+async fn noisy_sample(
+    State(s): State<Arc<AppState>>,
+    Path(name): Path<String>,
+    uri: Uri,
+) -> Result<Response> {
+    let params = Query::<NoiseParams>::try_from_uri(&uri)
+        .map_err(|e| ServeError::BadRequest(e.body_text()))?;
+    let sigma = params.sigma.unwrap_or(DEFAULT_NOISE_SIGMA);
+    if !(0.0..=samples::MAX_NOISE_SIGMA).contains(&sigma) {
+        return Err(ServeError::BadRequest(format!(
+            "sigma must be in 0-{}, got {sigma}",
+            samples::MAX_NOISE_SIGMA
+        )));
+    }
+    if !s.samples.iter().any(|x| x.name == name) {
+        return Err(ServeError::NotFound(format!("no sample '{name}'")));
+    }
+    match s.run(Task::NoisySample { name, sigma }).await? {
+        Outcome::Png(png) => Ok((
+            [
+                (header::CONTENT_TYPE, "image/png".to_owned()),
+                (header::CACHE_CONTROL, "no-store".to_owned()),
+                (
+                    HeaderName::from_static("x-denoise-noise"),
+                    format!("gaussian:{sigma}"),
+                ),
+            ],
+            png,
+        )
+            .into_response()),
+        Outcome::Denoised(_) => Err(ServeError::Internal("unexpected outcome".into())),
+    }
+}
+
+/// The fields of `POST /api/denoise`, from the query string (form fields override them).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    model: Option<String>,
+    sigma: Option<String>,
+    reference: Option<String>,
+    job: Option<String>,
+}
+
+/// `POST /api/denoise`: a multipart form (field `image`, plus any of `model`, `sigma`,
+/// `reference`, `job`) or the raw image as the body (fields in the query string).
+async fn denoise(State(s): State<Arc<AppState>>, request: Request) -> Result<Response> {
+    let mut params = Query::<Params>::try_from_uri(request.uri())
+        .map_err(|e| ServeError::BadRequest(e.body_text()))?
+        .0;
+    let (parts, body) = request.into_parts();
+    let is_form = parts
+        .headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("multipart/form-data"));
+    // Multipart framing adds a few hundred bytes around the image.
+    let limit = if is_form {
+        s.max_upload + (64 << 10)
+    } else {
+        s.max_upload
+    };
+    let bytes = read_body(&parts.headers, body, limit, "upload").await?;
+    let (image, name) = if is_form {
+        let request = Request::from_parts(parts, Body::from(bytes));
+        read_form(request, &mut params, s.max_upload).await?
+    } else {
+        (bytes, "upload".to_owned())
+    };
+    if image.is_empty() {
+        return Err(ServeError::BadRequest(
+            "no image: send it as the request body or in a form field named 'image'".into(),
+        ));
+    }
+    let strength: Strength = params.sigma.as_deref().unwrap_or("").parse()?;
+    s.denoise(
+        image,
+        name,
+        params.model,
+        strength,
+        params.reference,
+        params.job,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UrlRequest {
+    url: String,
+    model: Option<String>,
+    #[serde(default)]
+    sigma: Strength,
+    reference: Option<String>,
+    job: Option<String>,
+}
+
+/// `POST /api/denoise-url`: `{"url": ..., "model": ..., "sigma": ...}`.
+async fn denoise_url(State(s): State<Arc<AppState>>, request: Request) -> Result<Response> {
+    let req: UrlRequest = read_json(request).await?;
+    let fetched = s.fetcher.fetch(&req.url).await?;
+    s.denoise(
+        fetched.bytes,
+        fetched.name,
+        req.model,
+        req.sigma,
+        req.reference,
+        req.job,
+    )
+    .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FetchRequest {
+    url: String,
+}
+
+/// `POST /api/fetch-url`: `{"url": ...}`; the image at the URL as PNG (what the page shows as
+/// "before"). Re-encoding means only a decoded image ever comes back from our origin.
+async fn fetch_url(State(s): State<Arc<AppState>>, request: Request) -> Result<Response> {
+    let req: FetchRequest = read_json(request).await?;
+    let fetched = s.fetcher.fetch(&req.url).await?;
+    let task = Task::Normalise {
+        bytes: fetched.bytes,
+        name: fetched.name,
+    };
+    match s.run(task).await? {
+        Outcome::Png(png) => Ok((
+            [
+                (header::CONTENT_TYPE, "image/png"),
+                (header::CACHE_CONTROL, "no-store"),
+            ],
+            png,
+        )
+            .into_response()),
+        Outcome::Denoised(_) => Err(ServeError::Internal("unexpected outcome".into())),
+    }
+}
+
+impl AppState {
+    /// Checks the fields, queues the job and answers with the PNG and its headers.
+    async fn denoise(
+        &self,
+        bytes: Vec<u8>,
+        name: String,
+        model: Option<String>,
+        strength: Strength,
+        reference: Option<String>,
+        job: Option<String>,
+    ) -> Result<Response> {
+        let model = model
+            .filter(|m| !m.is_empty())
+            .unwrap_or_else(|| self.default_model.clone());
+        if !self.models.iter().any(|m| m.name == model) {
+            let known: Vec<&str> = self.models.iter().map(|m| m.name.as_str()).collect();
+            return Err(ServeError::BadRequest(format!(
+                "unknown model '{model}' (known: {})",
+                known.join(", ")
+            )));
+        }
+        let reference = reference.filter(|r| !r.is_empty());
+        if let Some(r) = reference
+            .as_ref()
+            .filter(|r| !self.samples.iter().any(|x| &x.name == *r))
+        {
+            return Err(ServeError::BadRequest(format!(
+                "unknown reference '{r}': it must name a sample"
+            )));
+        }
+        let progress = match job.filter(|j| !j.is_empty()) {
+            Some(id) if !valid_name(&id) => {
+                return Err(ServeError::BadRequest(
+                    "job ids are 1-64 of A-Z a-z 0-9 . _ -".into(),
+                ));
+            }
+            Some(id) => self.registry.register(&id),
+            None => None,
+        };
+        let task = Task::Denoise {
+            bytes,
+            name,
+            model,
+            strength,
+            reference,
+            progress,
+        };
+        match self.run(task).await? {
+            Outcome::Denoised(d) => Ok(denoised_response(d)),
+            Outcome::Png(_) => Err(ServeError::Internal("unexpected outcome".into())),
+        }
+    }
+
+    /// Queues `task` (or answers 503 when the queue is full) and waits for its outcome.
+    async fn run(&self, task: Task) -> Result<Outcome> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = Job {
+            task,
+            reply,
+            queued_at: Instant::now(),
+        };
+        match self.pool.try_submit(job) {
+            Ok(()) => {}
+            Err(Rejected::Full(job)) => {
+                if let Task::Denoise {
+                    progress: Some(p), ..
+                } = &job.task
+                {
+                    p.finish(false);
+                }
+                let queued = self.pool.queued();
+                let retry_after_s = (1 + queued / self.pool.workers()).min(30) as u64;
+                return Err(ServeError::Busy {
+                    queued,
+                    retry_after_s,
+                });
+            }
+            Err(Rejected::Closed(_)) => {
+                return Err(ServeError::Internal("the server is shutting down".into()));
+            }
+        }
+        answer
+            .await
+            .map_err(|_| ServeError::Internal("the worker stopped before answering".into()))?
+    }
+}
+
+fn denoised_response(d: Denoised) -> Response {
+    let mut headers = HeaderMap::new();
+    let mut set = |name: &'static str, value: String| {
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            headers.insert(HeaderName::from_static(name), v);
+        }
+    };
+    set("content-type", "image/png".into());
+    set("cache-control", "no-store".into());
+    set(
+        "content-disposition",
+        "inline; filename=\"denoised.png\"".into(),
+    );
+    set("x-denoise-ms", format!("{:.0}", d.compute_ms));
+    set("x-denoise-queue-ms", format!("{:.0}", d.queue_ms));
+    set("x-denoise-model", d.model);
+    set("x-denoise-size", format!("{}x{}", d.width, d.height));
+    if let Some(sigma) = d.sigma {
+        set("x-denoise-sigma", format!("{sigma:.1}"));
+    }
+    if let Some((input, output)) = d.psnr {
+        set("x-denoise-psnr-input", format!("{input:.2}"));
+        set("x-denoise-psnr", format!("{output:.2}"));
+    }
+    (headers, d.png).into_response()
+}
+
+/// Reads a whole body of at most `limit` bytes within [`BODY_TIMEOUT`]. Over the limit, the
+/// rest is drained (up to [`DRAIN_BYTES`]) before answering 413.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str) -> Result<Vec<u8>> {
+    let too_large = || {
+        ServeError::TooLarge(format!(
+            "the {what} is larger than the limit of {}",
+            human_bytes(limit)
+        ))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    if declared.is_some_and(|n| n > limit.saturating_add(DRAIN_BYTES)) {
+        return Err(too_large());
+    }
+    let read = async move {
+        let mut body = body;
+        let mut buf = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+        let mut over = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| {
+                ServeError::BadRequest(format!("failed to read the request body: {e}"))
+            })?;
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            if over > 0 || buf.len() + data.len() > limit {
+                buf = Vec::new();
+                over += data.len();
+                if over > DRAIN_BYTES {
+                    break;
+                }
+                continue;
+            }
+            buf.extend_from_slice(&data);
+        }
+        if over > 0 { Err(too_large()) } else { Ok(buf) }
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .map_err(|_| ServeError::Timeout("the request body took too long to arrive".into()))?
+}
+
+/// Parses a JSON body of at most [`MAX_JSON_BYTES`].
+async fn read_json<T: serde::de::DeserializeOwned>(request: Request) -> Result<T> {
+    let (parts, body) = request.into_parts();
+    let bytes = read_body(&parts.headers, body, MAX_JSON_BYTES, "JSON body").await?;
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ServeError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+/// Reads the multipart form of `request`: the image (field `image`, or `file`) and its file
+/// name, and the other fields into `params` (they win over the query string).
+async fn read_form(
+    request: Request,
+    params: &mut Params,
+    max_upload: usize,
+) -> Result<(Vec<u8>, String)> {
+    let bad = |e: axum::extract::multipart::MultipartError| {
+        ServeError::BadRequest(format!("invalid multipart form: {}", e.body_text()))
+    };
+    let mut form = Multipart::from_request(request, &())
+        .await
+        .map_err(|e| ServeError::BadRequest(e.body_text()))?;
+    let mut image: Option<(Vec<u8>, String)> = None;
+    while let Some(field) = form.next_field().await.map_err(bad)? {
+        let name = field.name().unwrap_or_default().to_owned();
+        match name.as_str() {
+            "image" | "file" => {
+                if image.is_some() {
+                    return Err(ServeError::BadRequest("send one image per request".into()));
+                }
+                // Only the extension matters (it picks the format when the content does not).
+                let file_name = field
+                    .file_name()
+                    .and_then(|n| n.rsplit(['/', '\\']).next())
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("upload")
+                    .chars()
+                    .take(100)
+                    .collect();
+                let data = field.bytes().await.map_err(bad)?;
+                if data.len() > max_upload {
+                    return Err(ServeError::TooLarge(format!(
+                        "the upload is larger than the limit of {}",
+                        human_bytes(max_upload)
+                    )));
+                }
+                image = Some((data.to_vec(), file_name));
+            }
+            "model" | "sigma" | "reference" | "job" => {
+                let value = field.text().await.map_err(bad)?;
+                let slot = match name.as_str() {
+                    "model" => &mut params.model,
+                    "sigma" => &mut params.sigma,
+                    "reference" => &mut params.reference,
+                    _ => &mut params.job,
+                };
+                *slot = Some(value);
+            }
+            other => {
+                return Err(ServeError::BadRequest(format!(
+                    "unknown form field '{other}' (expected image, model, sigma, reference, job)"
+                )));
+            }
+        }
+    }
+    image.ok_or_else(|| {
+        ServeError::BadRequest("no image in the form: send it in a field named 'image'".into())
+    })
+}
+
+/// `20 MB` for whole mebibytes, else bytes.
+fn human_bytes(n: usize) -> String {
+    if n >= 1 << 20 && n % (1 << 20) == 0 {
+        format!("{} MB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_references_nothing_outside_this_server() {
+        for (name, text) in [
+            ("index.html", PAGE),
+            ("app.js", SCRIPT),
+            ("style.css", STYLE),
+        ] {
+            for needle in ["http://", "https://", "//cdn", "@import", "fonts.g"] {
+                assert!(!text.contains(needle), "{name} contains '{needle}'");
+            }
+        }
+        assert!(PAGE.contains("src=\"/app.js\"") && PAGE.contains("href=\"/style.css\""));
+        assert!(
+            !PAGE.contains("<script>"),
+            "inline scripts would break the CSP"
+        );
+    }
+
+    #[test]
+    fn limits_read_as_people_write_them() {
+        assert_eq!(human_bytes(20 << 20), "20 MB");
+        assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+}

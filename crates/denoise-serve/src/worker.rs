@@ -1,0 +1,454 @@
+//! The inference workers: [`Pool`], a fixed set of threads fed by one bounded channel, and
+//! [`Worker`], the per-thread state (its own models and decoded samples) that runs a [`Task`].
+//!
+//! **Invariant:** a job's failure, a panic included, is that job's error: the worker replies and
+//! takes the next job. Submitting never blocks: a full queue hands the job back.
+
+use crate::config::{ModelEntry, Strength};
+use crate::models::Denoiser;
+use crate::progress::ProgressHandle;
+use crate::samples::{self, SampleInfo};
+use crate::{Result, ServeError};
+use crossbeam_channel::{Sender, TrySendError};
+use denoise_data::{Image, io};
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+/// Why a job was not queued; the job comes back.
+pub enum Rejected<J> {
+    /// Every queue slot is taken.
+    Full(J),
+    /// The workers are gone (shutting down).
+    Closed(J),
+}
+
+/// Worker threads fed by a bounded channel.
+pub struct Pool<J> {
+    tx: Option<Sender<J>>,
+    threads: Vec<JoinHandle<()>>,
+    capacity: usize,
+    workers: usize,
+}
+
+impl<J: Send + 'static> Pool<J> {
+    /// Starts `workers` threads named `name-N`; each calls `make(N)` on its own thread (so what
+    /// it builds, models say, never crosses threads) and then runs the returned closure on every
+    /// job it receives. Waits until every worker is ready; if any `make` fails, stops the others
+    /// and returns that error. At most `capacity` jobs wait in the queue.
+    pub fn start<W, F, E>(name: &str, workers: usize, capacity: usize, make: F) -> Result<Self, E>
+    where
+        F: Fn(usize) -> Result<W, E> + Send + Sync + 'static,
+        W: FnMut(J) + 'static,
+        E: Send + 'static,
+        E: From<std::io::Error>,
+    {
+        let (tx, rx) = crossbeam_channel::bounded::<J>(capacity);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), E>>();
+        let make = Arc::new(make);
+        let mut threads = Vec::with_capacity(workers);
+        for i in 0..workers {
+            let (rx, ready_tx, make) = (rx.clone(), ready_tx.clone(), Arc::clone(&make));
+            let thread = std::thread::Builder::new()
+                .name(format!("{name}-{i}"))
+                .spawn(move || match make(i) {
+                    Ok(mut work) => {
+                        let _ = ready_tx.send(Ok(()));
+                        drop(ready_tx);
+                        for job in rx.iter() {
+                            // A job that panics must not take its thread down: the next job
+                            // still needs a worker. (`Worker::handle` replies before this.)
+                            let _ = catch_unwind(AssertUnwindSafe(|| work(job)));
+                        }
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                    }
+                })?;
+            threads.push(thread);
+        }
+        drop(ready_tx);
+        let mut pool = Self {
+            tx: Some(tx),
+            threads,
+            capacity,
+            workers,
+        };
+        for _ in 0..workers {
+            match ready_rx.recv() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    pool.shutdown_in_place();
+                    return Err(e);
+                }
+                Err(_) => {
+                    pool.shutdown_in_place();
+                    return Err(std::io::Error::other("a worker died while starting").into());
+                }
+            }
+        }
+        Ok(pool)
+    }
+
+    /// Queues `job` without blocking.
+    pub fn try_submit(&self, job: J) -> Result<(), Rejected<J>> {
+        match &self.tx {
+            None => Err(Rejected::Closed(job)),
+            Some(tx) => tx.try_send(job).map_err(|e| match e {
+                TrySendError::Full(j) => Rejected::Full(j),
+                TrySendError::Disconnected(j) => Rejected::Closed(j),
+            }),
+        }
+    }
+
+    /// Jobs waiting (not those being worked on).
+    pub fn queued(&self) -> usize {
+        self.tx.as_ref().map_or(0, Sender::len)
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Stops taking jobs, lets the workers finish the queue, and joins them.
+    pub fn shutdown(mut self) {
+        self.shutdown_in_place();
+    }
+
+    fn shutdown_in_place(&mut self) {
+        self.tx = None;
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+impl<J> Drop for Pool<J> {
+    fn drop(&mut self) {
+        // Closing the channel ends the workers after their queue; not joined here, since a drop
+        // may happen on the async runtime. `shutdown` joins.
+        self.tx = None;
+    }
+}
+
+/// Work a [`Worker`] does.
+pub enum Task {
+    /// Decode an image and denoise it.
+    Denoise {
+        bytes: Vec<u8>,
+        /// For error messages; its extension picks the format when the content does not.
+        name: String,
+        /// One of the configured model names (checked by the caller).
+        model: String,
+        strength: Strength,
+        /// A sample name (checked by the caller): report PSNR against its clean image.
+        reference: Option<String>,
+        progress: Option<ProgressHandle>,
+    },
+    /// Decode an image and re-encode it as PNG (what a fetched URL is shown as).
+    Normalise { bytes: Vec<u8>, name: String },
+    /// A demo sample with noise added, as PNG.
+    NoisySample { name: String, sigma: f32 },
+}
+
+/// A denoised image and what the response headers say about it.
+#[derive(Debug)]
+pub struct Denoised {
+    pub png: Vec<u8>,
+    pub width: usize,
+    pub height: usize,
+    pub model: String,
+    /// The sigma used (0-255), for models that take one.
+    pub sigma: Option<f32>,
+    /// PSNR (dB) of the input and of the result against the clean reference.
+    pub psnr: Option<(f64, f64)>,
+    /// Decode + denoise + encode, in milliseconds.
+    pub compute_ms: f64,
+    /// Time spent waiting for a worker, in milliseconds.
+    pub queue_ms: f64,
+}
+
+/// What a [`Task`] gives.
+#[derive(Debug)]
+pub enum Outcome {
+    Denoised(Denoised),
+    Png(Vec<u8>),
+}
+
+/// A task, where to send its result, and when it was queued.
+pub struct Job {
+    pub task: Task,
+    pub reply: tokio::sync::oneshot::Sender<Result<Outcome>>,
+    pub queued_at: Instant,
+}
+
+/// What every worker shares (read-only).
+pub struct WorkerConfig {
+    pub models: Vec<ModelEntry>,
+    pub default_model: String,
+    pub samples: Vec<SampleInfo>,
+    pub device: tch::Device,
+    pub tile: usize,
+    pub max_pixels: u64,
+}
+
+/// One worker thread's state: the models it has loaded and the clean samples it has decoded.
+pub struct Worker {
+    config: Arc<WorkerConfig>,
+    models: HashMap<String, Denoiser>,
+    clean: HashMap<String, Arc<Image>>,
+}
+
+impl Worker {
+    /// A worker with the default model loaded (so a bad model fails at start-up).
+    pub fn new(config: Arc<WorkerConfig>) -> Result<Self> {
+        let mut worker = Self {
+            config,
+            models: HashMap::new(),
+            clean: HashMap::new(),
+        };
+        let default = worker.config.default_model.clone();
+        worker.model(&default)?;
+        Ok(worker)
+    }
+
+    /// Runs one job and replies; never panics out.
+    pub fn handle(&mut self, job: Job) {
+        let Job {
+            task,
+            reply,
+            queued_at,
+        } = job;
+        let queue_ms = queued_at.elapsed().as_secs_f64() * 1e3;
+        let progress = match &task {
+            Task::Denoise { progress, .. } => progress.clone(),
+            _ => None,
+        };
+        let mut result =
+            catch_unwind(AssertUnwindSafe(|| self.run(task))).unwrap_or_else(|payload| {
+                let message = payload
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                    .unwrap_or_else(|| "unknown panic".into());
+                Err(ServeError::Internal(format!("the job failed: {message}")))
+            });
+        if let Ok(Outcome::Denoised(d)) = &mut result {
+            d.queue_ms = queue_ms;
+        }
+        if let Some(p) = progress {
+            p.finish(result.is_ok());
+        }
+        // The client may have gone; its result is dropped.
+        let _ = reply.send(result);
+    }
+
+    fn run(&mut self, task: Task) -> Result<Outcome> {
+        match task {
+            Task::Denoise {
+                bytes,
+                name,
+                model,
+                strength,
+                reference,
+                progress,
+            } => self
+                .denoise(
+                    &bytes,
+                    &name,
+                    &model,
+                    strength,
+                    reference.as_deref(),
+                    progress.as_ref(),
+                )
+                .map(Outcome::Denoised),
+            Task::Normalise { bytes, name } => {
+                let loaded = io::decode_bytes(&bytes, &name, self.config.max_pixels)?;
+                Ok(Outcome::Png(io::encode_png(
+                    &loaded.image,
+                    loaded.alpha.as_deref(),
+                    loaded.bit_depth,
+                )?))
+            }
+            Task::NoisySample { name, sigma } => {
+                let clean = self.clean_sample(&name)?;
+                let noisy = samples::add_noise(&clean, sigma)?;
+                Ok(Outcome::Png(io::encode_png(
+                    &noisy,
+                    None,
+                    io::BitDepth::Eight,
+                )?))
+            }
+        }
+    }
+
+    fn denoise(
+        &mut self,
+        bytes: &[u8],
+        name: &str,
+        model: &str,
+        strength: Strength,
+        reference: Option<&str>,
+        progress: Option<&ProgressHandle>,
+    ) -> Result<Denoised> {
+        let start = Instant::now();
+        if let Some(p) = progress {
+            p.running();
+        }
+        let loaded = io::decode_bytes(bytes, name, self.config.max_pixels)?;
+        let clean = match reference {
+            Some(r) => {
+                let clean = self.clean_sample(r)?;
+                if clean.shape() != loaded.image.shape() {
+                    let (c, h, w) = clean.shape();
+                    let (c2, h2, w2) = loaded.image.shape();
+                    return Err(ServeError::BadRequest(format!(
+                        "reference '{r}' is {w}x{h}x{c} but the image is {w2}x{h2}x{c2}"
+                    )));
+                }
+                Some(clean)
+            }
+            None => None,
+        };
+        let denoiser = self.model(model)?;
+        let mut on_tile = |done: usize, total: usize| {
+            if let Some(p) = progress {
+                p.tiles(done, total);
+            }
+        };
+        let (out, sigma) = denoiser.denoise(&loaded.image, strength, &mut on_tile)?;
+        // What the PNG holds, so the PSNR is that of the file the user downloads.
+        let out = io::quantize(&out, loaded.bit_depth);
+        let psnr = match clean {
+            Some(clean) => {
+                let metric = |img: &Image| {
+                    denoise_metrics::psnr(clean.data(), img.data(), 1.0)
+                        .map_err(|e| ServeError::Internal(format!("psnr: {e}")))
+                };
+                Some((metric(&loaded.image)?, metric(&out)?))
+            }
+            None => None,
+        };
+        let png = io::encode_png(&out, loaded.alpha.as_deref(), loaded.bit_depth)?;
+        Ok(Denoised {
+            png,
+            width: out.width(),
+            height: out.height(),
+            model: model.to_owned(),
+            sigma,
+            psnr,
+            compute_ms: start.elapsed().as_secs_f64() * 1e3,
+            queue_ms: 0.0,
+        })
+    }
+
+    /// The named model, loaded on first use.
+    fn model(&mut self, name: &str) -> Result<&Denoiser> {
+        if !self.models.contains_key(name) {
+            let entry = self
+                .config
+                .models
+                .iter()
+                .find(|m| m.name == name)
+                .ok_or_else(|| ServeError::BadRequest(format!("unknown model '{name}'")))?;
+            let denoiser = Denoiser::load(entry, self.config.device, self.config.tile)?;
+            self.models.insert(name.to_owned(), denoiser);
+        }
+        Ok(&self.models[name])
+    }
+
+    /// The named sample's clean image, decoded on first use.
+    fn clean_sample(&mut self, name: &str) -> Result<Arc<Image>> {
+        if let Some(img) = self.clean.get(name) {
+            return Ok(Arc::clone(img));
+        }
+        let info = self
+            .config
+            .samples
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| ServeError::NotFound(format!("no sample '{name}'")))?;
+        let img = Arc::new(samples::load_clean(info)?);
+        self.clean.insert(name.to_owned(), Arc::clone(&img));
+        Ok(img)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    #[test]
+    fn a_full_queue_hands_the_job_back_and_the_pool_recovers() {
+        // One worker blocked on its first job, a queue of one: the third job is refused.
+        let (started_tx, started_rx) = mpsc::channel::<u32>();
+        let (go_tx, go_rx) = crossbeam_channel::unbounded::<()>();
+        let (done_tx, done_rx) = mpsc::channel::<u32>();
+        let started_tx = std::sync::Mutex::new(started_tx);
+        let done_tx = std::sync::Mutex::new(done_tx);
+        let pool = Pool::<u32>::start("test", 1, 1, move |_| {
+            let started = started_tx.lock().unwrap().clone();
+            let done = done_tx.lock().unwrap().clone();
+            let go = go_rx.clone();
+            Ok::<_, std::io::Error>(move |job: u32| {
+                started.send(job).unwrap();
+                go.recv().unwrap();
+                done.send(job).unwrap();
+            })
+        })
+        .unwrap();
+        assert!(pool.try_submit(1).is_ok());
+        assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert!(pool.try_submit(2).is_ok());
+        assert_eq!(pool.queued(), 1);
+        assert!(matches!(pool.try_submit(3), Err(Rejected::Full(3))));
+        go_tx.send(()).unwrap();
+        go_tx.send(()).unwrap();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
+        assert!(pool.try_submit(4).is_ok());
+        go_tx.send(()).unwrap();
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 4);
+        pool.shutdown();
+    }
+
+    #[test]
+    fn a_panicking_job_leaves_the_worker_running() {
+        let (done_tx, done_rx) = mpsc::channel::<u32>();
+        let done_tx = std::sync::Mutex::new(done_tx);
+        let pool = Pool::<u32>::start("test", 1, 4, move |_| {
+            let done = done_tx.lock().unwrap().clone();
+            Ok::<_, std::io::Error>(move |job: u32| {
+                assert!(job != 1, "job 1 panics");
+                done.send(job).unwrap();
+            })
+        })
+        .unwrap();
+        for job in [1, 2, 1, 3] {
+            assert!(pool.try_submit(job).is_ok());
+        }
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 3);
+        pool.shutdown();
+    }
+
+    #[test]
+    fn a_failing_worker_start_is_an_error() {
+        let result = Pool::<u32>::start("test", 2, 4, |i| {
+            if i == 1 {
+                Err(std::io::Error::other("no model"))
+            } else {
+                Ok(|_job: u32| {})
+            }
+        });
+        assert_eq!(result.err().unwrap().to_string(), "no model");
+    }
+}

@@ -1,0 +1,576 @@
+//! Every route, and every bad input getting a 4xx JSON error while the server keeps serving.
+
+use crate::{Server, client, decode, expect_error, noisy_case, png, psnr};
+use reqwest::multipart::{Form, Part};
+
+fn header(response: &reqwest::Response, name: &str) -> Option<String> {
+    response
+        .headers()
+        .get(name)
+        .map(|v| v.to_str().unwrap().to_owned())
+}
+
+fn image_part(bytes: Vec<u8>, name: &str) -> Part {
+    Part::bytes(bytes)
+        .file_name(name.to_owned())
+        .mime_str("image/png")
+        .unwrap()
+}
+
+#[tokio::test]
+async fn every_route_answers() {
+    let server = Server::start(&["--tile", "128"]);
+    let http = client();
+
+    // The page and its assets, with a policy that forbids anything from elsewhere.
+    for (path, kind) in [
+        ("/", "text/html"),
+        ("/app.js", "text/javascript"),
+        ("/style.css", "text/css"),
+    ] {
+        let r = http.get(server.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{path}");
+        assert!(header(&r, "content-type").unwrap().starts_with(kind));
+        assert!(
+            header(&r, "content-security-policy")
+                .unwrap()
+                .contains("default-src 'self'")
+        );
+        let body = r.text().await.unwrap();
+        assert!(
+            !body.contains("https://") && !body.contains("http://"),
+            "{path}"
+        );
+    }
+
+    let health: serde_json::Value = http
+        .get(server.url("/healthz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+    assert_eq!(health["workers"], 1);
+
+    let models: serde_json::Value = http
+        .get(server.url("/api/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(models["default"], "default");
+    let default = &models["models"][0];
+    assert_eq!(default["name"], "default");
+    assert_eq!(default["kind"], "ffdnet");
+    assert_eq!(default["takes_sigma"], true);
+    assert_eq!(models["limits"]["max_upload_bytes"], 20 << 20);
+
+    let samples: serde_json::Value = http
+        .get(server.url("/api/samples"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = samples["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["astronaut", "chelsea", "coffee"]);
+
+    // A demo sample with noise added: seeded, so the same bytes twice.
+    let noisy_sample = |sigma: u32| {
+        let http = http.clone();
+        let url = server.url(&format!("/api/samples/chelsea?sigma={sigma}"));
+        async move {
+            let r = http.get(url).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            assert_eq!(header(&r, "content-type").unwrap(), "image/png");
+            r.bytes().await.unwrap().to_vec()
+        }
+    };
+    let noisy = noisy_sample(25).await;
+    assert_eq!(noisy, noisy_sample(25).await);
+    let clean = crate::clean_crop("chelsea", 0, 0, 300, 451);
+    let noisy_psnr = psnr(&clean, &decode(&noisy));
+    assert!((19.5..21.0).contains(&noisy_psnr), "{noisy_psnr}");
+
+    // The sample back with its reference: the server reports both PSNRs, and they are right.
+    let form = Form::new()
+        .text("reference", "chelsea")
+        .text("sigma", "25")
+        .part("image", image_part(noisy.clone(), "chelsea-noisy.png"));
+    let r = http
+        .post(server.url("/api/denoise"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let psnr_in: f64 = header(&r, "x-denoise-psnr-input").unwrap().parse().unwrap();
+    let psnr_out: f64 = header(&r, "x-denoise-psnr").unwrap().parse().unwrap();
+    assert_eq!(header(&r, "x-denoise-sigma").unwrap(), "25.0");
+    assert_eq!(header(&r, "x-denoise-size").unwrap(), "451x300");
+    let result = decode(&r.bytes().await.unwrap());
+    assert!(
+        (psnr_in - noisy_psnr).abs() < 0.01,
+        "{psnr_in} vs {noisy_psnr}"
+    );
+    assert!((psnr_out - psnr(&clean, &result)).abs() < 0.01);
+    assert!(psnr_out > psnr_in + 4.0, "{psnr_in} -> {psnr_out}");
+
+    // Raw body, fields in the query; a job id whose progress is readable afterwards.
+    let (clean, noisy) = noisy_case(128, 192);
+    let r = http
+        .post(server.url("/api/denoise?model=default&sigma=blind&job=raw-1"))
+        .body(noisy.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let ms: f64 = header(&r, "x-denoise-ms").unwrap().parse().unwrap();
+    assert!(ms > 0.0);
+    let estimated: f32 = header(&r, "x-denoise-sigma").unwrap().parse().unwrap();
+    assert!((15.0..35.0).contains(&estimated), "{estimated}");
+    assert_eq!(header(&r, "x-denoise-model").unwrap(), "default");
+    assert!(
+        header(&r, "x-denoise-psnr").is_none(),
+        "no reference, no PSNR"
+    );
+    let result = decode(&r.bytes().await.unwrap());
+    assert_eq!(result.shape(), clean.shape());
+    let noisy_img = decode(&noisy);
+    assert!(psnr(&clean, &result) > psnr(&clean, &noisy_img) + 3.0);
+
+    let progress: serde_json::Value = http
+        .get(server.url("/api/progress/raw-1"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(progress["state"], "done");
+    let total = progress["total"].as_u64().unwrap();
+    assert!(total >= 2, "a 128x192 image in 128-pixel tiles: {progress}");
+    assert_eq!(progress["done"], total);
+    expect_error(
+        http.get(server.url("/api/progress/never-seen"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "no job",
+    )
+    .await;
+
+    // Multipart with a fixed sigma: a different result from blind.
+    let form = Form::new()
+        .text("sigma", "50")
+        .part("image", image_part(noisy.clone(), "a.png"));
+    let r = http
+        .post(server.url("/api/denoise"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-denoise-sigma").unwrap(), "50.0");
+    assert_ne!(decode(&r.bytes().await.unwrap()), result);
+
+    // Unknown routes and methods are JSON too.
+    expect_error(
+        http.get(server.url("/nope")).send().await.unwrap(),
+        404,
+        "no route",
+    )
+    .await;
+    expect_error(
+        http.get(server.url("/api/denoise")).send().await.unwrap(),
+        405,
+        "method",
+    )
+    .await;
+    server.assert_healthy().await;
+}
+
+/// A PNG chunk with its CRC.
+fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut out = (data.len() as u32).to_be_bytes().to_vec();
+    let mut body = kind.to_vec();
+    body.extend_from_slice(data);
+    out.extend_from_slice(&body);
+    out.extend_from_slice(&crc32(&body).to_be_bytes());
+    out
+}
+
+/// A 100 000 x 100 000 RGB PNG in under 100 bytes: a header that would need 30 GB decoded.
+fn decompression_bomb() -> Vec<u8> {
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&100_000u32.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.extend(chunk(b"IHDR", &ihdr));
+    png.extend(chunk(
+        b"IDAT",
+        &[0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01],
+    ));
+    png.extend(chunk(b"IEND", &[]));
+    png
+}
+
+#[tokio::test]
+async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
+    let server = Server::start(&["--max-upload-mb", "1", "--max-pixels", "1000000"]);
+    let http = client();
+    let post_raw = |query: &str, body: Vec<u8>| {
+        http.post(server.url(&format!("/api/denoise{query}")))
+            .body(body)
+            .send()
+    };
+    let (_, good) = noisy_case(64, 64);
+
+    expect_error(post_raw("", Vec::new()).await.unwrap(), 400, "no image").await;
+    expect_error(
+        post_raw("", b"hello, not an image".to_vec()).await.unwrap(),
+        415,
+        "unsupported image format",
+    )
+    .await;
+    let truncated = good[..good.len() * 2 / 3].to_vec();
+    let status = post_raw("", truncated).await.unwrap();
+    expect_error(status, 422, "failed to decode").await;
+    let mut corrupt = good.clone();
+    let mid = corrupt.len() / 2;
+    for b in &mut corrupt[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    expect_error(
+        post_raw("", corrupt).await.unwrap(),
+        422,
+        "failed to decode",
+    )
+    .await;
+    expect_error(
+        post_raw("", decompression_bomb()).await.unwrap(),
+        413,
+        "over the limit of 1000000 pixels",
+    )
+    .await;
+    // 1200 x 1000 is fine in bytes (a flat image compresses well) but over 1 MP.
+    let big = png(&denoise_data::Image::zeros(3, 1000, 1200));
+    assert!(big.len() < 1 << 20);
+    expect_error(post_raw("", big).await.unwrap(), 413, "pixels").await;
+    let noise_bytes: Vec<u8> = (0..1_500_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
+        .collect();
+    expect_error(
+        post_raw("", noise_bytes.clone()).await.unwrap(),
+        413,
+        "larger than the limit of 1 MB",
+    )
+    .await;
+    let form = Form::new().part("image", image_part(noise_bytes, "big.png"));
+    let r = http
+        .post(server.url("/api/denoise"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 413, "larger than the limit").await;
+
+    // Fields.
+    for (query, needle) in [
+        ("?model=nope", "unknown model 'nope' (known: default)"),
+        ("?sigma=loud", "not a number"),
+        ("?sigma=300", "0-255"),
+        ("?colour=red", "unknown field"),
+        ("?job=a%20b", "job ids"),
+        ("?reference=nope", "unknown reference"),
+        ("?reference=chelsea", "reference 'chelsea' is 451x300x3"),
+    ] {
+        expect_error(post_raw(query, good.clone()).await.unwrap(), 400, needle).await;
+    }
+    let send_form = |form: Form| http.post(server.url("/api/denoise")).multipart(form).send();
+    expect_error(
+        send_form(Form::new().text("sigma", "10")).await.unwrap(),
+        400,
+        "no image in the form",
+    )
+    .await;
+    expect_error(
+        send_form(
+            Form::new()
+                .part("image", image_part(good.clone(), "a.png"))
+                .text("strength", "9"),
+        )
+        .await
+        .unwrap(),
+        400,
+        "unknown form field 'strength'",
+    )
+    .await;
+    expect_error(
+        send_form(
+            Form::new()
+                .part("image", image_part(good.clone(), "a.png"))
+                .part("image", image_part(good.clone(), "b.png")),
+        )
+        .await
+        .unwrap(),
+        400,
+        "one image",
+    )
+    .await;
+
+    // JSON routes.
+    let post_json = |path: &str, body: &'static str| {
+        http.post(server.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    expect_error(
+        post_json("/api/denoise-url", "{not json").await.unwrap(),
+        400,
+        "invalid JSON",
+    )
+    .await;
+    expect_error(
+        post_json("/api/denoise-url", "{}").await.unwrap(),
+        400,
+        "missing field `url`",
+    )
+    .await;
+    expect_error(
+        post_json(
+            "/api/denoise-url",
+            r#"{"url":"http://example.com/a.png","x":1}"#,
+        )
+        .await
+        .unwrap(),
+        400,
+        "unknown field",
+    )
+    .await;
+    expect_error(
+        post_json(
+            "/api/denoise-url",
+            r#"{"url":"http://example.com/a.png","sigma":999}"#,
+        )
+        .await
+        .unwrap(),
+        400,
+        "0-255",
+    )
+    .await;
+    expect_error(
+        post_json("/api/fetch-url", r#"{"url":"nope"}"#)
+            .await
+            .unwrap(),
+        400,
+        "invalid URL",
+    )
+    .await;
+
+    // Samples.
+    expect_error(
+        http.get(server.url("/api/samples/nope"))
+            .send()
+            .await
+            .unwrap(),
+        404,
+        "no sample",
+    )
+    .await;
+    expect_error(
+        http.get(server.url("/api/samples/chelsea?sigma=500"))
+            .send()
+            .await
+            .unwrap(),
+        400,
+        "0-100",
+    )
+    .await;
+
+    // Still serving, and still denoising.
+    server.assert_healthy().await;
+    let r = post_raw("?sigma=25", good).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(decode(&r.bytes().await.unwrap()).shape(), (3, 64, 64));
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_503_with_retry_after() {
+    let server = Server::start(&["--workers", "1", "--queue", "1", "--tile", "0"]);
+    let (_, noisy) = noisy_case(256, 256);
+    let http = client();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..12 {
+        let (http, url, body) = (http.clone(), server.url("/api/denoise"), noisy.clone());
+        tasks.spawn(async move { http.post(url).body(body).send().await.unwrap() });
+    }
+    let (mut ok, mut busy) = (0, 0);
+    while let Some(r) = tasks.join_next().await {
+        let r = r.unwrap();
+        match r.status().as_u16() {
+            200 => ok += 1,
+            503 => {
+                let retry: u64 = header(&r, "retry-after").unwrap().parse().unwrap();
+                assert!((1..=30).contains(&retry));
+                expect_error(r, 503, "busy").await;
+                busy += 1;
+            }
+            other => panic!("unexpected {other}: {}", r.text().await.unwrap()),
+        }
+    }
+    assert!(ok >= 1 && busy >= 1, "{ok} ok, {busy} busy");
+    assert!(ok <= 12 - busy);
+    server.assert_healthy().await;
+    let r = http
+        .post(server.url("/api/denoise"))
+        .body(noisy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "serves again once the queue drains");
+}
+
+#[test]
+fn bad_flags_are_clean_start_up_errors() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_denoise-cli"))
+            .arg("serve")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let bad_model = dir.path().join("bad.safetensors");
+    std::fs::write(&bad_model, b"not a model").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = listener.local_addr().unwrap().to_string();
+    for (args, needle) in [
+        (vec!["--workers", "0"], "workers must be 1-64"),
+        (vec!["--queue", "0"], "queue must hold at least 1"),
+        (vec!["--tile", "10"], "tile must be 0"),
+        (
+            vec!["--model", "/no/such/model"],
+            "no model '/no/such/model'",
+        ),
+        (
+            vec!["--model", bad_model.to_str().unwrap()],
+            "not a valid model artefact",
+        ),
+        (vec!["--addr", taken.as_str()], "cannot listen on"),
+    ] {
+        let out = run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} started");
+        let last = err.lines().last().unwrap_or_default();
+        assert!(
+            last.starts_with("denoise-cli: ") && last.contains(needle),
+            "{args:?}: {err}"
+        );
+        // The cause appears once, not again as anyhow's chain.
+        assert!(
+            last.matches("not a valid model artefact").count() <= 1,
+            "{err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn models_are_chosen_by_name_and_a_failing_model_fails_only_its_request() {
+    use denoise_models::{Model, artefact};
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = crate::samples_dir().join("../models/default.safetensors");
+    std::fs::copy(&shipped, dir.path().join("default.safetensors")).unwrap();
+    // An untrained gray DnCNN: blind (no sigma), and colour input goes through gray and back.
+    let gray: denoise_models::ModelConfig = serde_json::from_str(
+        r#"{"kind":"dncnn","channels":1,"depth":3,"features":8,"batch_norm":false}"#,
+    )
+    .unwrap();
+    let model = Model::new(&gray, tch::Device::Cpu).unwrap();
+    let path = dir.path().join("tiny-gray.safetensors");
+    artefact::save(&model, &artefact::Metadata::new(model.config()), &path).unwrap();
+    // A header that promises other weights than the file holds: readable, but not loadable.
+    let mut lie = artefact::Metadata::new(model.config());
+    lie.model = serde_json::from_str(
+        r#"{"kind":"dncnn","channels":1,"depth":3,"features":16,"batch_norm":false}"#,
+    )
+    .unwrap();
+    let broken = dir.path().join("broken.safetensors");
+    artefact::save(&model, &lie, &broken).unwrap();
+
+    let server = Server::start_with_env(&[], &[("DENOISE_MODELS", dir.path())]);
+    let http = client();
+    let models: serde_json::Value = http
+        .get(server.url("/api/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["broken", "default", "tiny-gray"]);
+    assert_eq!(models["default"], "default");
+
+    let (_, noisy) = noisy_case(64, 80);
+    let post = |query: &str| {
+        http.post(server.url(&format!("/api/denoise{query}")))
+            .body(noisy.clone())
+            .send()
+    };
+    let r = post("?model=tiny-gray&sigma=25").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-denoise-model").unwrap(), "tiny-gray");
+    assert!(
+        header(&r, "x-denoise-sigma").is_none(),
+        "a blind model uses no sigma"
+    );
+    let out = decode(&r.bytes().await.unwrap());
+    assert_eq!(out.shape(), (3, 64, 80));
+    // Gray out: the three channels are equal.
+    assert_eq!(out.plane(0), out.plane(2));
+
+    expect_error(
+        post("?model=broken").await.unwrap(),
+        500,
+        "cannot load model 'broken'",
+    )
+    .await;
+    server.assert_healthy().await;
+    let r = post("").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-denoise-model").unwrap(), "default");
+}
