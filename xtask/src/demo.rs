@@ -18,6 +18,10 @@ pub struct DemoArgs {
     /// Model to use instead of the shipped default.
     #[arg(long)]
     model: Option<String>,
+    /// Also write a figure: for the first two samples, a crop of the noisy, the denoised and
+    /// the clean image side by side (2x nearest-neighbour zoom), one sample per row.
+    #[arg(long)]
+    figure: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: &DemoArgs) -> Result<()> {
@@ -84,7 +88,61 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         args.seed,
         out.display()
     );
+    if let Some(path) = &args.figure {
+        let triples: Vec<[std::path::PathBuf; 3]> = samples
+            .iter()
+            .take(2)
+            .map(|clean| {
+                let stem = clean.file_stem().unwrap_or_default().to_string_lossy();
+                [
+                    out.join(format!("{stem}-noisy.png")),
+                    out.join(format!("{stem}-denoised.png")),
+                    clean.clone(),
+                ]
+            })
+            .collect();
+        figure(&triples, path)?;
+        println!("figure (noisy | denoised | clean): {}", path.display());
+    }
     Ok(())
+}
+
+/// Side of the square crop, before the 2x zoom, and the gap between panels.
+const CROP: u32 = 160;
+const GAP: u32 = 6;
+
+/// Writes `[noisy, denoised, clean]` crops of each triple as one row of a PNG. The crop is the
+/// image's centre, raised a little: faces in photos tend to sit above the middle.
+fn figure(triples: &[[std::path::PathBuf; 3]], path: &Path) -> Result<()> {
+    let side = 2 * CROP;
+    let rows = triples.len() as u32;
+    let (w, h) = (3 * side + 4 * GAP, rows * side + (rows + 1) * GAP);
+    let mut canvas = image::RgbImage::from_pixel(w, h, image::Rgb([255, 255, 255]));
+    for (r, triple) in triples.iter().enumerate() {
+        for (c, file) in triple.iter().enumerate() {
+            let img = image::open(file)
+                .with_context(|| format!("cannot read {}", file.display()))?
+                .to_rgb8();
+            if img.width() < CROP || img.height() < CROP {
+                bail!("{} is smaller than the {CROP}px crop", file.display());
+            }
+            let x0 = (img.width() - CROP) / 2;
+            let y0 = (img.height() - CROP) / 3;
+            let (ox, oy) = (GAP + c as u32 * (side + GAP), GAP + r as u32 * (side + GAP));
+            for y in 0..side {
+                for x in 0..side {
+                    let p = *img.get_pixel(x0 + x / 2, y0 + y / 2);
+                    canvas.put_pixel(ox + x, oy + y, p);
+                }
+            }
+        }
+    }
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    canvas
+        .save(path)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn cli_ok(cmd: &mut Command) -> Result<()> {
