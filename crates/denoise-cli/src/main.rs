@@ -8,6 +8,8 @@ mod common;
 use clap::Parser as _;
 
 fn main() {
+    // Before libtorch allocates: keep freed activation memory in the process (see its doc).
+    denoise_models::perf::tune_allocator();
     // Plain libtorch ops panic on errors; the library turns those into `Err` at its edges, and
     // the default hook would print a scary message first. Keep panics for real bugs brief.
     std::panic::set_hook(Box::new(|info| {
