@@ -43,25 +43,11 @@ async fn every_route_answers() {
         );
     }
 
-    let health: serde_json::Value = http
-        .get(server.url("/healthz"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = server.get_json("/healthz").await;
     assert_eq!(health["status"], "ok");
     assert_eq!(health["workers"], 1);
 
-    let models: serde_json::Value = http
-        .get(server.url("/api/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = server.get_json("/api/models").await;
     assert_eq!(models["default"], "default");
     let default = &models["models"][0];
     assert_eq!(default["name"], "default");
@@ -69,14 +55,7 @@ async fn every_route_answers() {
     assert_eq!(default["takes_sigma"], true);
     assert_eq!(models["limits"]["max_upload_bytes"], 20 << 20);
 
-    let samples: serde_json::Value = http
-        .get(server.url("/api/samples"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let samples = server.get_json("/api/samples").await;
     let names: Vec<&str> = samples["samples"]
         .as_array()
         .unwrap()
@@ -149,14 +128,7 @@ async fn every_route_answers() {
     let noisy_img = decode(&noisy);
     assert!(psnr(&clean, &result) > psnr(&clean, &noisy_img) + 3.0);
 
-    let progress: serde_json::Value = http
-        .get(server.url("/api/progress/raw-1"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let progress = server.get_json("/api/progress/raw-1").await;
     assert_eq!(progress["state"], "done");
     let total = progress["total"].as_u64().unwrap();
     assert!(total >= 2, "a 128x192 image in 128-pixel tiles: {progress}");
@@ -528,14 +500,7 @@ async fn models_are_chosen_by_name_and_a_failing_model_fails_only_its_request() 
 
     let server = Server::start_with_env(&[], &[("DENOISE_MODELS", dir.path())]);
     let http = client();
-    let models: serde_json::Value = http
-        .get(server.url("/api/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models = server.get_json("/api/models").await;
     let names: Vec<&str> = models["models"]
         .as_array()
         .unwrap()

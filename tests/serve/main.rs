@@ -86,6 +86,12 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// GETs `path` and parses the answer as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = client().get(self.url(path)).send().await.unwrap();
+        response.json().await.unwrap()
+    }
+
     /// Asserts the process is alive, answers `/healthz`, and never panicked.
     pub async fn assert_healthy(&self) {
         let exited = self.child.lock().unwrap().try_wait().unwrap();
