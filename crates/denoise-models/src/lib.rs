@@ -21,7 +21,7 @@ pub use crate::artefact::{Artefact, Metadata};
 pub use crate::config::{ModelConfig, ModelKind};
 pub use crate::error::ModelError;
 pub use crate::model::Model;
-pub use crate::perf::Precision;
+pub use crate::perf::{Layout, Precision};
 
 /// Result alias for this crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;

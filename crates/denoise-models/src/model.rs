@@ -3,7 +3,7 @@
 
 use crate::config::{ModelConfig, Net};
 use crate::layers::{crop_to, pad_to_multiple};
-use crate::perf::{Precision, to_channels_last};
+use crate::perf::{Layout, Precision, to_channels_last};
 use crate::{ModelError, Result};
 use tch::{Device, Kind, Tensor, nn};
 
@@ -85,11 +85,16 @@ impl Model {
 
     /// Lays 4-D weights out channels-last in place (values unchanged).
     pub fn set_channels_last(&mut self) {
+        self.set_layout(Layout::ChannelsLast);
+    }
+
+    /// Lays 4-D weights out in `layout` in place (values unchanged).
+    pub fn set_layout(&mut self, layout: Layout) {
         tch::no_grad(|| {
             for (_, mut var) in self.vs.variables() {
                 if var.dim() == 4 {
-                    let cl = to_channels_last(&var);
-                    var.set_data(&cl);
+                    let laid = layout.apply(&var);
+                    var.set_data(&laid);
                 }
             }
         });

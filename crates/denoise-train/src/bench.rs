@@ -7,7 +7,7 @@ use crate::Result;
 use crate::loss::Loss;
 use crate::optim::{Adam, OptimizerConfig};
 use crate::trainer::{master_and_shadow, optimisation_step, trainable};
-use denoise_models::{ModelConfig, Precision};
+use denoise_models::{Layout, ModelConfig, Precision};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -20,6 +20,8 @@ pub struct TrainBench {
     pub patch: i64,
     pub precision: Precision,
     pub device: Device,
+    /// Weight and input layout; `None`: what training picks ([`Layout::for_training`]).
+    pub layout: Option<Layout>,
     pub warmup: usize,
     pub runs: usize,
 }
@@ -27,7 +29,10 @@ pub struct TrainBench {
 /// Seconds per step of each timed run, in run order.
 pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
     tch::manual_seed(0);
-    let (master, shadow) = master_and_shadow(&b.model, b.device, b.precision)?;
+    let layout = b
+        .layout
+        .unwrap_or_else(|| Layout::for_training(b.model.kind(), b.device));
+    let (master, shadow) = master_and_shadow(&b.model, b.device, b.precision, layout)?;
     let mut adam = Adam::new(
         OptimizerConfig {
             lr: 1e-4,
@@ -53,6 +58,7 @@ pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
             sigma.as_ref(),
             &clean,
             1e-4,
+            layout,
         )
     };
     for _ in 0..b.warmup {
@@ -83,6 +89,7 @@ mod tests {
             patch: 16,
             precision: Precision::Fp32,
             device: Device::Cpu,
+            layout: None,
             warmup: 1,
             runs: 3,
         })

@@ -6,7 +6,7 @@ use crate::optim::{OptimizerConfig, Schedule};
 use crate::{Result, TrainError};
 use denoise_data::augment::AugmentConfig;
 use denoise_data::noise::NoiseSpec;
-use denoise_models::{ModelConfig, Precision};
+use denoise_models::{Layout, ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -42,6 +42,9 @@ pub struct TrainConfig {
     pub device: String,
     /// `fp32`, or `bf16` mixed precision (bf16 compute, fp32 master weights and optimizer).
     pub precision: Precision,
+    /// Memory layout while training: `channels-last` or `nchw`; unset, the faster one measured
+    /// for the model and device ([`Layout::for_training`]).
+    pub layout: Option<Layout>,
     /// libtorch threads (0 = all cores).
     pub threads: usize,
     /// Patch loader threads (0 = one per core, at most 4).
@@ -73,6 +76,7 @@ impl Default for TrainConfig {
             seed: 0,
             device: "auto".into(),
             precision: Precision::Fp32,
+            layout: None,
             threads: 0,
             workers: 0,
         }
@@ -86,6 +90,7 @@ pub struct Checked {
     pub noise: NoiseSpec,
     pub val_noise: NoiseSpec,
     pub device: tch::Device,
+    pub layout: Layout,
 }
 
 impl TrainConfig {
@@ -150,11 +155,15 @@ impl TrainConfig {
             ));
         }
         let device = parse_device(&self.device)?;
+        let layout = self
+            .layout
+            .unwrap_or_else(|| Layout::for_training(model.kind(), device));
         Ok(Checked {
             model,
             noise,
             val_noise,
             device,
+            layout,
         })
     }
 }
@@ -201,6 +210,10 @@ mod tests {
         );
         let again: TrainConfig = toml::from_str(&cfg.to_toml()).unwrap();
         assert_eq!(again, cfg);
+        assert_eq!(cfg.layout, None, "unset: picked per model and device");
+        let nchw: TrainConfig = toml::from_str(&format!("layout = \"nchw\"\n{text}")).unwrap();
+        assert_eq!(nchw.layout, Some(Layout::Nchw));
+        assert!(toml::from_str::<TrainConfig>(&format!("layout = \"nhwc8\"\n{text}")).is_err());
     }
 
     #[test]

@@ -12,8 +12,7 @@ use crate::validate::{ValScores, ValidationSet};
 use crate::{Result, TrainError};
 use denoise_data::loader::{Batch, LoaderConfig, PatchLoader};
 use denoise_models::artefact::{self, Metadata};
-use denoise_models::perf::to_channels_last;
-use denoise_models::{Model, ModelConfig, Precision};
+use denoise_models::{Layout, Model, ModelConfig, Precision};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -89,7 +88,12 @@ impl Trainer {
             tch::set_num_threads(cfg.threads as i32);
         }
         tch::manual_seed(cfg.seed as i64);
-        let (master, shadow) = master_and_shadow(&checked.model, checked.device, cfg.precision)?;
+        let (master, shadow) = master_and_shadow(
+            &checked.model,
+            checked.device,
+            cfg.precision,
+            checked.layout,
+        )?;
         let mut adam = Adam::new(cfg.optimizer.clone(), trainable(&master));
         let (mut step, mut best_val_psnr) = (0, None);
         if let Some(ck) = restored {
@@ -180,6 +184,7 @@ impl Trainer {
         let start = Instant::now();
         let first_step = self.step;
         let mut last_loss = f64::NAN;
+        let mut last_line = start;
         while self.step < end && !stop.load(Ordering::SeqCst) {
             let batch = loader.next_batch()?;
             let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
@@ -200,6 +205,15 @@ impl Trainer {
                 .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
             bar.set_position(self.step);
             bar.set_message(format!("loss {loss:.5}  {rate:.0} patches/s"));
+            if !self.quiet && bar.is_hidden() && last_line.elapsed() >= PLAIN_PROGRESS_EVERY {
+                // Output redirected (nohup, a log file): no bar is drawn, so say where we are.
+                last_line = Instant::now();
+                eprintln!(
+                    "step {}/{end}: loss {loss:.5}, {rate:.1} patches/s, {:.0} s elapsed",
+                    self.step,
+                    start.elapsed().as_secs_f64()
+                );
+            }
             if self.step % self.cfg.val_every == 0 || self.step == self.cfg.steps {
                 let scores = self.validate_and_keep_best()?;
                 self.history.push_val(ValPoint {
@@ -210,19 +224,22 @@ impl Trainer {
                 let title = format!("{} on {}", self.checked.model.kind(), self.cfg.noise);
                 if let Err(e) = plot::write_plots(&self.history, &self.run_dir, &title) {
                     // A plot is a convenience: training goes on without it.
-                    bar.println(format!("warning: {e}"));
+                    say(&bar, format!("warning: {e}"));
                 }
                 writeln!(log, "{}", serde_json::json!({"step": self.step, "val_psnr": scores.psnr, "val_ssim": scores.ssim, "noisy_psnr": scores.noisy_psnr}))
                     .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
                 if !self.quiet {
-                    bar.println(format!(
-                        "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}",
-                        self.step,
-                        scores.psnr,
-                        scores.noisy_psnr,
-                        scores.ssim,
-                        self.best_val_psnr.unwrap_or(f64::NAN)
-                    ));
+                    say(
+                        &bar,
+                        format!(
+                            "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}",
+                            self.step,
+                            scores.psnr,
+                            scores.noisy_psnr,
+                            scores.ssim,
+                            self.best_val_psnr.unwrap_or(f64::NAN)
+                        ),
+                    );
                 }
                 self.save_checkpoint()?;
             } else if self.step % self.cfg.checkpoint_every == 0 {
@@ -292,6 +309,7 @@ impl Trainer {
             sigma.as_ref(),
             &clean,
             lr,
+            self.checked.layout,
         )
     }
 
@@ -351,21 +369,34 @@ impl Trainer {
     }
 }
 
-/// Copies variables `from` -> `to` by name (trainable ones if `trainable`, else the others),
-/// converting kind and layout as needed.
-/// The fp32 master model (channels-last) and, for bf16 training, its bf16 shadow.
+/// How often a run whose output is not a terminal prints a progress line.
+const PLAIN_PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Prints a line above the bar, or to stderr when the bar is hidden because the output is not a
+/// terminal (indicatif drops `println` on a hidden bar, which would lose validation lines in logs).
+fn say(bar: &indicatif::ProgressBar, line: String) {
+    if bar.is_hidden() {
+        eprintln!("{line}");
+    } else {
+        bar.println(line);
+    }
+}
+
+/// The fp32 master model and, for bf16 training, its bf16 shadow, weights in `layout`.
 pub(crate) fn master_and_shadow(
     config: &ModelConfig,
     device: Device,
     precision: Precision,
+    layout: Layout,
 ) -> Result<(Model, Option<Model>)> {
     let mut master = Model::new(config, device)?;
-    master.set_channels_last();
+    master.set_layout(layout);
     let shadow = match precision {
         Precision::Fp32 => None,
         Precision::Bf16 => {
             let mut m = Model::new(config, device)?;
             m.set_precision(Precision::Bf16);
+            m.set_layout(layout);
             Some(m)
         }
     };
@@ -384,8 +415,8 @@ pub(crate) fn trainable(model: &Model) -> BTreeMap<String, Tensor> {
 
 /// One Adam step of `master` on (`noisy`, `sigma`) -> `clean` at rate `lr`; returns the loss.
 /// With a bf16 `shadow`, the forward and backward passes run on the shadow (refreshed from the
-/// fp32 master weights first) and Adam updates the fp32 master. Inputs are laid out
-/// channels-last here. The training loop and the training bench both call this.
+/// fp32 master weights first) and Adam updates the fp32 master. Inputs are laid out in
+/// `layout` here (the weights' layout, see [`master_and_shadow`]). The training loop and the training bench both call this.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimisation_step(
     master: &Model,
@@ -396,6 +427,7 @@ pub(crate) fn optimisation_step(
     sigma: Option<&Tensor>,
     clean: &Tensor,
     lr: f64,
+    layout: Layout,
 ) -> Result<f64> {
     let net = match shadow {
         Some(shadow) => {
@@ -405,7 +437,7 @@ pub(crate) fn optimisation_step(
         None => master,
     };
     let kind = net.precision().kind();
-    let x = to_channels_last(&noisy.to_kind(kind));
+    let x = layout.apply(&noisy.to_kind(kind));
     let map = sigma.map(|s| s.to_kind(kind));
     for mut var in net.var_store().trainable_variables() {
         var.zero_grad();
@@ -555,6 +587,64 @@ mod tests {
 
     fn weights(model: &Model) -> BTreeMap<String, Tensor> {
         model.var_store().variables().into_iter().collect()
+    }
+
+    #[test]
+    fn the_training_layout_changes_speed_not_the_step() {
+        let _rng = crate::test_rng_lock();
+        // RIDNet has both kinds of layer the layouts treat differently: dilated 3x3 convs and
+        // the attention's 1x1 convs on pooled features.
+        let model = ModelConfig::Ridnet(denoise_models::config::RidnetConfig {
+            features: 8,
+            blocks: 1,
+            reduction: 4,
+            ..Default::default()
+        });
+        let opts = (tch::Kind::Float, Device::Cpu);
+        tch::manual_seed(7);
+        let clean = Tensor::rand([2, 3, 16, 16], opts);
+        let noisy = &clean + Tensor::randn([2, 3, 16, 16], opts) * 0.1;
+        let mut after = Vec::new();
+        for layout in [Layout::ChannelsLast, Layout::Nchw] {
+            tch::manual_seed(0);
+            let (master, _) =
+                master_and_shadow(&model, Device::Cpu, Precision::Fp32, layout).unwrap();
+            let mut adam = Adam::new(crate::optim::OptimizerConfig::default(), trainable(&master));
+            let mut step = || {
+                optimisation_step(
+                    &master,
+                    None,
+                    &mut adam,
+                    Loss::Mse,
+                    &noisy,
+                    None,
+                    &clean,
+                    1e-3,
+                    layout,
+                )
+                .unwrap()
+            };
+            let (first, second) = (step(), step());
+            after.push((first, second, weights(&master)));
+        }
+        let (cl, nchw) = (&after[0], &after[1]);
+        assert!(
+            (cl.0 - nchw.0).abs() < 1e-6 * cl.0.max(1e-3),
+            "{} vs {}",
+            cl.0,
+            nchw.0
+        );
+        assert!(
+            (cl.1 - nchw.1).abs() < 1e-5 * cl.1.max(1e-3),
+            "{} vs {}",
+            cl.1,
+            nchw.1
+        );
+        assert!(cl.1 < cl.0, "a step lowers the loss: {} -> {}", cl.0, cl.1);
+        for (name, w) in &cl.2 {
+            let diff = (w - &nchw.2[name]).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{name} differs by {diff}");
+        }
     }
 
     #[test]

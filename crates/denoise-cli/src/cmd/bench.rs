@@ -38,6 +38,15 @@ pub struct Args {
     /// Training patch side (default: 80 for RIDNet, 64 otherwise, as the PyTorch reference).
     #[arg(long, requires = "train")]
     patch: Option<i64>,
+    /// Training memory layout: channels-last or nchw (default: what `train` picks for the model
+    /// and device).
+    #[arg(long, requires = "train", value_parser = parse_layout)]
+    layout: Option<denoise_models::Layout>,
+}
+
+fn parse_layout(s: &str) -> std::result::Result<denoise_models::Layout, String> {
+    s.parse()
+        .map_err(|e: denoise_models::ModelError| e.to_string())
 }
 
 fn median(mut times: Vec<f64>) -> f64 {
@@ -58,6 +67,7 @@ fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Devi
             PrecisionArg::Fp32 | PrecisionArg::Auto => denoise_models::Precision::Fp32,
         },
         device,
+        layout: args.layout,
         warmup: args.warmup,
         runs: args.runs,
     };
@@ -65,14 +75,17 @@ fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Devi
     let rate = bench.batch as f64 / median;
     let name = kind.name();
     let precision = bench.precision;
+    let layout = bench
+        .layout
+        .unwrap_or_else(|| denoise_models::Layout::for_training(kind, device));
     if args.json {
         println!(
             "{}",
-            serde_json::json!({"model": name, "precision": precision.to_string(), "mode": "train", "batch": bench.batch, "patch": bench.patch, "patches_per_s": rate, "median_s": median, "runs": args.runs})
+            serde_json::json!({"model": name, "precision": precision.to_string(), "mode": "train", "layout": layout.to_string(), "batch": bench.batch, "patch": bench.patch, "patches_per_s": rate, "median_s": median, "runs": args.runs})
         );
     } else {
         println!(
-            "{name} {precision} train {}x{}x{}: {rate:.2} patches/s (median {median:.3} s of {} runs, {} threads)",
+            "{name} {precision} {layout} train {}x{}x{}: {rate:.2} patches/s (median {median:.3} s of {} runs, {} threads)",
             bench.batch,
             bench.patch,
             bench.patch,
@@ -111,13 +124,15 @@ pub fn run(args: &Args) -> Result<()> {
     let sigma = denoise_models::model::sigma_map(1, args.size, args.size, 25.0, device);
     let map = model.config().noise_map().then_some(&sigma);
     for _ in 0..args.warmup {
-        let _ = model.denoise(&x, map)?;
+        let _ = model.denoise(&x, map)?.f_to_device(tch::Device::Cpu)?;
     }
     let mut times = Vec::with_capacity(args.runs);
     for _ in 0..args.runs {
         let start = Instant::now();
         let out = model.denoise(&x, map)?;
-        let _ = out.numel(); // denoise returns after the device finished (fp32 copy back)
+        // On CUDA, kernels run asynchronously and `denoise` leaves its output on the device:
+        // the copy back to host memory (which a caller needs anyway) waits for them to finish.
+        let _ = out.f_to_device(tch::Device::Cpu)?;
         times.push(start.elapsed().as_secs_f64());
     }
     let median = median(times);
