@@ -345,3 +345,98 @@ fn plot_redraws_a_runs_curves() {
     }
     assert_clean_failure(&run(&["plot", "/nonexistent/run"]), "cannot read");
 }
+
+#[test]
+fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images).unwrap();
+    for i in 0..6 {
+        io::save(
+            images.join(format!("{i}.png")),
+            &picture(40 + 4 * i, 48),
+            None,
+            BitDepth::Eight,
+        )
+        .unwrap();
+    }
+    let data = dir.path().join("data");
+    let out = run(&[
+        "prepare-data",
+        "--src",
+        images.to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+        "--val-fraction",
+        "0.34",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let manifest = data.join("manifest.json");
+    let run_dir = dir.path().join("run");
+    let train = |extra: &[&str]| {
+        let mut cmd = cli();
+        cmd.args([
+            "--threads",
+            "1",
+            "train",
+            "--model",
+            "dncnn",
+            "--channels",
+            "3",
+        ])
+        .args(["--data", manifest.to_str().unwrap()])
+        .args(["--out", run_dir.to_str().unwrap()])
+        .args(["--batch", "2", "--patch", "16", "--val-every", "1000000"])
+        .args(extra);
+        cmd
+    };
+    let mut child = train(&["--steps", "1000000"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the run has started, then let it take a few steps.
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find(|l| l.starts_with("training in"));
+    assert!(started.is_some(), "the run did not start");
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let status = child.wait().unwrap();
+    let rest = rest.join("\n");
+    assert!(status.success(), "{status:?}: {rest}");
+    let stopped = rest
+        .lines()
+        .find_map(|l| l.strip_prefix("stopped at step "))
+        .unwrap_or_else(|| panic!("no 'stopped at step' line in: {rest}"));
+    let step: u64 = stopped.split(':').next().unwrap().parse().unwrap();
+    assert!(step >= 1, "{rest}");
+    assert!(run_dir.join("checkpoint.safetensors").is_file());
+
+    // The checkpoint resumes where the run stopped.
+    let out = train(&["--resume", "--steps", &(step + 2).to_string()])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("from step {step}")),
+        "resumed elsewhere: {err}"
+    );
+    assert!(
+        err.contains(&format!("finished at step {}", step + 2)),
+        "{err}"
+    );
+}

@@ -171,6 +171,22 @@ async fn every_route_answers() {
     )
     .await;
     server.assert_healthy().await;
+
+    // SIGTERM (`kill`, a service manager, `docker stop`) is a clean stop, as Ctrl-C is.
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}:\n{}", server.log());
+    // The log is read by a thread: give it a moment to catch the last line.
+    for _ in 0..50 {
+        if server.log().contains("denoise-cli: stopped") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        server.log().contains("denoise-cli: stopped"),
+        "{}",
+        server.log()
+    );
 }
 
 /// A PNG chunk with its CRC.

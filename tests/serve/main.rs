@@ -81,6 +81,24 @@ impl Server {
         self.child.lock().unwrap().id()
     }
 
+    /// Sends SIGTERM and waits (at most 30 s) for the server to exit; returns its status.
+    pub fn terminate(&self) -> std::process::ExitStatus {
+        let pid = self.pid().to_string();
+        let kill = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(kill.success(), "kill -TERM {pid} failed");
+        let mut child = self.child.lock().unwrap();
+        for _ in 0..300 {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!(
+            "the server did not exit within 30 s of SIGTERM:\n{}",
+            self.log()
+        );
+    }
+
     /// Everything the server printed so far.
     pub fn log(&self) -> String {
         self.log.lock().unwrap().clone()

@@ -91,9 +91,16 @@ pub fn run(args: &Args) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.addr))?;
         let addr = listener.local_addr()?;
-        eprintln!("denoise-cli: serving http://{addr}/ ({summary}); Ctrl-C stops");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+        eprintln!("denoise-cli: serving http://{addr}/ ({summary}); Ctrl-C or SIGTERM stops");
+        // Ctrl-C or SIGTERM (`kill`, a service manager, `docker stop`): stop accepting, finish
+        // the requests in flight, exit 0.
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("cannot install the SIGTERM handler")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
         };
         denoise_serve::serve(app, listener, shutdown).await?;
         eprintln!("denoise-cli: stopped");

@@ -98,13 +98,15 @@ pub fn run(args: &Args) -> Result<()> {
     let mut trainer = Trainer::new(cfg, &args.out, args.resume)?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    // SIGINT (Ctrl-C), SIGTERM (`kill`, a service manager, `docker stop`) and SIGHUP (a closed
+    // terminal) all end the run at the next step with a checkpoint (ctrlc's "termination").
     ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
         eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit at once)");
     })
-    .context("cannot install the Ctrl-C handler")?;
+    .context("cannot install the signal handler")?;
     eprintln!(
         "training in {} from step {}",
         args.out.display(),
