@@ -47,7 +47,7 @@ pub struct TrainConfig {
     pub layout: Option<Layout>,
     /// libtorch threads (0 = all cores).
     pub threads: usize,
-    /// Patch loader threads (0 = one per core, at most 4).
+    /// Patch loader threads (0 = one per core).
     pub workers: usize,
 }
 
