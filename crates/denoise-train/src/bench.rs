@@ -20,8 +20,8 @@ pub struct TrainBench {
     pub patch: i64,
     pub precision: Precision,
     pub device: Device,
-    /// Weight and input layout; `None`: what training picks ([`Layout::for_training`]).
-    pub layout: Option<Layout>,
+    /// Weight and input layout (training picks [`Layout::for_training`] unless told).
+    pub layout: Layout,
     pub warmup: usize,
     pub runs: usize,
 }
@@ -29,10 +29,7 @@ pub struct TrainBench {
 /// Seconds per step of each timed run, in run order.
 pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
     tch::manual_seed(0);
-    let layout = b
-        .layout
-        .unwrap_or_else(|| Layout::for_training(b.model.kind(), b.device));
-    let (master, shadow) = master_and_shadow(&b.model, b.device, b.precision, layout)?;
+    let (master, shadow) = master_and_shadow(&b.model, b.device, b.precision, b.layout)?;
     let mut adam = Adam::new(
         OptimizerConfig {
             lr: 1e-4,
@@ -58,7 +55,7 @@ pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
             sigma.as_ref(),
             &clean,
             1e-4,
-            layout,
+            b.layout,
         )
     };
     for _ in 0..b.warmup {
@@ -89,7 +86,7 @@ mod tests {
             patch: 16,
             precision: Precision::Fp32,
             device: Device::Cpu,
-            layout: None,
+            layout: Layout::Nchw,
             warmup: 1,
             runs: 3,
         })

@@ -416,7 +416,8 @@ pub(crate) fn trainable(model: &Model) -> BTreeMap<String, Tensor> {
 /// One Adam step of `master` on (`noisy`, `sigma`) -> `clean` at rate `lr`; returns the loss.
 /// With a bf16 `shadow`, the forward and backward passes run on the shadow (refreshed from the
 /// fp32 master weights first) and Adam updates the fp32 master. Inputs are laid out in
-/// `layout` here (the weights' layout, see [`master_and_shadow`]). The training loop and the training bench both call this.
+/// `layout` here (the weights' layout, see [`master_and_shadow`]). The training loop and the
+/// training bench both call this.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimisation_step(
     master: &Model,

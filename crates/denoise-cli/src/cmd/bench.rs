@@ -67,7 +67,9 @@ fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Devi
             PrecisionArg::Fp32 | PrecisionArg::Auto => denoise_models::Precision::Fp32,
         },
         device,
-        layout: args.layout,
+        layout: args
+            .layout
+            .unwrap_or_else(|| denoise_models::Layout::for_training(kind, device)),
         warmup: args.warmup,
         runs: args.runs,
     };
@@ -75,9 +77,7 @@ fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Devi
     let rate = bench.batch as f64 / median;
     let name = kind.name();
     let precision = bench.precision;
-    let layout = bench
-        .layout
-        .unwrap_or_else(|| denoise_models::Layout::for_training(kind, device));
+    let layout = bench.layout;
     if args.json {
         println!(
             "{}",
