@@ -41,7 +41,7 @@ fn main() {
         }
     };
     if let Err(err) = cmd::run(cli) {
-        eprintln!("denoise-cli: {err:#}");
+        eprintln!("denoise-cli: {}", common::describe(&err));
         std::process::exit(1);
     }
 }

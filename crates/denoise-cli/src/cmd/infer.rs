@@ -1,6 +1,6 @@
 //! `denoise-cli infer`: denoise files or directories, keeping format, bit depth and alpha.
 
-use crate::common::{PrecisionArg, Runner, Sigma};
+use crate::common::{PrecisionArg, Runner, Sigma, describe};
 use anyhow::{Context, Result, bail};
 use denoise_data::{dataset, io};
 use std::path::{Path, PathBuf};
@@ -98,7 +98,7 @@ pub fn run(args: &Args) -> Result<()> {
                 }
             }
             Err(err) => {
-                say(&bar, format!("denoise-cli: {err:#}"));
+                say(&bar, format!("denoise-cli: {}", describe(&err)));
                 failures.push(input.display().to_string());
             }
         }
