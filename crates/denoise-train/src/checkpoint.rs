@@ -22,7 +22,21 @@ pub struct CheckpointMeta {
     pub step: u64,
     pub optimizer_step: u64,
     pub best_val_psnr: Option<f64>,
+    /// What the run has cost so far, over every resume (absent, so zero, in checkpoints written
+    /// before this was recorded).
+    #[serde(default)]
+    pub cost: TrainCost,
     pub config: TrainConfig,
+}
+
+/// Time spent in training steps (loading batches, forward, backward, update), over every resume;
+/// validation and checkpoint writes are not counted.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainCost {
+    /// Wall-clock seconds.
+    pub seconds: f64,
+    /// Process CPU seconds (all threads, loader workers included); 0 where unavailable.
+    pub cpu_seconds: f64,
 }
 
 /// A loaded checkpoint: `model.NAME` and `optim.m.NAME` / `optim.v.NAME` tensors on the CPU.
@@ -101,6 +115,7 @@ impl CheckpointMeta {
         step: u64,
         optimizer_step: u64,
         best_val_psnr: Option<f64>,
+        cost: TrainCost,
         config: &TrainConfig,
     ) -> Self {
         Self {
@@ -108,6 +123,7 @@ impl CheckpointMeta {
             step,
             optimizer_step,
             best_val_psnr,
+            cost,
             config: config.clone(),
         }
     }
@@ -126,9 +142,19 @@ mod tests {
             "model.w".to_owned(),
             Tensor::from_slice(&[1.0f32, 2.0, 3.0]).view([3, 1]),
         )];
-        save(&path, &CheckpointMeta::new(5, 5, Some(30.0), &cfg), &t).unwrap();
+        let cost = TrainCost {
+            seconds: 12.5,
+            cpu_seconds: 24.0,
+        };
+        save(
+            &path,
+            &CheckpointMeta::new(5, 5, Some(30.0), cost, &cfg),
+            &t,
+        )
+        .unwrap();
         let ck = load(&path).unwrap();
         assert_eq!(ck.meta.step, 5);
+        assert_eq!(ck.meta.cost, cost);
         assert!(ck.tensors["model.w"].equal(&t[0].1));
 
         FAIL_MID_WRITE.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -136,7 +162,7 @@ mod tests {
             "model.w".to_owned(),
             Tensor::from_slice(&[9.0f32, 9.0, 9.0]).view([3, 1]),
         )];
-        assert!(save(&path, &CheckpointMeta::new(6, 6, None, &cfg), &later).is_err());
+        assert!(save(&path, &CheckpointMeta::new(6, 6, None, cost, &cfg), &later).is_err());
         FAIL_MID_WRITE.store(false, std::sync::atomic::Ordering::SeqCst);
         let ck = load(&path).unwrap();
         assert_eq!(ck.meta.step, 5, "the previous checkpoint survives");
@@ -147,5 +173,21 @@ mod tests {
             err.contains("truncated") || err.contains("corrupt"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn checkpoints_from_before_the_cost_record_read_as_zero_cost() {
+        let mut json = serde_json::to_value(CheckpointMeta::new(
+            3,
+            3,
+            None,
+            TrainCost::default(),
+            &TrainConfig::default(),
+        ))
+        .unwrap();
+        json.as_object_mut().unwrap().remove("cost");
+        let meta: CheckpointMeta = serde_json::from_value(json).unwrap();
+        assert_eq!(meta.cost, TrainCost::default());
+        assert_eq!(meta.step, 3);
     }
 }

@@ -3,7 +3,7 @@
 //! validation keeping the best model, atomic checkpoints, exact resume, and a clean stop on
 //! request (Ctrl-C).
 
-use crate::checkpoint::{self, CheckpointMeta};
+use crate::checkpoint::{self, CheckpointMeta, TrainCost};
 use crate::config::{Checked, TrainConfig};
 use crate::loss::Loss;
 use crate::optim::Adam;
@@ -44,6 +44,7 @@ pub struct Trainer {
     adam: Adam,
     step: u64,
     best_val_psnr: Option<f64>,
+    cost: TrainCost,
     history: History,
     train_files: Vec<PathBuf>,
     val: ValidationSet,
@@ -95,7 +96,7 @@ impl Trainer {
             checked.layout,
         )?;
         let mut adam = Adam::new(cfg.optimizer.clone(), trainable(&master));
-        let (mut step, mut best_val_psnr) = (0, None);
+        let (mut step, mut best_val_psnr, mut cost) = (0, None, TrainCost::default());
         if let Some(ck) = restored {
             restore_model(&master, &ck.tensors).map_err(|m| TrainError::Checkpoint {
                 path: ck_path.clone(),
@@ -116,6 +117,7 @@ impl Trainer {
                 })?;
             step = ck.meta.step;
             best_val_psnr = ck.meta.best_val_psnr;
+            cost = ck.meta.cost;
         }
         let val = ValidationSet::new(
             if val_files.is_empty() {
@@ -146,6 +148,7 @@ impl Trainer {
             adam,
             step,
             best_val_psnr,
+            cost,
             history,
             train_files,
             val,
@@ -162,6 +165,12 @@ impl Trainer {
     pub fn step(&self) -> u64 {
         self.step
     }
+
+    /// Time spent training so far, over every resume.
+    pub fn cost(&self) -> TrainCost {
+        self.cost
+    }
+
     pub fn model(&self) -> &Model {
         &self.master
     }
@@ -186,14 +195,19 @@ impl Trainer {
         let mut last_loss = f64::NAN;
         let mut last_line = start;
         while self.step < end && !stop.load(Ordering::SeqCst) {
+            let (step_start, step_cpu) = (Instant::now(), cpu_seconds());
             let batch = loader.next_batch()?;
             let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
             let loss = self.train_step(&batch, lr)?;
+            self.cost.seconds += step_start.elapsed().as_secs_f64();
+            self.cost.cpu_seconds += cpu_seconds() - step_cpu;
             if !loss.is_finite() {
+                // The step was not applied, so the weights are still step `self.step`'s.
                 self.save_checkpoint()?;
                 return Err(TrainError::Config(format!(
-                    "loss became {loss} at step {}: lower the learning rate (checkpoint kept)",
-                    self.step
+                    "loss became {loss} at step {}: lower the learning rate (the weights before \
+                     that step are checkpointed; --resume would meet the same batch)",
+                    self.step + 1
                 )));
             }
             last_loss = loss;
@@ -226,18 +240,19 @@ impl Trainer {
                     // A plot is a convenience: training goes on without it.
                     say(&bar, format!("warning: {e}"));
                 }
-                writeln!(log, "{}", serde_json::json!({"step": self.step, "val_psnr": scores.psnr, "val_ssim": scores.ssim, "noisy_psnr": scores.noisy_psnr}))
+                writeln!(log, "{}", serde_json::json!({"step": self.step, "val_psnr": scores.psnr, "val_ssim": scores.ssim, "noisy_psnr": scores.noisy_psnr, "train_s": self.cost.seconds, "train_cpu_s": self.cost.cpu_seconds}))
                     .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
                 if !self.quiet {
                     say(
                         &bar,
                         format!(
-                            "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}",
+                            "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}, {:.1} CPU-min",
                             self.step,
                             scores.psnr,
                             scores.noisy_psnr,
                             scores.ssim,
-                            self.best_val_psnr.unwrap_or(f64::NAN)
+                            self.best_val_psnr.unwrap_or(f64::NAN),
+                            self.cost.cpu_seconds / 60.0
                         ),
                     );
                 }
@@ -328,6 +343,8 @@ impl Trainer {
                 "patch_size": self.cfg.patch_size,
                 "val_noise": self.checked.val_noise.to_string(),
                 "precision": self.cfg.precision,
+                "train_seconds": self.cost.seconds,
+                "train_cpu_seconds": self.cost.cpu_seconds,
             }));
             artefact::save(&self.master, &meta, &self.run_dir.join(artefact::FILE_NAME))?;
         }
@@ -348,7 +365,13 @@ impl Trainer {
                 .into_iter()
                 .map(|(k, t)| (format!("optim.{k}"), t)),
         );
-        let meta = CheckpointMeta::new(self.step, self.adam.step, self.best_val_psnr, &self.cfg);
+        let meta = CheckpointMeta::new(
+            self.step,
+            self.adam.step,
+            self.best_val_psnr,
+            self.cost,
+            &self.cfg,
+        );
         checkpoint::save(&self.run_dir.join(checkpoint::FILE_NAME), &meta, &tensors)
     }
 
@@ -367,6 +390,11 @@ impl Trainer {
         bar.set_position(self.step);
         bar
     }
+}
+
+/// Process CPU seconds so far, 0 where the platform cannot say (the cost then records 0).
+fn cpu_seconds() -> f64 {
+    denoise_models::perf::process_cpu_seconds().unwrap_or(0.0)
 }
 
 /// How often a run whose output is not a terminal prints a progress line.
@@ -416,8 +444,9 @@ pub(crate) fn trainable(model: &Model) -> BTreeMap<String, Tensor> {
 /// One Adam step of `master` on (`noisy`, `sigma`) -> `clean` at rate `lr`; returns the loss.
 /// With a bf16 `shadow`, the forward and backward passes run on the shadow (refreshed from the
 /// fp32 master weights first) and Adam updates the fp32 master. Inputs are laid out in
-/// `layout` here (the weights' layout, see [`master_and_shadow`]). The training loop and the
-/// training bench both call this.
+/// `layout` here (the weights' layout, see [`master_and_shadow`]). A non-finite loss is returned
+/// without touching the weights or Adam's state. The training loop and the training bench both
+/// call this.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimisation_step(
     master: &Model,
@@ -443,8 +472,34 @@ pub(crate) fn optimisation_step(
     for mut var in net.var_store().trainable_variables() {
         var.zero_grad();
     }
+    // The forward pass updates batch-norm running statistics in place; keep a copy to put back
+    // if the step is refused (a bf16 shadow's statistics reach the master only after the step).
+    let buffers: Vec<(Tensor, Tensor)> = match shadow {
+        Some(_) => Vec::new(),
+        None => master
+            .var_store()
+            .variables()
+            .into_values()
+            .filter(|t| !t.requires_grad())
+            .map(|t| {
+                let saved = t.copy();
+                (t, saved)
+            })
+            .collect(),
+    };
     let out = net.forward_t(&x, map.as_ref(), true);
     let loss = loss.compute(&out, clean);
+    let value = loss.f_double_value(&[])?;
+    if !value.is_finite() {
+        // Applying this step would turn every weight into NaN, and the caller's checkpoint
+        // would then overwrite the last good one: leave the weights and moments as they are.
+        tch::no_grad(|| {
+            for (mut t, saved) in buffers {
+                t.copy_(&saved);
+            }
+        });
+        return Ok(value);
+    }
     loss.f_backward()?;
     let grads: BTreeMap<String, Tensor> = net
         .var_store()
@@ -459,7 +514,7 @@ pub(crate) fn optimisation_step(
         // Batch-norm running statistics are updated in the shadow's forward pass.
         copy_vars(shadow, master, false);
     }
-    Ok(loss.f_double_value(&[])?)
+    Ok(value)
 }
 
 /// Opens the history of a run: a fresh run starts an empty log; a run resumed from the
@@ -685,6 +740,50 @@ mod tests {
     }
 
     #[test]
+    fn a_non_finite_loss_leaves_the_weights_and_moments_alone() {
+        let _rng = crate::test_rng_lock();
+        let model = Model::new(
+            &ModelConfig::Dncnn(denoise_models::config::DncnnConfig {
+                channels: 1,
+                depth: 3,
+                features: 4,
+                ..Default::default()
+            }),
+            Device::Cpu,
+        )
+        .unwrap();
+        let mut adam = Adam::new(crate::optim::OptimizerConfig::default(), trainable(&model));
+        let clean = Tensor::rand([2, 1, 8, 8], (tch::Kind::Float, Device::Cpu));
+        let step = |adam: &mut Adam, noisy: &Tensor| {
+            optimisation_step(
+                &model,
+                None,
+                adam,
+                Loss::Mse,
+                noisy,
+                None,
+                &clean,
+                1e-3,
+                Layout::Nchw,
+            )
+            .unwrap()
+        };
+        assert!(step(&mut adam, &(&clean + 0.1)).is_finite());
+        let before = weights(&model);
+        let moments: BTreeMap<String, Tensor> = adam.state().into_iter().collect();
+        let bad = &clean + 0.1;
+        let _ = bad.get(0).get(0).get(3).get(3).fill_(f64::NAN);
+        assert!(step(&mut adam, &bad).is_nan());
+        for (name, w) in weights(&model) {
+            assert!(w.equal(&before[&name]), "{name} changed");
+        }
+        assert_eq!(adam.step, 1, "the skipped step is not counted");
+        for (name, m) in adam.state() {
+            assert!(m.equal(&moments[&name]), "moment {name} changed");
+        }
+    }
+
+    #[test]
     fn resume_gives_the_weights_of_an_uninterrupted_run() {
         let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
@@ -700,6 +799,8 @@ mod tests {
             .unwrap()
             .quiet(true);
         assert_eq!(first.run(&stop, Some(10)).unwrap().step, 10);
+        let first_cost = first.cost();
+        assert!(first_cost.seconds > 0.0 && first_cost.cpu_seconds > 0.0);
         drop(first); // as if the process had been killed after its step-10 checkpoint...
         // ...having logged two more steps that the resumed run must redo, not duplicate.
         let mut log = std::fs::OpenOptions::new()
@@ -711,7 +812,13 @@ mod tests {
             .unwrap()
             .quiet(true);
         assert_eq!(resumed.step(), 10);
+        assert_eq!(
+            resumed.cost(),
+            first_cost,
+            "the cost resumes from the checkpoint"
+        );
         resumed.run(&stop, None).unwrap();
+        assert!(resumed.cost().seconds > first_cost.seconds);
 
         let log = std::fs::read_to_string(run_b.join(LOG_FILE)).unwrap();
         let steps: Vec<u64> = log

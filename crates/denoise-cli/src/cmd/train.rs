@@ -104,7 +104,7 @@ pub fn run(args: &Args) -> Result<()> {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("\ninterrupted: saving a checkpoint (Ctrl-C again to quit at once)");
+        eprintln!("\nstopping: saving a checkpoint (a second Ctrl-C or signal quits at once)");
     })
     .context("cannot install the signal handler")?;
     eprintln!(
@@ -113,8 +113,10 @@ pub fn run(args: &Args) -> Result<()> {
         trainer.step()
     );
     let outcome = trainer.run(&stop, None)?;
+    let cost = trainer.cost();
     eprintln!(
-        "{} at step {}: last loss {:.5}, {:.1} patches/s, best val PSNR {}",
+        "{} at step {}: last loss {:.5}, {:.1} patches/s, best val PSNR {}, \
+         {:.1} CPU-min ({:.1} min) of training so far",
         if outcome.finished {
             "finished"
         } else {
@@ -125,7 +127,9 @@ pub fn run(args: &Args) -> Result<()> {
         outcome.patches_per_s,
         outcome
             .best_val_psnr
-            .map_or("-".into(), |p| format!("{p:.2} dB"))
+            .map_or("-".into(), |p| format!("{p:.2} dB")),
+        cost.cpu_seconds / 60.0,
+        cost.seconds / 60.0
     );
     if !outcome.finished {
         eprintln!("resume with: --out {} --resume", args.out.display());
