@@ -440,4 +440,25 @@ fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
         err.contains(&format!("finished at step {}", step + 2)),
         "{err}"
     );
+
+    // `runs` reads the run back, with its cost; a spent CPU budget stops a resume at once.
+    let out = run(&["runs", "--json", run_dir.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary[0]["model"], "dncnn");
+    assert_eq!(summary[0]["steps"], step + 2);
+    assert!(summary[0]["best_val_psnr"].is_f64(), "{summary}");
+    assert!(
+        summary[0]["cpu_minutes"].as_f64().is_some_and(|m| m > 0.0),
+        "{summary}"
+    );
+    let out = train(&["--resume", "--steps", "1000000", "--cpu-budget", "1e-6"])
+        .output()
+        .unwrap();
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("stopped at step {}", step + 2)),
+        "{err}"
+    );
 }

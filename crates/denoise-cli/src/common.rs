@@ -2,6 +2,7 @@
 //! samples.
 
 use anyhow::{Context, Result, bail};
+use denoise_models::tile::{NoiseLevel, denoise_image};
 use std::path::PathBuf;
 
 /// Where the shipped models live: `$DENOISE_MODELS`, else `assets/models` of the source tree
@@ -177,30 +178,18 @@ impl Runner {
         progress: &mut dyn FnMut(usize, usize),
         sigma_map: Option<&denoise_data::Image>,
     ) -> Result<(denoise_data::Image, Option<f32>)> {
-        let want = self.model.config().channels() as usize;
-        let input = image.to_channels(want)?;
-        let (c, h, w) = input.shape();
-        let (map, used) = if !self.model.config().noise_map() {
-            (None, None)
-        } else if let Some(map) = sigma_map {
-            (Some(map.data().to_vec()), None)
-        } else {
-            let s = match sigma {
-                Sigma::Fixed(s) => s,
-                Sigma::Auto | Sigma::Blind => denoise_data::estimate::estimate_sigma(&input),
-            };
-            (Some(vec![s / 255.0; h * w]), Some(s))
+        let level = match (sigma_map, sigma) {
+            (Some(map), _) => NoiseLevel::Map(map.data()),
+            (None, Sigma::Fixed(s)) => NoiseLevel::Uniform(s),
+            (None, Sigma::Auto | Sigma::Blind) => NoiseLevel::Estimate,
         };
-        let out = denoise_models::tile::denoise_tiled(
+        Ok(denoise_image(
             &self.model,
-            input.data(),
-            map.as_deref(),
-            (c, h, w),
+            image,
+            level,
             self.tile,
             progress,
-        )?;
-        let out = denoise_data::Image::new(c, h, w, out)?;
-        Ok((out.to_channels(image.channels())?, used))
+        )?)
     }
 }
 

@@ -14,6 +14,8 @@ pub enum ModelError {
     Input(String),
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Data(#[from] denoise_data::DataError),
     #[error("failed to read '{path}': {source}")]
     Io {
         path: PathBuf,

@@ -3,7 +3,57 @@
 //! image stays on the CPU; one tile at a time moves to the model's device.
 
 use crate::{Model, ModelError, Result};
+use denoise_data::Image;
 use tch::Tensor;
+
+/// The noise level given to a model that takes a noise-level map (others ignore it).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NoiseLevel<'a> {
+    /// Estimate a uniform level from the image (Immerkaer's method): blind use.
+    Estimate,
+    /// A uniform level on the 0-255 scale.
+    Uniform(f32),
+    /// A per-pixel map of standard deviations on the `[0, 1]` scale, `h x w`.
+    Map(&'a [f32]),
+}
+
+/// Denoises an image with `model`: converts gray <-> colour explicitly when the model wants the
+/// other (and back), builds the noise-level map, and runs [`denoise_tiled`]. Returns the result
+/// (not clipped) and the uniform level used (0-255 scale), for models that take one and were not
+/// given a map.
+///
+/// # Shapes
+/// `image`: C x H x W with C = 1 or 3; the result has the same shape.
+pub fn denoise_image(
+    model: &Model,
+    image: &Image,
+    level: NoiseLevel<'_>,
+    cfg: TileConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Image, Option<f32>)> {
+    let config = model.config();
+    let input = image.to_channels(config.channels() as usize)?;
+    let (c, h, w) = input.shape();
+    let (map, used) = match (config.noise_map(), level) {
+        (false, _) => (None, None),
+        (true, NoiseLevel::Map(map)) => (Some(map.to_vec()), None),
+        (true, NoiseLevel::Uniform(s)) => (Some(vec![s / 255.0; h * w]), Some(s)),
+        (true, NoiseLevel::Estimate) => {
+            let s = denoise_data::estimate::estimate_sigma(&input);
+            (Some(vec![s / 255.0; h * w]), Some(s))
+        }
+    };
+    let out = denoise_tiled(
+        model,
+        input.data(),
+        map.as_deref(),
+        (c, h, w),
+        cfg,
+        progress,
+    )?;
+    let out = Image::new(c, h, w, out)?;
+    Ok((out.to_channels(image.channels())?, used))
+}
 
 /// How to cut the image.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -198,6 +248,45 @@ mod tests {
         assert_eq!(starts(100, 128, 16), vec![0]);
         assert_eq!(starts(300, 128, 32), vec![0, 96, 172]);
         assert_eq!(starts(256, 128, 0), vec![0, 128]);
+    }
+
+    #[test]
+    fn denoise_image_converts_channels_and_reports_the_level_used() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(0);
+        let cfg: crate::ModelConfig =
+            serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
+        let model = Model::new(&cfg, Device::Cpu).unwrap();
+        let gray = Image::new(1, 20, 30, (0..600).map(|i| (i % 7) as f32 / 7.0).collect()).unwrap();
+        let whole = TileConfig {
+            tile: 0,
+            overlap: 0,
+        };
+        let run = |level| denoise_image(&model, &gray, level, whole, &mut |_, _| {}).unwrap();
+        let (out, used) = run(NoiseLevel::Uniform(25.0));
+        assert_eq!(
+            out.shape(),
+            (1, 20, 30),
+            "gray in, gray out from a colour model"
+        );
+        assert_eq!(used, Some(25.0));
+        let map = vec![25.0 / 255.0; 600];
+        let (from_map, used) = run(NoiseLevel::Map(&map));
+        assert_eq!(used, None, "a map is not a uniform level");
+        assert_eq!(
+            from_map.data(),
+            out.data(),
+            "a constant map is the uniform level"
+        );
+        let (_, used) = run(NoiseLevel::Estimate);
+        assert!(used.is_some_and(|s| s > 0.0), "{used:?}");
+
+        let plain: crate::ModelConfig =
+            serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":8}"#).unwrap();
+        let plain = Model::new(&plain, Device::Cpu).unwrap();
+        let (_, used) =
+            denoise_image(&plain, &gray, NoiseLevel::Estimate, whole, &mut |_, _| {}).unwrap();
+        assert_eq!(used, None, "dncnn takes no noise level");
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use crate::config::{ModelEntry, Strength};
 use crate::{Result, ServeError};
 use denoise_data::Image;
-use denoise_models::tile::{TileConfig, denoise_tiled};
+use denoise_models::tile::{NoiseLevel, TileConfig, denoise_image};
 use denoise_models::{Model, Precision, artefact};
 use serde::Serialize;
 
@@ -85,23 +85,16 @@ impl Denoiser {
         strength: Strength,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Image, Option<f32>)> {
-        let config = self.model.config();
-        let input = image.to_channels(config.channels() as usize)?;
-        let (c, h, w) = input.shape();
-        let sigma = config.noise_map().then(|| match strength {
-            Strength::Fixed(s) => s,
-            Strength::Blind => denoise_data::estimate::estimate_sigma(&input),
-        });
-        let map = sigma.map(|s| vec![s / 255.0; h * w]);
-        let out = denoise_tiled(
+        let level = match strength {
+            Strength::Fixed(s) => NoiseLevel::Uniform(s),
+            Strength::Blind => NoiseLevel::Estimate,
+        };
+        Ok(denoise_image(
             &self.model,
-            input.data(),
-            map.as_deref(),
-            (c, h, w),
+            image,
+            level,
             self.tile,
             progress,
-        )?;
-        let out = Image::new(c, h, w, out)?;
-        Ok((out.to_channels(image.channels())?, sigma))
+        )?)
     }
 }

@@ -25,6 +25,8 @@ pub struct ValPoint {
     pub step: u64,
     pub psnr: f64,
     pub noisy_psnr: f64,
+    /// CPU seconds of training steps so far (absent in logs written before it was recorded).
+    pub cpu_s: Option<f64>,
 }
 
 /// The curves of a run, one entry per step (a step logged twice keeps its last entry).
@@ -54,6 +56,7 @@ impl History {
                     step,
                     psnr,
                     noisy_psnr,
+                    cpu_s: num("train_cpu_s"),
                 });
             }
         }
@@ -72,6 +75,11 @@ impl History {
     pub fn truncate_after(&mut self, step: u64) {
         self.loss.split_off(&(step + 1));
         self.val.split_off(&(step + 1));
+    }
+
+    /// The last step logged (a loss line), if any.
+    pub fn last_step(&self) -> Option<u64> {
+        self.loss.keys().next_back().copied()
     }
 
     pub fn loss_len(&self) -> usize {
@@ -296,9 +304,14 @@ mod tests {
             [ValPoint {
                 step: 2,
                 psnr: 24.5,
-                noisy_psnr: 20.17
+                noisy_psnr: 20.17,
+                cpu_s: None,
             }]
         );
+        let with_cost = History::parse(
+            r#"{"noisy_psnr":20.17,"step":5,"train_cpu_s":61.5,"train_s":31.0,"val_psnr":25.0}"#,
+        );
+        assert_eq!(with_cost.val_points().next().unwrap().cpu_s, Some(61.5));
     }
 
     #[test]

@@ -49,6 +49,7 @@ pub struct Trainer {
     train_files: Vec<PathBuf>,
     val: ValidationSet,
     quiet: bool,
+    cpu_budget: Option<f64>,
 }
 
 impl Trainer {
@@ -153,7 +154,16 @@ impl Trainer {
             train_files,
             val,
             quiet: false,
+            cpu_budget: None,
         })
+    }
+
+    /// Stop (with a checkpoint, resumable) once the run's training steps have used this many
+    /// CPU seconds in total, over every resume: equal budgets make models comparable by PSNR
+    /// per CPU second.
+    pub fn cpu_budget(mut self, seconds: Option<f64>) -> Self {
+        self.cpu_budget = seconds;
+        self
     }
 
     /// Hide the progress bar and validation lines (tests, scripts).
@@ -194,7 +204,12 @@ impl Trainer {
         let first_step = self.step;
         let mut last_loss = f64::NAN;
         let mut last_line = start;
-        while self.step < end && !stop.load(Ordering::SeqCst) {
+        while self.step < end
+            && !stop.load(Ordering::SeqCst)
+            && self
+                .cpu_budget
+                .is_none_or(|budget| self.cost.cpu_seconds < budget)
+        {
             let (step_start, step_cpu) = (Instant::now(), cpu_seconds());
             let batch = loader.next_batch()?;
             let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
@@ -234,6 +249,7 @@ impl Trainer {
                     step: self.step,
                     psnr: scores.psnr,
                     noisy_psnr: scores.noisy_psnr,
+                    cpu_s: Some(self.cost.cpu_seconds),
                 });
                 let title = format!("{} on {}", self.checked.model.kind(), self.cfg.noise);
                 if let Err(e) = plot::write_plots(&self.history, &self.run_dir, &title) {
@@ -781,6 +797,33 @@ mod tests {
         for (name, m) in adam.state() {
             assert!(m.equal(&moments[&name]), "moment {name} changed");
         }
+    }
+
+    #[test]
+    fn a_cpu_budget_stops_the_run_resumably() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let stop = AtomicBool::new(false);
+        let run = dir.path().join("run");
+        let mut trainer = Trainer::new(config(data.clone(), 20), &run, false)
+            .unwrap()
+            .quiet(true)
+            .cpu_budget(Some(1e-9));
+        let outcome = trainer.run(&stop, None).unwrap();
+        assert_eq!(outcome.step, 1, "one step spends any positive budget");
+        assert!(!outcome.finished);
+        let spent = trainer.cost().cpu_seconds;
+        drop(trainer);
+        let mut more = Trainer::new(config(data, 20), &run, true)
+            .unwrap()
+            .quiet(true)
+            .cpu_budget(Some(spent + 1e-9));
+        assert_eq!(
+            more.run(&stop, None).unwrap().step,
+            2,
+            "the budget counts over resumes"
+        );
     }
 
     #[test]

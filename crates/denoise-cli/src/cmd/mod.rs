@@ -11,6 +11,7 @@ mod models;
 mod noise;
 mod plot;
 mod prepare;
+mod runs;
 mod serve;
 mod train;
 
@@ -56,6 +57,8 @@ enum Command {
     Train(Box<train::Args>),
     /// Redraw a training run's loss and validation-PSNR plots from its log.
     Plot(plot::Args),
+    /// Compare training runs: validation PSNR against the CPU time their training cost.
+    Runs(runs::Args),
     /// Serve the web app and its HTTP API (upload, URL or sample; before/after; PNG download).
     Serve(Box<serve::Args>),
 }
@@ -78,5 +81,6 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Train(args) => train::run(&args),
         Command::Serve(args) => serve::run(&args),
         Command::Plot(args) => plot::run(&args),
+        Command::Runs(args) => runs::run(&args),
     }
 }

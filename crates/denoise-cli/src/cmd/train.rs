@@ -49,6 +49,10 @@ pub struct Args {
     val_every: Option<u64>,
     #[arg(long)]
     seed: Option<u64>,
+    /// Stop (resumably) once training steps have used this many CPU minutes in total, over every
+    /// resume: equal budgets compare models by PSNR per CPU second (see `denoise-cli runs`).
+    #[arg(long, value_name = "MINUTES")]
+    cpu_budget: Option<f64>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -95,7 +99,11 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(v) = args.seed {
         cfg.seed = v;
     }
-    let mut trainer = Trainer::new(cfg, &args.out, args.resume)?;
+    if args.cpu_budget.is_some_and(|m| m.is_nan() || m <= 0.0) {
+        anyhow::bail!("--cpu-budget must be a positive number of minutes");
+    }
+    let mut trainer = Trainer::new(cfg, &args.out, args.resume)?
+        .cpu_budget(args.cpu_budget.map(|minutes| minutes * 60.0));
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // SIGINT (Ctrl-C), SIGTERM (`kill`, a service manager, `docker stop`) and SIGHUP (a closed
