@@ -505,6 +505,9 @@ pub(crate) fn optimisation_step(
     };
     let out = net.forward_t(&x, map.as_ref(), true);
     let loss = loss.compute(&out, clean);
+    loss.f_backward()?;
+    // Read after the backward pass is queued, so a GPU is not left idle waiting for this read;
+    // NaN gradients touch no weight until Adam's update below.
     let value = loss.f_double_value(&[])?;
     if !value.is_finite() {
         // Applying this step would turn every weight into NaN, and the caller's checkpoint
@@ -516,7 +519,6 @@ pub(crate) fn optimisation_step(
         });
         return Ok(value);
     }
-    loss.f_backward()?;
     let grads: BTreeMap<String, Tensor> = net
         .var_store()
         .variables()
