@@ -124,8 +124,10 @@ impl Adam {
     }
 
     /// One update with the gradients in `grads` (by parameter name, any float kind) at rate `lr`.
-    /// Returns the global gradient norm before clipping.
-    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> f64 {
+    /// Returns the global gradient norm before clipping as a 0-dim fp32 tensor on the gradients'
+    /// device. Nothing here reads a value back to the host, so on a GPU the update is queued
+    /// without waiting for the device (the norm and the clip factor stay on the device).
+    pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Tensor {
         let c = self.config.clone();
         self.step += 1;
         let t = self.step as i32;
@@ -136,19 +138,25 @@ impl Adam {
                 .iter()
                 .map(|(k, g)| (k, g.to_kind(Kind::Float)))
                 .collect();
-            let norm = grads
+            let squares: Vec<Tensor> = grads
                 .values()
-                .map(|g| g.square().sum(Kind::Float).double_value(&[]))
-                .sum::<f64>()
-                .sqrt();
-            let clip = if c.clip_grad_norm > 0.0 && norm > c.clip_grad_norm {
-                c.clip_grad_norm / (norm + 1e-12)
+                .map(|g| g.square().sum(Kind::Float))
+                .collect();
+            let norm = if squares.is_empty() {
+                Tensor::zeros([], (Kind::Float, tch::Device::Cpu))
             } else {
-                1.0
+                Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
             };
+            // min(1, max_norm / norm): the gradients are scaled down only when the norm exceeds
+            // the limit.
+            let clip = (c.clip_grad_norm > 0.0)
+                .then(|| ((&norm + 1e-12).reciprocal() * c.clip_grad_norm).clamp_max(1.0));
             for (name, p) in self.params.iter_mut() {
                 let Some(g) = grads.get(name) else { continue };
-                let mut g = g * clip;
+                let mut g = match &clip {
+                    Some(factor) => g * factor,
+                    None => g.shallow_clone(),
+                };
                 if c.weight_decay > 0.0 {
                     match c.kind {
                         OptimizerKind::Adam => g += &*p * c.weight_decay,
@@ -227,7 +235,7 @@ mod tests {
         );
         // First Adam step moves each coordinate by lr * sign(g) (m_hat / sqrt(v_hat) = g / |g|).
         let grads = BTreeMap::from([("p".to_owned(), Tensor::from_slice(&[2.0f32, -4.0]))]);
-        adam.step(&grads, 0.1);
+        let _ = adam.step(&grads, 0.1);
         let after: Vec<f32> = Vec::try_from(&p.detach()).unwrap();
         assert!(
             (after[0] - 0.9).abs() < 1e-6 && (after[1] + 1.9).abs() < 1e-6,
@@ -235,11 +243,46 @@ mod tests {
         );
         for _ in 0..500 {
             let g = BTreeMap::from([("p".to_owned(), p.detach() * 2.0)]);
-            adam.step(&g, 0.05);
+            let _ = adam.step(&g, 0.05);
         }
         let norm = p.detach().abs().max().double_value(&[]);
         assert!(norm < 0.05, "|p| = {norm}");
         let _ = Device::Cpu;
+    }
+
+    #[test]
+    fn clipping_scales_the_gradient_to_the_limit_and_reports_the_norm_before() {
+        let moment_after_one_step = |clip_grad_norm: f64, g: [f32; 2]| {
+            let mut adam = Adam::new(
+                OptimizerConfig {
+                    clip_grad_norm,
+                    ..Default::default()
+                },
+                BTreeMap::from([("p".to_owned(), Tensor::from_slice(&[0.0f32, 0.0]))]),
+            );
+            let norm = adam.step(
+                &BTreeMap::from([("p".to_owned(), Tensor::from_slice(&g))]),
+                1e-3,
+            );
+            let m: Vec<f32> = Vec::try_from(&adam.state()[0].1).unwrap();
+            (norm.double_value(&[]), m)
+        };
+        // |(3, 4)| = 5 is clipped to 1: the first moment is (1 - beta1) * (0.6, 0.8).
+        let (norm, m) = moment_after_one_step(1.0, [3.0, 4.0]);
+        assert!((norm - 5.0).abs() < 1e-6, "{norm}");
+        assert!(
+            (m[0] - 0.06).abs() < 1e-7 && (m[1] - 0.08).abs() < 1e-7,
+            "{m:?}"
+        );
+        // Under the limit, or with clipping off, the gradient is used as it is.
+        for clip in [10.0, 0.0] {
+            let (norm, m) = moment_after_one_step(clip, [3.0, 4.0]);
+            assert!((norm - 5.0).abs() < 1e-6, "{norm}");
+            assert!(
+                (m[0] - 0.3).abs() < 1e-7 && (m[1] - 0.4).abs() < 1e-7,
+                "{m:?}"
+            );
+        }
     }
 
     #[test]
@@ -249,7 +292,7 @@ mod tests {
             OptimizerConfig::default(),
             BTreeMap::from([("p".to_owned(), p.copy())]),
         );
-        a.step(
+        let _ = a.step(
             &BTreeMap::from([("p".to_owned(), Tensor::from_slice(&[0.5f32, -1.0]))]),
             1e-3,
         );

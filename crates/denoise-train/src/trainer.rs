@@ -527,7 +527,8 @@ pub(crate) fn optimisation_step(
         .map(|(k, t)| (k, t.grad()))
         .filter(|(_, g)| g.defined())
         .collect();
-    adam.step(&grads, lr);
+    // The gradient norm it returns stays unread: reading it would wait for a GPU.
+    let _norm = adam.step(&grads, lr);
     if let Some(shadow) = shadow {
         // Batch-norm running statistics are updated in the shadow's forward pass.
         copy_vars(shadow, master, false);
