@@ -41,6 +41,8 @@ pub struct Trainer {
     run_dir: PathBuf,
     master: Model,
     shadow: Option<Model>,
+    /// The moving average of the master weights (`ema_decay` > 0): validated and shipped.
+    ema: Option<Model>,
     adam: Adam,
     step: u64,
     best_val_psnr: Option<f64>,
@@ -96,13 +98,30 @@ impl Trainer {
             cfg.precision,
             checked.layout,
         )?;
+        let ema = if cfg.ema_decay > 0.0 {
+            let mut ema = Model::new(&checked.model, checked.device)?;
+            ema.set_layout(checked.layout);
+            Some(ema)
+        } else {
+            None
+        };
         let mut adam = Adam::new(cfg.optimizer.clone(), trainable(&master));
         let (mut step, mut best_val_psnr, mut cost) = (0, None, TrainCost::default());
+        let mut ema_restored = false;
         if let Some(ck) = restored {
-            restore_model(&master, &ck.tensors).map_err(|m| TrainError::Checkpoint {
+            let bad = |message| TrainError::Checkpoint {
                 path: ck_path.clone(),
-                message: m,
-            })?;
+                message,
+            };
+            restore_model(&master, &ck.tensors, "model.").map_err(bad)?;
+            if let Some(ema) = &ema {
+                // A checkpoint written without the average (or before it was turned on) starts
+                // it from the restored weights.
+                if ck.tensors.keys().any(|k| k.starts_with(EMA_PREFIX)) {
+                    restore_model(ema, &ck.tensors, EMA_PREFIX).map_err(bad)?;
+                    ema_restored = true;
+                }
+            }
             let optim: BTreeMap<String, Tensor> = ck
                 .tensors
                 .iter()
@@ -112,13 +131,13 @@ impl Trainer {
                 })
                 .collect();
             adam.load_state(&optim, ck.meta.optimizer_step)
-                .map_err(|m| TrainError::Checkpoint {
-                    path: ck_path.clone(),
-                    message: m,
-                })?;
+                .map_err(bad)?;
             step = ck.meta.step;
             best_val_psnr = ck.meta.best_val_psnr;
             cost = ck.meta.cost;
+        }
+        if let (Some(ema), false) = (&ema, ema_restored) {
+            update_ema(&master, ema, 0.0);
         }
         let val = ValidationSet::new(
             if val_files.is_empty() {
@@ -146,6 +165,7 @@ impl Trainer {
             run_dir: run_dir.to_path_buf(),
             master,
             shadow,
+            ema,
             adam,
             step,
             best_val_psnr,
@@ -214,6 +234,13 @@ impl Trainer {
             let batch = loader.next_batch()?;
             let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
             let loss = self.train_step(&batch, lr)?;
+            if let (Some(ema), true) = (&self.ema, loss.is_finite()) {
+                update_ema(
+                    &self.master,
+                    ema,
+                    ema_decay_at(self.cfg.ema_decay, self.adam.step),
+                );
+            }
             self.cost.seconds += step_start.elapsed().as_secs_f64();
             self.cost.cpu_seconds += cpu_seconds() - step_cpu;
             if !loss.is_finite() {
@@ -344,11 +371,16 @@ impl Trainer {
         )
     }
 
+    /// The weights that are validated and shipped: the moving average when there is one.
+    fn shipped(&self) -> &Model {
+        self.ema.as_ref().unwrap_or(&self.master)
+    }
+
     fn validate_and_keep_best(&mut self) -> Result<ValScores> {
-        let scores = self.val.score(&self.master)?;
+        let scores = self.val.score(self.shipped())?;
         if self.best_val_psnr.is_none_or(|best| scores.psnr > best) {
             self.best_val_psnr = Some(scores.psnr);
-            let mut meta = Metadata::new(self.master.config());
+            let mut meta = Metadata::new(self.shipped().config());
             meta.noise = Some(self.cfg.noise.clone());
             meta.val_psnr = Some(scores.psnr);
             meta.training = Some(serde_json::json!({
@@ -361,8 +393,13 @@ impl Trainer {
                 "precision": self.cfg.precision,
                 "train_seconds": self.cost.seconds,
                 "train_cpu_seconds": self.cost.cpu_seconds,
+                "ema_decay": self.cfg.ema_decay,
             }));
-            artefact::save(&self.master, &meta, &self.run_dir.join(artefact::FILE_NAME))?;
+            artefact::save(
+                self.shipped(),
+                &meta,
+                &self.run_dir.join(artefact::FILE_NAME),
+            )?;
         }
         Ok(scores)
     }
@@ -381,6 +418,14 @@ impl Trainer {
                 .into_iter()
                 .map(|(k, t)| (format!("optim.{k}"), t)),
         );
+        if let Some(ema) = &self.ema {
+            tensors.extend(
+                ema.var_store()
+                    .variables()
+                    .into_iter()
+                    .map(|(k, t)| (format!("{EMA_PREFIX}{k}"), t)),
+            );
+        }
         let meta = CheckpointMeta::new(
             self.step,
             self.adam.step,
@@ -574,14 +619,40 @@ fn copy_vars(from: &Model, to: &Model, trainable: bool) {
     });
 }
 
-/// Loads `model.NAME` tensors of a checkpoint into `model`.
+/// The checkpoint's prefix for the moving average's tensors (the master's is `model.`).
+const EMA_PREFIX: &str = "ema.";
+
+/// The decay of the moving average after optimizer step `t`: `decay`, lowered in the first
+/// steps so that the random initialisation is forgotten quickly.
+fn ema_decay_at(decay: f64, t: u64) -> f64 {
+    decay.min((1 + t) as f64 / (10 + t) as f64)
+}
+
+/// `ema = decay * ema + (1 - decay) * master` for the trainable weights; buffers (batch-norm
+/// running statistics) are copied as they are.
+fn update_ema(master: &Model, ema: &Model, decay: f64) {
+    let src = master.var_store().variables();
+    tch::no_grad(|| {
+        for (name, mut dst) in ema.var_store().variables() {
+            let Some(s) = src.get(&name) else { continue };
+            if s.requires_grad() && decay > 0.0 {
+                let _ = dst.lerp_(s, 1.0 - decay);
+            } else {
+                dst.copy_(s);
+            }
+        }
+    });
+}
+
+/// Loads the `PREFIXNAME` tensors of a checkpoint into `model`.
 fn restore_model(
     model: &Model,
     tensors: &BTreeMap<String, Tensor>,
+    prefix: &str,
 ) -> std::result::Result<(), String> {
     tch::no_grad(|| {
         for (name, mut var) in model.var_store().variables() {
-            let key = format!("model.{name}");
+            let key = format!("{prefix}{name}");
             let src = tensors
                 .get(&key)
                 .ok_or_else(|| format!("missing tensor '{key}'"))?;
@@ -830,11 +901,60 @@ mod tests {
     }
 
     #[test]
+    fn the_moving_average_follows_its_formula() {
+        let _rng = crate::test_rng_lock();
+        let cfg = ModelConfig::Dncnn(denoise_models::config::DncnnConfig {
+            channels: 1,
+            depth: 3,
+            features: 4,
+            batch_norm: true,
+            ..Default::default()
+        });
+        let (master, ema) = (
+            Model::new(&cfg, Device::Cpu).unwrap(),
+            Model::new(&cfg, Device::Cpu).unwrap(),
+        );
+        let snapshot = |m: &Model| -> BTreeMap<String, Tensor> {
+            weights(m)
+                .into_iter()
+                .map(|(k, t)| (k, t.detach().copy()))
+                .collect()
+        };
+        let (w, e) = (snapshot(&master), snapshot(&ema));
+        let learnt = trainable(&master);
+        update_ema(&master, &ema, 0.75);
+        let mut buffers = 0;
+        for (name, got) in weights(&ema) {
+            let want = if learnt.contains_key(&name) {
+                &e[&name] * 0.75 + &w[&name] * 0.25
+            } else {
+                buffers += 1;
+                w[&name].copy()
+            };
+            let diff = (got - want).abs().max().double_value(&[]);
+            assert!(diff < 1e-6, "{name} differs by {diff}");
+        }
+        assert!(buffers > 0, "batch-norm statistics are copied");
+        update_ema(&master, &ema, 0.0);
+        for (name, t) in weights(&ema) {
+            assert!(t.equal(&w[&name]), "decay 0 copies {name}");
+        }
+        assert_eq!(ema_decay_at(0.999, 0), 0.1);
+        assert_eq!(ema_decay_at(0.999, 90), 0.91);
+        assert_eq!(ema_decay_at(0.999, 1_000_000), 0.999);
+    }
+
+    #[test]
     fn resume_gives_the_weights_of_an_uninterrupted_run() {
         let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
         let data = manifest(dir.path());
         let stop = AtomicBool::new(false);
+        // With a moving average, which the checkpoint must carry too.
+        let config = |data: PathBuf, steps| TrainConfig {
+            ema_decay: 0.9,
+            ..config(data, steps)
+        };
         let mut straight = Trainer::new(config(data.clone(), 20), &dir.path().join("a"), false)
             .unwrap()
             .quiet(true);
@@ -878,12 +998,22 @@ mod tests {
             .collect();
         assert_eq!(steps, (1..=20).collect::<Vec<_>>());
 
-        let (a, b) = (weights(straight.model()), weights(resumed.model()));
-        for (name, wa) in &a {
-            let diff = (wa - &b[name]).abs().max().double_value(&[]);
-            // Same data, same Adam state: identical up to non-associative float reductions.
-            assert!(diff < 1e-5, "{name} differs by {diff}");
+        for (a, b) in [
+            (straight.model(), resumed.model()),
+            (straight.shipped(), resumed.shipped()),
+        ] {
+            let (a, b) = (weights(a), weights(b));
+            for (name, wa) in &a {
+                let diff = (wa - &b[name]).abs().max().double_value(&[]);
+                // Same data, same Adam state: identical up to non-associative float reductions.
+                assert!(diff < 1e-5, "{name} differs by {diff}");
+            }
         }
+        let (raw, average) = (weights(resumed.model()), weights(resumed.shipped()));
+        assert!(
+            raw.iter().any(|(name, w)| !w.equal(&average[name])),
+            "the average is not the raw weights"
+        );
     }
 
     #[test]

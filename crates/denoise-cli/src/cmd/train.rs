@@ -32,6 +32,10 @@ pub struct Args {
     patch: Option<usize>,
     #[arg(long)]
     lr: Option<f64>,
+    /// Validate and ship a moving average of the weights with this decay (e.g. 0.999; 0: off).
+    /// Turned on when resuming, the average starts from the checkpoint's weights.
+    #[arg(long, value_name = "DECAY")]
+    ema_decay: Option<f64>,
     /// Run directory (config, log, checkpoints, best model).
     #[arg(long)]
     out: PathBuf,
@@ -87,6 +91,9 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(v) = args.lr {
         cfg.optimizer.lr = v;
     }
+    if let Some(v) = args.ema_decay {
+        cfg.ema_decay = v;
+    }
     if let Some(v) = &args.device {
         cfg.device = v.clone();
     }
@@ -102,6 +109,14 @@ pub fn run(args: &Args) -> Result<()> {
     if args.cpu_budget.is_some_and(|m| m.is_nan() || m <= 0.0) {
         anyhow::bail!("--cpu-budget must be a positive number of minutes");
     }
+    let average = if cfg.ema_decay > 0.0 {
+        format!(
+            " (validating a moving average of the weights, decay {})",
+            cfg.ema_decay
+        )
+    } else {
+        String::new()
+    };
     let mut trainer = Trainer::new(cfg, &args.out, args.resume)?
         .cpu_budget(args.cpu_budget.map(|minutes| minutes * 60.0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -116,7 +131,7 @@ pub fn run(args: &Args) -> Result<()> {
     })
     .context("cannot install the signal handler")?;
     eprintln!(
-        "training in {} from step {}",
+        "training in {} from step {}{average}",
         args.out.display(),
         trainer.step()
     );
