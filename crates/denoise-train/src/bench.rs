@@ -4,9 +4,10 @@
 //! the two can be compared side by side (`denoise-cli bench --train`, `cargo xtask bench`).
 
 use crate::Result;
+use crate::config::TrainConfig;
 use crate::loss::Loss;
 use crate::optim::{Adam, OptimizerConfig};
-use crate::trainer::{master_and_shadow, optimisation_step, trainable};
+use crate::trainer::{ema_model, master_and_shadow, optimisation_step, trainable};
 use denoise_models::{Layout, ModelConfig, Precision};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -30,6 +31,9 @@ pub struct TrainBench {
 pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
     tch::manual_seed(0);
     let (master, shadow) = master_and_shadow(&b.model, b.device, b.precision, b.layout)?;
+    // Training's default moving average is part of its step, so it is timed too.
+    let ema = ema_model(&b.model, b.device, b.layout)?;
+    let ema_decay = TrainConfig::default().ema_decay;
     let mut adam = Adam::new(
         OptimizerConfig {
             lr: 1e-4,
@@ -49,6 +53,7 @@ pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
         optimisation_step(
             &master,
             shadow.as_ref(),
+            Some((&ema, ema_decay)),
             &mut adam,
             Loss::Mse,
             &noisy,
@@ -64,7 +69,11 @@ pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
     let mut times = Vec::with_capacity(b.runs);
     for _ in 0..b.runs {
         let start = Instant::now();
-        step()?; // returns the loss as a number: the device has finished
+        step()?;
+        // The step reads its loss back before the update, so wait for the update's kernels too.
+        if let Device::Cuda(index) = b.device {
+            tch::Cuda::synchronize(index as i64);
+        }
         times.push(start.elapsed().as_secs_f64());
     }
     Ok(times)

@@ -1,6 +1,6 @@
-//! Resumable checkpoints: model weights, Adam moments, step and best validation PSNR, with the
-//! config, in one safetensors file written atomically (temporary file, fsync, rename), so a crash
-//! or `kill -9` at any moment leaves the previous checkpoint intact.
+//! Resumable checkpoints: model weights, their moving average, Adam moments, step and best
+//! validation PSNR, with the config, in one safetensors file written atomically (temporary file,
+//! fsync, rename), so a crash or `kill -9` at any moment leaves the previous checkpoint intact.
 
 use crate::config::TrainConfig;
 use crate::{Result, TrainError};
@@ -39,7 +39,8 @@ pub struct TrainCost {
     pub cpu_seconds: f64,
 }
 
-/// A loaded checkpoint: `model.NAME` and `optim.m.NAME` / `optim.v.NAME` tensors on the CPU.
+/// A loaded checkpoint: `model.NAME`, `optim.m.NAME` / `optim.v.NAME` and (with a moving
+/// average) `ema.NAME` tensors on the CPU.
 #[derive(Debug)]
 pub struct Checkpoint {
     pub meta: CheckpointMeta,

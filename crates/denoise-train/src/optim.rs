@@ -125,8 +125,8 @@ impl Adam {
 
     /// One update with the gradients in `grads` (by parameter name, any float kind) at rate `lr`.
     /// Returns the global gradient norm before clipping as a 0-dim fp32 tensor on the gradients'
-    /// device. Nothing here reads a value back to the host, so on a GPU the update is queued
-    /// without waiting for the device (the norm and the clip factor stay on the device).
+    /// device (on the CPU, and 0, when there are none). Nothing here reads a value back to the
+    /// host, so on a GPU the update is queued without waiting for the device.
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Tensor {
         let c = self.config.clone();
         self.step += 1;
@@ -159,7 +159,8 @@ impl Adam {
                 };
                 if c.weight_decay > 0.0 {
                     match c.kind {
-                        OptimizerKind::Adam => g += &*p * c.weight_decay,
+                        // Not `+=`: unclipped, `g` shares the caller's gradient storage.
+                        OptimizerKind::Adam => g = &g + &*p * c.weight_decay,
                         OptimizerKind::Adamw => {
                             let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
                         }

@@ -99,9 +99,7 @@ impl Trainer {
             checked.layout,
         )?;
         let ema = if cfg.ema_decay > 0.0 {
-            let mut ema = Model::new(&checked.model, checked.device)?;
-            ema.set_layout(checked.layout);
-            Some(ema)
+            Some(ema_model(&checked.model, checked.device, checked.layout)?)
         } else {
             None
         };
@@ -138,6 +136,11 @@ impl Trainer {
         }
         if let (Some(ema), false) = (&ema, ema_restored) {
             update_ema(&master, ema, 0.0);
+        }
+        if let Some(shadow) = &shadow {
+            // Steps refresh only the shadow's weights from the master; its batch-norm running
+            // statistics must start as the (restored) master's, not fresh.
+            copy_vars(&master, shadow, false);
         }
         let val = ValidationSet::new(
             if val_files.is_empty() {
@@ -234,13 +237,6 @@ impl Trainer {
             let batch = loader.next_batch()?;
             let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
             let loss = self.train_step(&batch, lr)?;
-            if let (Some(ema), true) = (&self.ema, loss.is_finite()) {
-                update_ema(
-                    &self.master,
-                    ema,
-                    ema_decay_at(self.cfg.ema_decay, self.adam.step),
-                );
-            }
             self.cost.seconds += step_start.elapsed().as_secs_f64();
             self.cost.cpu_seconds += cpu_seconds() - step_cpu;
             if !loss.is_finite() {
@@ -361,6 +357,7 @@ impl Trainer {
         optimisation_step(
             &self.master,
             self.shadow.as_ref(),
+            self.ema.as_ref().map(|ema| (ema, self.cfg.ema_decay)),
             &mut self.adam,
             self.cfg.loss,
             &noisy,
@@ -492,6 +489,13 @@ pub(crate) fn master_and_shadow(
     Ok((master, shadow))
 }
 
+/// An fp32 model in `layout` to hold the moving average of a master's weights.
+pub(crate) fn ema_model(config: &ModelConfig, device: Device, layout: Layout) -> Result<Model> {
+    let mut ema = Model::new(config, device)?;
+    ema.set_layout(layout);
+    Ok(ema)
+}
+
 /// The trainable variables of `model`, by name (what Adam optimises).
 pub(crate) fn trainable(model: &Model) -> BTreeMap<String, Tensor> {
     model
@@ -505,13 +509,15 @@ pub(crate) fn trainable(model: &Model) -> BTreeMap<String, Tensor> {
 /// One Adam step of `master` on (`noisy`, `sigma`) -> `clean` at rate `lr`; returns the loss.
 /// With a bf16 `shadow`, the forward and backward passes run on the shadow (refreshed from the
 /// fp32 master weights first) and Adam updates the fp32 master. Inputs are laid out in
-/// `layout` here (the weights' layout, see [`master_and_shadow`]). A non-finite loss is returned
-/// without touching the weights or Adam's state. The training loop and the training bench both
-/// call this.
+/// `layout` here (the weights' layout, see [`master_and_shadow`]). With `ema` = (model, decay),
+/// the moving average is updated after the step ([`ema_decay_at`]). A non-finite loss is returned
+/// without touching the weights, the average or Adam's state. The training loop and the training
+/// bench both call this.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimisation_step(
     master: &Model,
     shadow: Option<&Model>,
+    ema: Option<(&Model, f64)>,
     adam: &mut Adam,
     loss: Loss,
     noisy: &Tensor,
@@ -577,6 +583,9 @@ pub(crate) fn optimisation_step(
     if let Some(shadow) = shadow {
         // Batch-norm running statistics are updated in the shadow's forward pass.
         copy_vars(shadow, master, false);
+    }
+    if let Some((ema, decay)) = ema {
+        update_ema(master, ema, ema_decay_at(decay, adam.step));
     }
     Ok(value)
 }
@@ -760,6 +769,7 @@ mod tests {
                 optimisation_step(
                     &master,
                     None,
+                    None,
                     &mut adam,
                     Loss::Mse,
                     &noisy,
@@ -842,12 +852,14 @@ mod tests {
             Device::Cpu,
         )
         .unwrap();
+        let ema = ema_model(model.config(), Device::Cpu, Layout::Nchw).unwrap();
         let mut adam = Adam::new(crate::optim::OptimizerConfig::default(), trainable(&model));
         let clean = Tensor::rand([2, 1, 8, 8], (tch::Kind::Float, Device::Cpu));
         let step = |adam: &mut Adam, noisy: &Tensor| {
             optimisation_step(
                 &model,
                 None,
+                Some((&ema, 0.5)),
                 adam,
                 Loss::Mse,
                 noisy,
@@ -860,6 +872,10 @@ mod tests {
         };
         assert!(step(&mut adam, &(&clean + 0.1)).is_finite());
         let before = weights(&model);
+        let average: BTreeMap<String, Tensor> = weights(&ema)
+            .into_iter()
+            .map(|(k, t)| (k, t.detach().copy()))
+            .collect();
         let moments: BTreeMap<String, Tensor> = adam.state().into_iter().collect();
         let bad = &clean + 0.1;
         let _ = bad.get(0).get(0).get(3).get(3).fill_(f64::NAN);
@@ -868,6 +884,9 @@ mod tests {
             assert!(w.equal(&before[&name]), "{name} changed");
         }
         assert_eq!(adam.step, 1, "the skipped step is not counted");
+        for (name, t) in weights(&ema) {
+            assert!(t.equal(&average[&name]), "average {name} changed");
+        }
         for (name, m) in adam.state() {
             assert!(m.equal(&moments[&name]), "moment {name} changed");
         }
@@ -914,6 +933,15 @@ mod tests {
             Model::new(&cfg, Device::Cpu).unwrap(),
             Model::new(&cfg, Device::Cpu).unwrap(),
         );
+        let learnt = trainable(&master);
+        tch::no_grad(|| {
+            for (name, mut t) in weights(&master) {
+                if !learnt.contains_key(&name) {
+                    // Fresh statistics are equal in both models: make the master's differ.
+                    let _ = t.fill_(0.5);
+                }
+            }
+        });
         let snapshot = |m: &Model| -> BTreeMap<String, Tensor> {
             weights(m)
                 .into_iter()
@@ -921,7 +949,6 @@ mod tests {
                 .collect()
         };
         let (w, e) = (snapshot(&master), snapshot(&ema));
-        let learnt = trainable(&master);
         update_ema(&master, &ema, 0.75);
         let mut buffers = 0;
         for (name, got) in weights(&ema) {
