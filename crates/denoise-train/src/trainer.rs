@@ -744,6 +744,15 @@ mod tests {
         model.var_store().variables().into_iter().collect()
     }
 
+    /// Detached copies, unlike [`weights`] (whose tensors share storage with the model's, so
+    /// they follow every in-place update).
+    fn frozen(named: impl IntoIterator<Item = (String, Tensor)>) -> BTreeMap<String, Tensor> {
+        named
+            .into_iter()
+            .map(|(k, t)| (k, t.detach().copy()))
+            .collect()
+    }
+
     #[test]
     fn the_training_layout_changes_speed_not_the_step() {
         let _rng = crate::test_rng_lock();
@@ -871,12 +880,9 @@ mod tests {
             .unwrap()
         };
         assert!(step(&mut adam, &(&clean + 0.1)).is_finite());
-        let before = weights(&model);
-        let average: BTreeMap<String, Tensor> = weights(&ema)
-            .into_iter()
-            .map(|(k, t)| (k, t.detach().copy()))
-            .collect();
-        let moments: BTreeMap<String, Tensor> = adam.state().into_iter().collect();
+        let before = frozen(weights(&model));
+        let average = frozen(weights(&ema));
+        let moments = frozen(adam.state());
         let bad = &clean + 0.1;
         let _ = bad.get(0).get(0).get(3).get(3).fill_(f64::NAN);
         assert!(step(&mut adam, &bad).is_nan());
@@ -942,13 +948,7 @@ mod tests {
                 }
             }
         });
-        let snapshot = |m: &Model| -> BTreeMap<String, Tensor> {
-            weights(m)
-                .into_iter()
-                .map(|(k, t)| (k, t.detach().copy()))
-                .collect()
-        };
-        let (w, e) = (snapshot(&master), snapshot(&ema));
+        let (w, e) = (frozen(weights(&master)), frozen(weights(&ema)));
         update_ema(&master, &ema, 0.75);
         let mut buffers = 0;
         for (name, got) in weights(&ema) {
