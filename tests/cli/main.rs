@@ -219,6 +219,147 @@ fn infer_a_file_a_directory_and_a_16_bit_image() {
 }
 
 #[test]
+fn infer_never_overwrites_an_input_or_one_result_with_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let m = model.to_str().unwrap();
+    for sub in ["d1", "d2"] {
+        std::fs::create_dir_all(dir.path().join(sub)).unwrap();
+        io::save(
+            dir.path().join(sub).join("a.png"),
+            &picture(20, 24),
+            None,
+            BitDepth::Eight,
+        )
+        .unwrap();
+    }
+    let a = dir.path().join("d1/a.png");
+    let before = std::fs::read(&a).unwrap();
+    // The same file under another spelling.
+    let again = dir.path().join("d2/../d1/a.png");
+    let out = run(&[
+        "infer",
+        "--model",
+        m,
+        a.to_str().unwrap(),
+        "-o",
+        again.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "would overwrite the input");
+    let d1 = dir.path().join("d1");
+    let out = run(&[
+        "infer",
+        "--model",
+        m,
+        d1.to_str().unwrap(),
+        "--out-dir",
+        d1.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "would overwrite the input");
+    assert_eq!(std::fs::read(&a).unwrap(), before, "the input is untouched");
+
+    let outdir = dir.path().join("out");
+    let out = run(&[
+        "infer",
+        "--model",
+        m,
+        a.to_str().unwrap(),
+        dir.path().join("d2/a.png").to_str().unwrap(),
+        "--out-dir",
+        outdir.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "would both be written to");
+    assert!(!outdir.exists(), "refused before any work");
+}
+
+#[test]
+fn infer_checks_its_arguments_and_the_output_format_before_denoising() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let m = model.to_str().unwrap();
+    let input = dir.path().join("rgba.png");
+    let alpha = vec![0.5; 20 * 24];
+    io::save(&input, &picture(20, 24), Some(&alpha), BitDepth::Eight).unwrap();
+    let i = input.to_str().unwrap();
+    let jpg = dir.path().join("out.jpg");
+    assert_clean_failure(
+        &run(&["infer", "--model", m, i, "-o", jpg.to_str().unwrap()]),
+        "jpeg has no alpha",
+    );
+    assert!(!jpg.exists());
+    let o = dir.path().join("o.png");
+    let o = o.to_str().unwrap();
+    assert_clean_failure(
+        &run(&["infer", "--model", m, i, "-o", o, "--sigma", "-5"]),
+        "sigma must be in 0-255",
+    );
+    assert_clean_failure(
+        &run(&["infer", "--model", m, i, "-o", o, "--tile", "8"]),
+        "--tile must be 0",
+    );
+    assert_clean_failure(
+        &run(&[
+            "infer",
+            "--model",
+            m,
+            i,
+            "-o",
+            o,
+            "--tile",
+            "64",
+            "--overlap",
+            "40",
+        ]),
+        "more than half",
+    );
+    assert_clean_failure(&run(&["infer", "--model", m, i]), "--out-dir");
+    assert_clean_failure(
+        &run(&["infer", "--model", m, i, "--out-dir", i]),
+        "is a file, not a directory",
+    );
+    assert_clean_failure(
+        &run(&["--threads", "2147483648", "infer", "--model", m, i, "-o", o]),
+        "--threads must be in",
+    );
+    assert!(!Path::new(o).exists());
+    // A model without a noise-level input says that --sigma does nothing for it.
+    let out = run(&["infer", "--model", m, i, "-o", o, "--sigma", "25"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("--sigma is ignored"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn bench_prints_the_documented_json_and_refuses_what_it_cannot_do() {
+    let out = run(&[
+        "--threads",
+        "1",
+        "bench",
+        "--model",
+        "ffdnet",
+        "--size",
+        "32",
+        "--warmup",
+        "0",
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["model"].as_str().unwrap().starts_with("ffdnet"), "{v}");
+    assert_eq!(v["size"], 32);
+    assert_eq!(v["runs"], 5);
+    assert!(v["precision"].is_string(), "{v}");
+    assert!(v["mp_per_s"].as_f64().is_some_and(|r| r > 0.0), "{v}");
+    let two = run(&["bench", "--model", "ffdnet", "--size", "32", "--runs", "2"]);
+    assert_clean_failure(&two, "--runs");
+    let huge = run(&["bench", "--model", "ffdnet", "--size", "100000"]);
+    assert_clean_failure(&huge, "--size must be in");
+}
+
+#[test]
 fn tiled_inference_matches_untiled_within_a_hundredth_of_a_db() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
@@ -286,6 +427,48 @@ fn eval_prints_the_documented_json() {
     assert!(
         (23.5..25.5).contains(&noisy15),
         "sigma 15 noisy PSNR ~24.6 dB, got {noisy15}"
+    );
+}
+
+#[test]
+fn eval_reports_on_stdout_and_refuses_a_set_it_cannot_evaluate_up_front() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("clean");
+    std::fs::create_dir_all(&data).unwrap();
+    io::save(data.join("1.png"), &picture(24, 28), None, BitDepth::Eight).unwrap();
+    let args = |data: &Path| {
+        vec![
+            "eval".to_owned(),
+            "--model".into(),
+            model.to_str().unwrap().into(),
+            "--data".into(),
+            data.to_str().unwrap().into(),
+            "--noise".into(),
+            "gaussian:25".into(),
+        ]
+    };
+    let out = cli().args(args(&data)).output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("gaussian:25") && text.contains("s/MP"),
+        "{text}"
+    );
+
+    let gray = Image::from_fn(1, 16, 16, |_, y, x| ((x + y) % 7) as f32 / 7.0);
+    io::save(data.join("2-gray.png"), &gray, None, BitDepth::Eight).unwrap();
+    std::fs::write(data.join("3-broken.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let out = cli().args(args(&data)).output().unwrap();
+    assert_clean_failure(&out, "2 of 3 file(s) cannot be evaluated");
+    let err = stderr(&out);
+    assert!(
+        err.contains("2-gray.png") && err.contains("3-broken.png"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no results for a set that was refused"
     );
 }
 

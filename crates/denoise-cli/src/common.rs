@@ -11,7 +11,9 @@ pub fn models_dir() -> PathBuf {
     if let Some(dir) = std::env::var_os("DENOISE_MODELS") {
         return PathBuf::from(dir);
     }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/models"))
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/models"));
+    // Without the `crates/denoise-cli/../..` detour in what is printed.
+    dir.canonicalize().unwrap_or(dir)
 }
 
 /// Where the demo images live: `$DENOISE_SAMPLES`, else `assets/samples` of the source tree.
@@ -139,7 +141,7 @@ impl Runner {
         max_mem_mb: usize,
     ) -> Result<Self> {
         let path = resolve_model(spec)?;
-        let device = denoise_train::config::parse_device(device)?;
+        let device = parse_device(device)?;
         let artefact = denoise_models::artefact::load(&path, device)?;
         let mut model = artefact.model;
         model.set_precision(precision.resolve(&artefact.metadata, device));
@@ -191,6 +193,15 @@ impl Runner {
             progress,
         )?)
     }
+}
+
+/// `--device`: auto (CUDA when available), cpu, cuda or cuda:N, with an error about the flag
+/// (the train config's parser would call it a config error).
+pub fn parse_device(s: &str) -> Result<tch::Device> {
+    denoise_train::config::parse_device(s).map_err(|err| match err {
+        denoise_train::TrainError::Config(msg) => anyhow::anyhow!("--device: {msg}"),
+        other => other.into(),
+    })
 }
 
 /// An error and its causes on one line, `outer: cause: root`, like anyhow's `{:#}` but leaving

@@ -604,6 +604,17 @@ pub fn max_depth(format: ImageFormat) -> Option<BitDepth> {
     }
 }
 
+/// Checks, before any work, that an image of `channels` colour channels (with alpha or not) and
+/// `depth` can be written to `path` (its extension decides the format): the error [`save`] would
+/// give, without the image.
+pub fn check_output(path: &Path, channels: usize, has_alpha: bool, depth: BitDepth) -> Result<()> {
+    let format = ImageFormat::from_path(path).map_err(|_| DataError::Unsupported {
+        path: path.into(),
+        message: "unknown extension; use .png, .tif, .bmp, .jpg or .webp".into(),
+    })?;
+    check_writable(path, format, channels, has_alpha, depth)
+}
+
 fn check_writable(
     name: &Path,
     format: ImageFormat,
@@ -908,6 +919,34 @@ mod tests {
         assert!(matches!(e, DataError::Unsupported { .. }), "{e}");
         let e = save(&path, &img, None, BitDepth::Sixteen).unwrap_err();
         assert!(e.to_string().contains("a.JPG"), "{e}");
+    }
+
+    #[test]
+    fn check_output_refuses_what_save_would_refuse() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = Image::from_fn(3, 8, 8, |_, _, _| 0.5);
+        let alpha = vec![1.0; 64];
+        for (name, has_alpha, depth) in [
+            ("a.png", true, BitDepth::Sixteen),
+            ("a.jpg", false, BitDepth::Eight),
+            ("a.jpg", true, BitDepth::Eight),
+            ("a.jpg", false, BitDepth::Sixteen),
+            ("a.webp", false, BitDepth::Eight),
+            ("a.xyz", false, BitDepth::Eight),
+            ("noext", false, BitDepth::Eight),
+        ] {
+            let path = dir.path().join(name);
+            let checked = check_output(&path, 3, has_alpha, depth);
+            let saved = save(&path, &img, has_alpha.then_some(&alpha[..]), depth);
+            assert_eq!(
+                checked.is_ok(),
+                saved.is_ok(),
+                "{name} {has_alpha} {depth:?}"
+            );
+            if let Err(e) = checked {
+                assert!(e.to_string().contains(name), "{e}");
+            }
+        }
     }
 
     #[test]

@@ -10,20 +10,25 @@ use std::time::Instant;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// A model kind (default config, random weights) or an artefact / run directory.
-    #[arg(long, default_value = "ffdnet")]
-    model: String,
+    /// A shipped model name, an artefact file or a run directory (default: the shipped default),
+    /// or a model kind (autoencoder, unet, ridnet, dncnn, ffdnet: its default config with random
+    /// weights, for speed comparisons before training).
+    #[arg(long)]
+    model: Option<String>,
     /// Side of the square input.
     #[arg(long, default_value_t = 512)]
     size: i64,
-    /// auto: as `infer` would run this model here (see `infer --help`).
-    #[arg(long, value_enum, default_value_t = PrecisionArg::Fp32)]
+    /// fp32, bf16, or auto: the precision `infer` would pick for this model here (bf16 only on
+    /// hardware with native bf16, for a model whose recorded bf16 loss is under 0.05 dB).
+    #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     precision: PrecisionArg,
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// Timed runs (the median is reported).
-    #[arg(long, default_value_t = 5)]
-    runs: usize,
+    /// Timed runs, at least 5 (the median is reported).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(5..))]
+    runs: u16,
+    /// Untimed runs first (allocator, caches, CUDA kernels' autotuning).
     #[arg(long, default_value_t = 2)]
     warmup: usize,
     /// Print {"model", "precision", "size", "mp_per_s"} (with --train: "patches_per_s").
@@ -49,9 +54,15 @@ fn parse_layout(s: &str) -> std::result::Result<denoise_models::Layout, String> 
         .map_err(|e: denoise_models::ModelError| e.to_string())
 }
 
+/// The median: the middle value, or the mean of the two middle ones.
 fn median(mut times: Vec<f64>) -> f64 {
     times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
+    let n = times.len();
+    if n % 2 == 1 {
+        times[n / 2]
+    } else {
+        (times[n / 2 - 1] + times[n / 2]) / 2.0
+    }
 }
 
 fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Device) -> Result<()> {
@@ -71,7 +82,7 @@ fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Devi
             .layout
             .unwrap_or_else(|| denoise_models::Layout::for_training(kind, device)),
         warmup: args.warmup,
-        runs: args.runs,
+        runs: args.runs.into(),
     };
     let median = median(denoise_train::bench::time_train_steps(&bench)?);
     let rate = bench.batch as f64 / median;
@@ -98,35 +109,52 @@ fn run_train(args: &Args, config: denoise_models::ModelConfig, device: tch::Devi
 
 pub fn run(args: &Args) -> Result<()> {
     anyhow::ensure!(
-        args.runs >= 1 && args.size >= 8,
-        "need --runs >= 1 and --size >= 8"
+        (8..=16384).contains(&args.size),
+        "--size must be in 8-16384, got {}",
+        args.size
     );
-    let device = denoise_train::config::parse_device(&args.device)?;
-    let (mut model, metadata) = match args.model.parse::<ModelKind>() {
-        Ok(kind) if args.train => return run_train(args, kind.default_config(3), device),
-        Ok(kind) => {
+    let device = crate::common::parse_device(&args.device)?;
+    let kind = args
+        .model
+        .as_deref()
+        .and_then(|m| m.parse::<ModelKind>().ok());
+    // The name in the report: the kind for random weights, else the artefact's path.
+    let (mut model, metadata, name) = match kind {
+        Some(kind) if args.train => return run_train(args, kind.default_config(3), device),
+        Some(kind) => {
             let config = kind.default_config(3);
-            (Model::new(&config, device)?, Metadata::new(&config))
+            let model = Model::new(&config, device)?;
+            (
+                model,
+                Metadata::new(&config),
+                format!("{} (random weights)", kind.name()),
+            )
         }
-        Err(_) => {
-            let path = crate::common::resolve_model(Some(&args.model))?;
+        None => {
+            let path = crate::common::resolve_model(args.model.as_deref())?;
             let loaded = denoise_models::artefact::load(&path, device)?;
             if args.train {
                 return run_train(args, loaded.model.config().clone(), device);
             }
-            (loaded.model, loaded.metadata)
+            let name = format!(
+                "{} ({})",
+                loaded.path.display(),
+                loaded.model.config().kind().name()
+            );
+            (loaded.model, loaded.metadata, name)
         }
     };
     let precision = args.precision.resolve(&metadata, device);
     model.set_precision(precision);
     let c = model.config().channels();
-    let x = tch::Tensor::rand([1, c, args.size, args.size], (tch::Kind::Float, device));
+    let x = tch::Tensor::f_rand([1, c, args.size, args.size], (tch::Kind::Float, device))
+        .map_err(|e| anyhow::anyhow!("cannot allocate a {}x{} input: {e}", args.size, args.size))?;
     let sigma = denoise_models::model::sigma_map(1, args.size, args.size, 25.0, device);
     let map = model.config().noise_map().then_some(&sigma);
     for _ in 0..args.warmup {
         let _ = model.denoise(&x, map)?.f_to_device(tch::Device::Cpu)?;
     }
-    let mut times = Vec::with_capacity(args.runs);
+    let mut times = Vec::with_capacity(args.runs.into());
     for _ in 0..args.runs {
         let start = Instant::now();
         let out = model.denoise(&x, map)?;
@@ -137,7 +165,6 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let median = median(times);
     let mp_per_s = (args.size * args.size) as f64 / 1e6 / median;
-    let name = model.config().kind().name();
     if args.json {
         println!(
             "{}",

@@ -28,13 +28,16 @@ pub struct Args {
     /// paper) unless this is set, when they estimate it from the noisy image (blind).
     #[arg(long)]
     blind: bool,
+    /// auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// auto, fp32 or bf16, as for `infer` (see `infer --help`).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     precision: PrecisionArg,
+    /// Memory budget in MB for one tile's activations (large images are denoised in tiles).
     #[arg(long, default_value_t = 1024)]
     max_mem_mb: usize,
-    /// Print JSON.
+    /// Print JSON (on stdout, like the text report).
     #[arg(long)]
     json: bool,
     /// Also report every image.
@@ -60,8 +63,9 @@ pub fn run(args: &Args) -> Result<()> {
         return record_bf16(args, &files, &specs);
     }
     let runner = load(args, args.precision)?;
+    check_files(&files, runner.model.config().channels() as usize)?;
     if !args.json {
-        eprintln!("{}", runner.describe());
+        println!("{}", runner.describe());
     }
     let results = evaluate(args, &runner, &files, &specs)?;
     if args.json {
@@ -85,9 +89,39 @@ fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
     )
 }
 
+/// Reads every file's header before any work, so that a set which cannot be evaluated fails at
+/// once, naming all of its problem files: an unreadable file, or a gray image for a colour model
+/// (or the reverse; converting would change what the PSNR measures). A mean over a set that
+/// silently skipped files would not be comparable with the literature's, so nothing is skipped.
+fn check_files(files: &[PathBuf], channels: usize) -> Result<()> {
+    let mut problems = Vec::new();
+    for file in files {
+        match io::probe(file) {
+            Ok(info) if info.channels != channels => problems.push(format!(
+                "'{}' has {} channel(s) but the model takes {channels}",
+                file.display(),
+                info.channels
+            )),
+            Ok(_) => {}
+            Err(err) => problems.push(err.to_string()),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} of {} file(s) cannot be evaluated (evaluate on a set of readable {} images): {}",
+            problems.len(),
+            files.len(),
+            if channels == 1 { "gray" } else { "colour" },
+            problems.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// Measures bf16's PSNR loss against fp32 and writes it into the model's metadata.
 fn record_bf16(args: &Args, files: &[PathBuf], specs: &[(String, NoiseSpec)]) -> Result<()> {
     let fp32 = load(args, PrecisionArg::Fp32)?;
+    check_files(files, fp32.model.config().channels() as usize)?;
     let bf16 = load(args, PrecisionArg::Bf16)?;
     eprintln!("{}", fp32.describe());
     let a = evaluate(args, &fp32, files, specs)?;
@@ -134,6 +168,10 @@ fn evaluate(
     specs: &[(String, NoiseSpec)],
 ) -> Result<Vec<serde_json::Value>> {
     let want = runner.model.config().channels() as usize;
+    // One untimed run first, so that the first noise level's time does not include the
+    // allocator's and libtorch's first-call costs.
+    let first = io::load(&files[0])?.image;
+    let _ = runner.denoise(&first, Sigma::Fixed(25.0), &mut |_, _| {}, None)?;
     let mut results = Vec::new();
     for (name, spec) in specs {
         let (mut psnr, mut ssim, mut noisy_psnr, mut seconds, mut pixels) =
@@ -198,7 +236,7 @@ fn evaluate(
             row["per_image"] = per_image.into();
         }
         if !args.json {
-            eprintln!(
+            println!(
                 "{name:<24} PSNR {:>6.2} dB  SSIM {:.4}  (noisy {:>6.2} dB)  {:.2} s/MP  {} images",
                 psnr / k,
                 ssim / k,
@@ -208,7 +246,7 @@ fn evaluate(
             );
             if let Some(rows) = row.get("per_image").and_then(|v| v.as_array()) {
                 for r in rows {
-                    eprintln!(
+                    println!(
                         "    {:<28} {:>6.2} dB  SSIM {:.4}",
                         r["name"].as_str().unwrap_or(""),
                         r["psnr"].as_f64().unwrap_or(0.0),

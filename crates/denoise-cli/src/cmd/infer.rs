@@ -3,29 +3,35 @@
 use crate::common::{PrecisionArg, Runner, Sigma, describe};
 use anyhow::{Context, Result, bail};
 use denoise_data::{dataset, io};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 #[derive(clap::Args)]
+#[command(group = clap::ArgGroup::new("destination").required(true).args(["output", "out_dir"]))]
 pub struct Args {
     /// Model: a shipped name, an artefact file or a training run directory (default: shipped).
     #[arg(long)]
     model: Option<String>,
-    /// Noise level on the 0-255 scale, or 'auto' to estimate it (Immerkaer 1996), for models
-    /// that take one; without it such models estimate it (blind).
-    #[arg(long)]
+    /// Noise level on the 0-255 scale, or 'auto' to estimate it (Immerkaer 1996) and report it,
+    /// for models that take one; without it such models estimate it (blind).
+    #[arg(long, allow_negative_numbers = true)]
     sigma: Option<Sigma>,
     /// auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
+    /// auto: bf16 only on hardware with native bf16 (AMX, recent GPUs) and for a model whose
+    /// recorded bf16 PSNR loss is under 0.05 dB (`eval --record-bf16`), else fp32.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     precision: PrecisionArg,
-    /// Tile side in pixels (default: from --max-mem-mb).
+    /// Tile side in pixels, at least 32; 0 = the whole image at once (default: from
+    /// --max-mem-mb).
     #[arg(long)]
     tile: Option<usize>,
-    /// Overlap between tiles in pixels, blended.
+    /// Overlap between tiles in pixels, blended (at most half the tile).
     #[arg(long, default_value_t = 32)]
     overlap: usize,
-    /// Memory budget for one tile's activations.
+    /// Memory budget in MB for one tile's activations; decides the tile side unless --tile is
+    /// given.
     #[arg(long, default_value_t = 1024)]
     max_mem_mb: usize,
     /// Image files or directories (recursive).
@@ -34,13 +40,87 @@ pub struct Args {
     /// Output file (one input file only).
     #[arg(short, long, conflicts_with = "out_dir")]
     output: Option<PathBuf>,
-    /// Output directory (keeps relative paths and file names).
+    /// Output directory (keeps relative paths and file names; created if missing).
     #[arg(long)]
     out_dir: Option<PathBuf>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    // (input, output) pairs, checked before any work.
+    if let Some(tile) = args.tile {
+        if tile != 0 && tile < 32 {
+            bail!("--tile must be 0 (whole image) or at least 32, got {tile}");
+        }
+        if tile != 0 && args.overlap > tile / 2 {
+            bail!(
+                "--overlap {} is more than half of --tile {tile}: give at most {}",
+                args.overlap,
+                tile / 2
+            );
+        }
+    }
+    if let Some(dir) = args.out_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
+        bail!("--out-dir '{}' is a file, not a directory", dir.display());
+    }
+    let jobs = plan(args)?;
+    let runner = Runner::load(
+        args.model.as_deref(),
+        &args.device,
+        args.precision,
+        args.tile,
+        args.overlap,
+        args.max_mem_mb,
+    )?;
+    eprintln!("{}", runner.describe());
+    if args.sigma.is_some() && !runner.model.config().noise_map() {
+        eprintln!(
+            "note: --sigma is ignored: this {} takes no noise level (it denoises blind)",
+            runner.model.config().kind().name()
+        );
+    }
+    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} files {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut failures = Vec::new();
+    for (input, output) in &jobs {
+        bar.set_message("");
+        match denoise_one(
+            &runner,
+            input,
+            output,
+            args.sigma.unwrap_or(Sigma::Blind),
+            &bar,
+        ) {
+            Ok(notes) => {
+                for note in notes {
+                    say(&bar, note);
+                }
+            }
+            Err(err) => {
+                say(&bar, format!("denoise-cli: {}", describe(&err)));
+                failures.push(input.display().to_string());
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if !failures.is_empty() {
+        bail!(
+            "{} of {} image(s) failed: {}",
+            failures.len(),
+            jobs.len(),
+            failures.join(", ")
+        );
+    }
+    eprintln!("denoised {} image(s)", jobs.len());
+    Ok(())
+}
+
+/// The (input, output) pairs, checked before any work: every input exists, no two inputs
+/// share an output, and no output is one of the inputs (nothing of the user's is overwritten).
+fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
     for input in &args.inputs {
         if input.is_dir() {
@@ -68,63 +148,75 @@ pub fn run(args: &Args) -> Result<()> {
     if jobs.is_empty() {
         bail!("no images found in the inputs");
     }
-    let runner = Runner::load(
-        args.model.as_deref(),
-        &args.device,
-        args.precision,
-        args.tile,
-        args.overlap,
-        args.max_mem_mb,
-    )?;
-    eprintln!("{}", runner.describe());
-    let bar = indicatif::ProgressBar::new(jobs.len() as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} files {msg}")
-            .expect("valid template")
-            .progress_chars("=> "),
-    );
-    let mut failures = Vec::new();
+    let mut seen: HashMap<PathBuf, &Path> = HashMap::new();
+    for (input, _) in &jobs {
+        seen.insert(canonical(input), input);
+    }
+    let mut targets: HashMap<PathBuf, &Path> = HashMap::new();
     for (input, output) in &jobs {
-        match denoise_one(
-            &runner,
-            input,
-            output,
-            args.sigma.unwrap_or(Sigma::Blind),
-            &bar,
-        ) {
-            Ok(note) => {
-                if let Some(note) = note {
-                    say(&bar, note);
-                }
-            }
-            Err(err) => {
-                say(&bar, format!("denoise-cli: {}", describe(&err)));
-                failures.push(input.display().to_string());
-            }
+        let target = canonical(output);
+        if let Some(source) = seen.get(&target) {
+            bail!(
+                "'{}' would overwrite the input '{}': write the results elsewhere",
+                output.display(),
+                source.display()
+            );
         }
-        bar.inc(1);
+        if let Some(other) = targets.insert(target, input) {
+            bail!(
+                "'{}' and '{}' would both be written to '{}': denoise them in separate runs or \
+                 into different directories",
+                other.display(),
+                input.display(),
+                output.display()
+            );
+        }
     }
-    bar.finish_and_clear();
-    if !failures.is_empty() {
-        bail!(
-            "{} of {} image(s) failed: {}",
-            failures.len(),
-            jobs.len(),
-            failures.join(", ")
-        );
-    }
-    eprintln!("denoised {} image(s)", jobs.len());
-    Ok(())
+    Ok(jobs)
 }
 
+/// `path` made absolute with its existing part resolved (symbolic links, `..`), so that two
+/// spellings of one file compare equal; a file that does not exist yet keeps its own name.
+fn canonical(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            canonical(parent).join(name)
+        }
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Denoises one file; returns the notes to print (the estimated noise level).
 fn denoise_one(
     runner: &Runner,
     input: &Path,
     output: &Path,
     sigma: Sigma,
     bar: &indicatif::ProgressBar,
-) -> Result<Option<String>> {
+) -> Result<Vec<String>> {
     let loaded = io::load(input)?;
+    let depth = io::ImageFormat::from_path(output)
+        .ok()
+        .and_then(io::max_depth)
+        .map_or(loaded.bit_depth, |max| match max {
+            io::BitDepth::Eight => io::BitDepth::Eight,
+            io::BitDepth::Sixteen => loaded.bit_depth,
+        });
+    // Before the (long) denoising: a result that cannot be written is known now.
+    io::check_output(
+        output,
+        loaded.image.channels(),
+        loaded.alpha.is_some(),
+        depth,
+    )?;
     let mut progress = |done: usize, total: usize| {
         if total > 1 {
             bar.set_message(format!("tile {done}/{total}"));
@@ -135,21 +227,20 @@ fn denoise_one(
         std::fs::create_dir_all(parent)
             .with_context(|| format!("cannot create '{}'", parent.display()))?;
     }
-    let depth = io::ImageFormat::from_path(output)
-        .ok()
-        .and_then(io::max_depth)
-        .map_or(loaded.bit_depth, |max| match max {
-            io::BitDepth::Eight => io::BitDepth::Eight,
-            io::BitDepth::Sixteen => loaded.bit_depth,
-        });
-    io::save(output, &out, loaded.alpha.as_deref(), depth)
-        .with_context(|| format!("failed to write '{}'", output.display()))?;
-    Ok(match (sigma, used) {
-        (Sigma::Auto, Some(s)) | (Sigma::Blind, Some(s)) => {
-            Some(format!("{}: estimated sigma {s:.1}", input.display()))
+    // Its errors name the file.
+    io::save(output, &out, loaded.alpha.as_deref(), depth)?;
+    let mut notes = Vec::new();
+    if let (Sigma::Auto | Sigma::Blind, Some(s)) = (sigma, used) {
+        notes.push(format!("{}: estimated sigma {s:.1}", input.display()));
+        let (_, h, w) = loaded.image.shape();
+        if h < 3 || w < 3 {
+            notes.push(format!(
+                "{}: {w}x{h} is too small to estimate the noise level; give --sigma",
+                input.display()
+            ));
         }
-        _ => None,
-    })
+    }
+    Ok(notes)
 }
 
 /// Prints above the bar, or plainly when the bar is hidden (not a terminal).

@@ -65,8 +65,11 @@ enum Command {
 
 pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
-        anyhow::ensure!(n > 0, "--threads must be at least 1");
-        tch::set_num_threads(n as i32);
+        let n = i32::try_from(n)
+            .ok()
+            .filter(|n| (1..=4096).contains(n))
+            .ok_or_else(|| anyhow::anyhow!("--threads must be in 1-4096, got {n}"))?;
+        tch::set_num_threads(n);
     }
     match cli.command {
         Command::Infer(args) => infer::run(&args),

@@ -60,7 +60,7 @@ pub fn run(args: &Args) -> Result<()> {
         max_pixels: args.max_pixels,
         workers: args.workers,
         queue: args.queue,
-        device: denoise_train::config::parse_device(&args.device)?,
+        device: crate::common::parse_device(&args.device)?,
         tile: args.tile,
         fetch: FetchConfig {
             allow_private: args.allow_private_urls,
