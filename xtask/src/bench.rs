@@ -58,7 +58,11 @@ impl Figure {
     fn median(&self) -> f64 {
         let mut v = self.per_round.clone();
         v.sort_by(f64::total_cmp);
-        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
     }
 }
 

@@ -478,6 +478,50 @@ fn check_usable(
     Ok(())
 }
 
+/// Splits `files` into those [`PatchLoader`] would stream and those it would leave out (with
+/// the reason), reading only headers, in parallel: what a trainer checks before any work.
+/// Errors: an invalid `config`, a channel mismatch without `convert_channels`, or any unusable
+/// file under `strict`.
+pub fn usable_files(
+    files: Vec<PathBuf>,
+    config: &LoaderConfig,
+) -> Result<(Vec<PathBuf>, Vec<Skipped>)> {
+    config.validate()?;
+    let checks: Vec<Result<()>> = files
+        .par_iter()
+        .map(|path| {
+            let info = io::probe(path)?;
+            if info.pixels() > config.max_pixels {
+                return Err(DataError::TooLarge {
+                    path: path.clone(),
+                    width: info.width.into(),
+                    height: info.height.into(),
+                    pixels: info.pixels(),
+                    limit: config.max_pixels,
+                });
+            }
+            check_usable(
+                path,
+                info.width as usize,
+                info.height as usize,
+                info.channels,
+                config,
+            )
+        })
+        .collect();
+    let mut usable = Vec::with_capacity(files.len());
+    let mut skipped = Vec::new();
+    for (path, check) in files.into_iter().zip(checks) {
+        match check {
+            Ok(()) => usable.push(path),
+            Err(e @ DataError::Channels { .. }) => return Err(e),
+            Err(e) if config.strict => return Err(e),
+            Err(error) => skipped.push(Skipped { path, error }),
+        }
+    }
+    Ok((usable, skipped))
+}
+
 type Item = (u64, Result<Batch>);
 
 /// Background-threaded, reproducible stream of [`Batch`]es. It never ends: take as many
@@ -523,39 +567,7 @@ impl PatchLoader {
     /// same across runs; they are listed in [`PatchLoader::skipped`], or fail the construction
     /// under `strict`. A channel mismatch without `convert_channels` always fails.
     pub fn resume(files: Vec<PathBuf>, config: LoaderConfig, start: u64) -> Result<Self> {
-        config.validate()?;
-        let checks: Vec<Result<()>> = files
-            .par_iter()
-            .map(|path| {
-                let info = io::probe(path)?;
-                if info.pixels() > config.max_pixels {
-                    return Err(DataError::TooLarge {
-                        path: path.clone(),
-                        width: info.width.into(),
-                        height: info.height.into(),
-                        pixels: info.pixels(),
-                        limit: config.max_pixels,
-                    });
-                }
-                check_usable(
-                    path,
-                    info.width as usize,
-                    info.height as usize,
-                    info.channels,
-                    &config,
-                )
-            })
-            .collect();
-        let mut usable = Vec::with_capacity(files.len());
-        let mut skipped = Vec::new();
-        for (path, check) in files.into_iter().zip(checks) {
-            match check {
-                Ok(()) => usable.push(path),
-                Err(e @ DataError::Channels { .. }) => return Err(e),
-                Err(e) if config.strict => return Err(e),
-                Err(error) => skipped.push(Skipped { path, error }),
-            }
-        }
+        let (usable, skipped) = usable_files(files, &config)?;
         if usable.is_empty() {
             let path = skipped
                 .first()

@@ -11,6 +11,9 @@ use std::path::Path;
 use tch::{Kind, Tensor};
 
 pub const FILE_NAME: &str = "checkpoint.safetensors";
+/// The checkpoint before the latest, kept so that a latest one damaged on disk (a bad sector, a
+/// copy cut short) costs one checkpoint interval, not the run.
+pub const PREVIOUS_FILE_NAME: &str = "checkpoint.prev.safetensors";
 const META_KEY: &str = "denoise-checkpoint";
 const FORMAT_VERSION: u32 = 1;
 
@@ -69,6 +72,61 @@ pub fn save(path: &Path, meta: &CheckpointMeta, tensors: &[(String, Tensor)]) ->
     }
     denoise_models::artefact::write_atomic(path, &bytes)?;
     Ok(())
+}
+
+/// [`save`]s the checkpoint of the run in `dir`, first keeping the one it replaces as
+/// [`PREVIOUS_FILE_NAME`] (a hard link, so no copy; the latest file exists at every moment).
+pub fn save_keeping_previous(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    tensors: &[(String, Tensor)],
+) -> Result<()> {
+    let latest = dir.join(FILE_NAME);
+    if latest.is_file() {
+        let io_err = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| TrainError::Io { path, source }
+        };
+        let previous = dir.join(PREVIOUS_FILE_NAME);
+        let staged = dir.join(format!(".{PREVIOUS_FILE_NAME}.partial"));
+        let _ = std::fs::remove_file(&staged);
+        if std::fs::hard_link(&latest, &staged).is_err() {
+            std::fs::copy(&latest, &staged).map_err(io_err(&staged))?;
+        }
+        std::fs::rename(&staged, &previous).map_err(io_err(&previous))?;
+    }
+    save(&latest, meta, tensors)
+}
+
+/// Loads the run in `dir`'s latest checkpoint, or the previous one when the latest is missing
+/// or unreadable; the second value then says so, and a damaged latest is moved aside to
+/// `checkpoint.damaged.safetensors` (kept for inspection; the next save would otherwise keep it
+/// as the previous one). Fails with the latest's error when neither loads.
+pub fn load_latest(dir: &Path) -> Result<(Checkpoint, Option<String>)> {
+    let (latest, previous) = (dir.join(FILE_NAME), dir.join(PREVIOUS_FILE_NAME));
+    let err = match load(&latest) {
+        Ok(ck) => return Ok((ck, None)),
+        Err(err) => err,
+    };
+    if !previous.is_file() {
+        return Err(err);
+    }
+    match load(&previous) {
+        Ok(ck) => {
+            let mut note = format!(
+                "{err}: resuming from the previous checkpoint, at step {}",
+                ck.meta.step
+            );
+            if latest.is_file() {
+                let aside = dir.join("checkpoint.damaged.safetensors");
+                if std::fs::rename(&latest, &aside).is_ok() {
+                    note.push_str(&format!(" (the damaged one is now '{}')", aside.display()));
+                }
+            }
+            Ok((ck, Some(note)))
+        }
+        Err(_) => Err(err),
+    }
 }
 
 /// Loads a checkpoint written by [`save`], with clear errors for truncated or foreign files.

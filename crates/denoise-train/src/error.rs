@@ -25,6 +25,10 @@ pub enum TrainError {
     },
     #[error("cannot draw the training plots: {0}")]
     Plot(String),
+    /// A run directory that cannot be used as asked (a run already there, no checkpoint, a
+    /// changed config on resume).
+    #[error("{0}")]
+    RunDir(String),
     #[error("invalid checkpoint '{path}': {message}")]
     Checkpoint { path: PathBuf, message: String },
 }

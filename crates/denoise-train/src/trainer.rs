@@ -52,6 +52,11 @@ pub struct Trainer {
     val: ValidationSet,
     quiet: bool,
     cpu_budget: Option<f64>,
+    /// What [`Trainer::new`] noticed and went on past, for the caller to show.
+    warnings: Vec<String>,
+    /// The step of the checkpoint on disk: saving the same step again would only push the
+    /// previous checkpoint out.
+    saved_step: Option<u64>,
 }
 
 impl Trainer {
@@ -59,6 +64,7 @@ impl Trainer {
     /// the model and optimizer. Everything that can be refused is refused here, before training.
     pub fn new(cfg: TrainConfig, run_dir: &Path, resume: bool) -> Result<Self> {
         let checked = cfg.validate()?;
+        let mut warnings = Vec::new();
         let (train_files, val_files) = manifest_split(&cfg.data)?;
         if train_files.is_empty() {
             return Err(TrainError::Config(format!(
@@ -66,28 +72,111 @@ impl Trainer {
                 cfg.data.display()
             )));
         }
-        std::fs::create_dir_all(run_dir).map_err(|source| TrainError::Io {
-            path: run_dir.to_path_buf(),
-            source,
-        })?;
         let ck_path = run_dir.join(checkpoint::FILE_NAME);
+        let prev_path = run_dir.join(checkpoint::PREVIOUS_FILE_NAME);
         let restored = if resume {
-            if !ck_path.is_file() {
-                return Err(TrainError::Config(format!(
+            if !ck_path.is_file() && !prev_path.is_file() {
+                return Err(TrainError::RunDir(format!(
                     "--resume: no checkpoint in '{}'",
                     run_dir.display()
                 )));
             }
-            Some(checkpoint::load(&ck_path)?)
+            let (ck, warning) = checkpoint::load_latest(run_dir)?;
+            warnings.extend(warning);
+            let changed = identity_changes(&ck.meta.config, &cfg);
+            if !changed.is_empty() {
+                return Err(TrainError::RunDir(format!(
+                    "--resume: the run in '{}' was trained with a different {}; resume it with \
+                     its own config (no --config, or only --steps, --val-every, --ema-decay, \
+                     --device, --precision, --data), or start a new run with another --out",
+                    run_dir.display(),
+                    changed.join(", ")
+                )));
+            }
+            let (was, now) = (ck.meta.config.steps, cfg.steps);
+            if was != now && ck.meta.step < now {
+                let lr = |steps| cfg.optimizer.lr * cfg.schedule.factor(ck.meta.step, steps);
+                warnings.push(format!(
+                    "the run was planned for {was} steps and now for {now}: the schedule is \
+                     rescaled, so the learning rate at step {} goes from {:.3e} to {:.3e}",
+                    ck.meta.step,
+                    lr(was),
+                    lr(now)
+                ));
+            }
+            Some(ck)
         } else {
-            if ck_path.exists() {
-                return Err(TrainError::Config(format!(
-                    "'{}' already holds a run: pass --resume to continue it or choose another --out",
-                    run_dir.display()
+            let existing: Vec<&str> = [
+                checkpoint::FILE_NAME,
+                checkpoint::PREVIOUS_FILE_NAME,
+                artefact::FILE_NAME,
+                LOG_FILE,
+            ]
+            .into_iter()
+            .filter(|name| run_dir.join(name).exists())
+            .collect();
+            if !existing.is_empty() {
+                return Err(TrainError::RunDir(format!(
+                    "'{}' already holds a run ({}): pass --resume to continue it, or choose \
+                     another --out (nothing was changed)",
+                    run_dir.display(),
+                    existing.join(", ")
                 )));
             }
             None
         };
+        // The training images are checked before any work, as the loader will check them.
+        let (usable, skipped) = denoise_data::loader::usable_files(
+            train_files.clone(),
+            &loader_config(&cfg, &checked),
+        )?;
+        let reasons = |skipped: &[denoise_data::dataset::Skipped]| {
+            let mut text: Vec<String> = skipped
+                .iter()
+                .take(3)
+                .map(|s| s.error.to_string())
+                .collect();
+            if skipped.len() > 3 {
+                text.push(format!("and {} more", skipped.len() - 3));
+            }
+            text.join("; ")
+        };
+        if usable.is_empty() {
+            return Err(TrainError::Config(format!(
+                "none of the {} training image(s) of '{}' can be used: {} (re-run prepare-data, \
+                 or lower patch_size)",
+                train_files.len(),
+                cfg.data.display(),
+                reasons(&skipped)
+            )));
+        }
+        if !skipped.is_empty() {
+            warnings.push(format!(
+                "{} of {} training image(s) left out: {}",
+                skipped.len(),
+                train_files.len(),
+                reasons(&skipped)
+            ));
+        }
+        if !val_files.is_empty() && val_files.len() < cfg.val_images {
+            warnings.push(format!(
+                "val_images = {} but '{}' has {} validation image(s): validating on those",
+                cfg.val_images,
+                cfg.data.display(),
+                val_files.len()
+            ));
+        }
+        if val_files.is_empty() {
+            warnings.push(format!(
+                "'{}' has no validation images: validating on training images, which \
+                 overstates the PSNR (prepare-data --val-fraction sets a split)",
+                cfg.data.display()
+            ));
+        }
+        std::fs::create_dir_all(run_dir).map_err(|source| TrainError::Io {
+            path: run_dir.to_path_buf(),
+            source,
+        })?;
         if cfg.threads > 0 {
             tch::set_num_threads(cfg.threads as i32);
         }
@@ -156,12 +245,7 @@ impl Trainer {
             cfg.seed ^ 0x5eed_0000,
         )?;
         let history = start_log(&run_dir.join(LOG_FILE), resume.then_some(step))?;
-        std::fs::write(run_dir.join("config.toml"), cfg.to_toml()).map_err(|source| {
-            TrainError::Io {
-                path: run_dir.join("config.toml"),
-                source,
-            }
-        })?;
+        denoise_data::io::write_atomic(run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
         Ok(Self {
             cfg,
             checked,
@@ -178,6 +262,8 @@ impl Trainer {
             val,
             quiet: false,
             cpu_budget: None,
+            warnings,
+            saved_step: resume.then_some(step),
         })
     }
 
@@ -197,6 +283,22 @@ impl Trainer {
 
     pub fn step(&self) -> u64 {
         self.step
+    }
+
+    /// What setting up the run noticed and went on past: training images left out, no
+    /// validation split, a rescaled schedule, a resume from the previous checkpoint.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The number of steps the run is planned for.
+    pub fn planned_steps(&self) -> u64 {
+        self.cfg.steps
+    }
+
+    /// The run directory.
+    pub fn run_dir(&self) -> &Path {
+        &self.run_dir
     }
 
     /// Time spent training so far, over every resume.
@@ -313,15 +415,7 @@ impl Trainer {
     }
 
     fn loader_config(&self) -> LoaderConfig {
-        let mut lc = LoaderConfig::new(self.checked.noise.clone());
-        lc.patch_size = self.cfg.patch_size;
-        lc.patches_per_image = self.cfg.patches_per_image;
-        lc.batch_size = self.cfg.batch_size;
-        lc.channels = self.checked.model.channels() as usize;
-        lc.augment = self.cfg.augment.clone();
-        lc.seed = self.cfg.seed;
-        lc.workers = self.cfg.workers;
-        lc
+        loader_config(&self.cfg, &self.checked)
     }
 
     /// One optimisation step on `batch` at learning rate `lr`; returns the loss.
@@ -401,7 +495,10 @@ impl Trainer {
         Ok(scores)
     }
 
-    fn save_checkpoint(&self) -> Result<()> {
+    fn save_checkpoint(&mut self) -> Result<()> {
+        if self.saved_step == Some(self.step) {
+            return Ok(());
+        }
         let mut tensors: Vec<(String, Tensor)> = self
             .master
             .var_store()
@@ -430,7 +527,9 @@ impl Trainer {
             self.cost,
             &self.cfg,
         );
-        checkpoint::save(&self.run_dir.join(checkpoint::FILE_NAME), &meta, &tensors)
+        checkpoint::save_keeping_previous(&self.run_dir, &meta, &tensors)?;
+        self.saved_step = Some(self.step);
+        Ok(())
     }
 
     fn progress_bar(&self, end: u64) -> indicatif::ProgressBar {
@@ -592,6 +691,58 @@ pub(crate) fn optimisation_step(
 
 /// Opens the history of a run: a fresh run starts an empty log; a run resumed from the
 /// checkpoint of `resumed_at` keeps the lines up to that step (later ones are redone).
+fn loader_config(cfg: &TrainConfig, checked: &Checked) -> LoaderConfig {
+    let mut lc = LoaderConfig::new(checked.noise.clone());
+    lc.patch_size = cfg.patch_size;
+    lc.patches_per_image = cfg.patches_per_image;
+    lc.batch_size = cfg.batch_size;
+    lc.channels = checked.model.channels() as usize;
+    lc.augment = cfg.augment.clone();
+    lc.seed = cfg.seed;
+    lc.workers = cfg.workers;
+    lc
+}
+
+/// The config fields a resumed run may change: when to stop and validate, where and how fast
+/// it runs, and where the (moved) data is. Every other field decides what the weights, the
+/// optimizer state or the validation score mean, so a change there makes a different run.
+const RESUMABLE_FIELDS: [&str; 9] = [
+    "steps",
+    "val_every",
+    "checkpoint_every",
+    "ema_decay",
+    "device",
+    "precision",
+    "layout",
+    "threads",
+    "workers",
+];
+
+/// The fields (by their config name) that differ between a run's config and `now`, leaving out
+/// [`RESUMABLE_FIELDS`] and `data` (a manifest may move).
+fn identity_changes(run: &TrainConfig, now: &TrainConfig) -> Vec<String> {
+    let as_map = |cfg: &TrainConfig| match serde_json::to_value(cfg) {
+        Ok(serde_json::Value::Object(map)) => map,
+        _ => serde_json::Map::new(),
+    };
+    let (before, after) = (as_map(run), as_map(now));
+    let mut keys: Vec<&String> = before.keys().chain(after.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    keys.into_iter()
+        .filter(|k| k.as_str() != "data" && !RESUMABLE_FIELDS.contains(&k.as_str()))
+        .filter(|k| before.get(*k) != after.get(*k))
+        .map(|k| {
+            let show = |v: Option<&serde_json::Value>| v.map_or("-".into(), |v| v.to_string());
+            format!(
+                "{k} ({} now, {} before)",
+                show(after.get(k)),
+                show(before.get(k))
+            )
+        })
+        .collect()
+}
+
 fn start_log(path: &Path, resumed_at: Option<u64>) -> Result<History> {
     let io_err = |source| TrainError::Io {
         path: path.to_path_buf(),
@@ -1041,6 +1192,80 @@ mod tests {
             raw.iter().any(|(name, w)| !w.equal(&average[name])),
             "the average is not the raw weights"
         );
+    }
+
+    #[test]
+    fn a_run_directory_is_never_overwritten_or_resumed_as_another_run() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let stop = AtomicBool::new(false);
+        let run = dir.path().join("run");
+        let mut first = Trainer::new(config(data.clone(), 12), &run, false)
+            .unwrap()
+            .quiet(true);
+        first.run(&stop, None).unwrap();
+        drop(first);
+        let best = std::fs::read(run.join(artefact::FILE_NAME)).unwrap();
+
+        // Without its checkpoints, the best model and the log still make it a run.
+        for name in [checkpoint::FILE_NAME, checkpoint::PREVIOUS_FILE_NAME] {
+            std::fs::remove_file(run.join(name)).unwrap();
+        }
+        let err = Trainer::new(config(data.clone(), 12), &run, false)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("already holds a run"), "{err}");
+        assert_eq!(std::fs::read(run.join(artefact::FILE_NAME)).unwrap(), best);
+        assert!(run.join(LOG_FILE).is_file(), "the log is kept");
+
+        // A resume under a config that trains something else is refused, naming the field.
+        let run = dir.path().join("run2");
+        let mut first = Trainer::new(config(data.clone(), 10), &run, false)
+            .unwrap()
+            .quiet(true);
+        first.run(&stop, None).unwrap();
+        drop(first);
+        let mut other = config(data.clone(), 10);
+        other.noise = "gaussian:50".into();
+        let err = Trainer::new(other, &run, true).err().expect("refused");
+        assert!(err.to_string().contains("noise"), "{err}");
+        // Extending it is allowed, and says what happens to the schedule.
+        let longer = Trainer::new(config(data.clone(), 20), &run, true).unwrap();
+        assert_eq!(longer.step(), 10);
+        assert!(
+            longer
+                .warnings()
+                .iter()
+                .any(|w| w.contains("planned for 10 steps and now for 20")),
+            "{:?}",
+            longer.warnings()
+        );
+
+        // A damaged latest checkpoint falls back to the previous one, and says so.
+        drop(longer);
+        let latest = run.join(checkpoint::FILE_NAME);
+        let bytes = std::fs::read(&latest).unwrap();
+        std::fs::write(&latest, &bytes[..bytes.len() / 2]).unwrap();
+        let resumed = Trainer::new(config(data.clone(), 10), &run, true).unwrap();
+        assert_eq!(resumed.step(), 5, "the previous checkpoint (every 5 steps)");
+        assert!(
+            resumed
+                .warnings()
+                .iter()
+                .any(|w| w.contains("previous checkpoint")),
+            "{:?}",
+            resumed.warnings()
+        );
+        assert!(!latest.exists() && run.join("checkpoint.damaged.safetensors").is_file());
+
+        // Images smaller than a patch are refused before the run directory is made.
+        let mut big = config(data, 10);
+        big.patch_size = 64;
+        let fresh = dir.path().join("run3");
+        let err = Trainer::new(big, &fresh, false).err().expect("refused");
+        assert!(err.to_string().contains("can be used"), "{err}");
+        assert!(!fresh.exists());
     }
 
     #[test]

@@ -9,13 +9,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// TOML config (see configs/); the flags below override its fields.
+    /// TOML config (see configs/); the flags below override its fields. A new run needs a model
+    /// (here or --model) and data (here or --data); --resume reads the run's own config.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// manifest.json from prepare-data.
+    /// manifest.json from prepare-data (relative paths are taken from the current directory and
+    /// saved absolute in the run's config).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Model kind with its default config (autoencoder, unet, ridnet, dncnn, ffdnet).
+    /// Model kind with its default config (autoencoder, unet, ridnet, dncnn, ffdnet), instead of
+    /// the config's [model].
     #[arg(long)]
     model: Option<String>,
     /// Image channels for --model (3 colour, 1 gray).
@@ -24,13 +27,18 @@ pub struct Args {
     /// Training noise spec (e.g. gaussian:0-55, method2).
     #[arg(long)]
     noise: Option<String>,
+    /// Total training steps; on --resume, a new total extends (or shortens) the run and rescales
+    /// its learning-rate schedule.
     #[arg(long)]
     steps: Option<u64>,
+    /// Patches per step.
     #[arg(long)]
     batch: Option<usize>,
+    /// Patch side in pixels (every training image must be at least this large).
     #[arg(long)]
     patch: Option<usize>,
-    #[arg(long)]
+    /// Peak learning rate (after warm-up).
+    #[arg(long, allow_negative_numbers = true)]
     lr: Option<f64>,
     /// Validate and ship a moving average of the weights with this decay (e.g. 0.999; 0: off).
     /// Turned on when resuming, the average starts from the checkpoint's weights.
@@ -51,6 +59,7 @@ pub struct Args {
     /// Validate every N steps.
     #[arg(long)]
     val_every: Option<u64>,
+    /// Seed of the weights' initialisation and of the patch stream.
     #[arg(long)]
     seed: Option<u64>,
     /// Stop (resumably) once training steps have used this many CPU minutes in total, over every
@@ -72,6 +81,18 @@ pub fn run(args: &Args) -> Result<()> {
     };
     if let Some(d) = &args.data {
         cfg.data = d.clone();
+    }
+    if cfg.data.is_relative() {
+        match cfg.data.canonicalize() {
+            // Saved absolute, so the run resumes from any directory.
+            Ok(abs) => cfg.data = abs,
+            Err(_) if args.resume && args.data.is_none() => anyhow::bail!(
+                "the run's manifest '{}' is not found from here (its path is relative to where \
+                 the run started): resume from there, or pass --data",
+                cfg.data.display()
+            ),
+            Err(_) => {}
+        }
     }
     if let Some(m) = &args.model {
         cfg.model = Some(m.parse::<ModelKind>()?.default_config(args.channels));
@@ -130,10 +151,23 @@ pub fn run(args: &Args) -> Result<()> {
         eprintln!("\nstopping: saving a checkpoint (a second Ctrl-C or signal quits at once)");
     })
     .context("cannot install the signal handler")?;
+    for warning in trainer.warnings() {
+        eprintln!("warning: {warning}");
+    }
+    if trainer.step() >= trainer.planned_steps() {
+        eprintln!(
+            "'{}' already finished at step {} of {}: pass --steps N (more) to extend it",
+            args.out.display(),
+            trainer.step(),
+            trainer.planned_steps()
+        );
+        return Ok(());
+    }
     eprintln!(
-        "training in {} from step {}{average}",
+        "training in {} from step {} of {}{average}",
         args.out.display(),
-        trainer.step()
+        trainer.step(),
+        trainer.planned_steps()
     );
     let outcome = trainer.run(&stop, None)?;
     let cost = trainer.cost();
@@ -154,8 +188,18 @@ pub fn run(args: &Args) -> Result<()> {
         cost.cpu_seconds / 60.0,
         cost.seconds / 60.0
     );
+    let best = trainer.run_dir().join(denoise_models::artefact::FILE_NAME);
+    if best.is_file() {
+        eprintln!(
+            "best model (by validation PSNR): {} (use it with --model)",
+            best.display()
+        );
+    }
     if !outcome.finished {
-        eprintln!("resume with: --out {} --resume", args.out.display());
+        eprintln!(
+            "resume with: denoise-cli train --out {} --resume (or cargo xtask train ...)",
+            args.out.display()
+        );
     }
     Ok(())
 }
