@@ -148,11 +148,16 @@ impl TrainConfig {
                 model.kind()
             ));
         }
-        if self.batch_size == 0 || self.patches_per_image == 0 || self.steps == 0 {
-            return bad("batch_size, patches_per_image and steps must be positive".into());
-        }
-        if self.val_every == 0 || self.checkpoint_every == 0 {
-            return bad("val_every and checkpoint_every must be positive".into());
+        for (name, value) in [
+            ("batch_size", self.batch_size as u64),
+            ("patches_per_image", self.patches_per_image as u64),
+            ("steps", self.steps),
+            ("val_every", self.val_every),
+            ("checkpoint_every", self.checkpoint_every),
+        ] {
+            if value == 0 {
+                return bad(format!("{name} must be at least 1, got 0"));
+            }
         }
         if !(self.optimizer.lr > 0.0 && self.optimizer.lr.is_finite()) {
             return bad(format!(

@@ -131,6 +131,14 @@ pub fn log_up_to(log: &str, step: u64) -> String {
     out
 }
 
+/// The plots' title for a run: "KIND on NOISE".
+pub fn run_title(cfg: &crate::TrainConfig) -> String {
+    match &cfg.model {
+        Some(model) => format!("{} on {}", model.kind(), cfg.noise),
+        None => cfg.noise.clone(),
+    }
+}
+
 /// Draws `loss.png` and `psnr.png` into `dir` (each written atomically). `title` names the run.
 pub fn write_plots(history: &History, dir: &Path, title: &str) -> Result<()> {
     register_font()?;

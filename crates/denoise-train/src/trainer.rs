@@ -376,7 +376,7 @@ impl Trainer {
                     noisy_psnr: scores.noisy_psnr,
                     cpu_s: Some(self.cost.cpu_seconds),
                 });
-                let title = format!("{} on {}", self.checked.model.kind(), self.cfg.noise);
+                let title = plot::run_title(&self.cfg);
                 if let Err(e) = plot::write_plots(&self.history, &self.run_dir, &title) {
                     // A plot is a convenience: training goes on without it.
                     say(&bar, format!("warning: {e}"));

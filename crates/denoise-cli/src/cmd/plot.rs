@@ -10,7 +10,7 @@ use std::path::PathBuf;
 pub struct Args {
     /// A training run directory (holding train.jsonl).
     run_dir: PathBuf,
-    /// Plot title (default: the directory's name).
+    /// Plot title (default: "KIND on NOISE" from the run's config.toml, else the directory's name).
     #[arg(long)]
     title: Option<String>,
 }
@@ -20,13 +20,18 @@ pub fn run(args: &Args) -> Result<()> {
     let text = std::fs::read_to_string(&log)
         .with_context(|| format!("cannot read '{}'", log.display()))?;
     let history = History::parse(&text);
-    let title = args.title.clone().unwrap_or_else(|| {
-        args.run_dir
-            .canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| "run".into())
-    });
+    let config = denoise_train::TrainConfig::from_file(&args.run_dir.join("config.toml")).ok();
+    let title = args
+        .title
+        .clone()
+        .or_else(|| config.as_ref().map(plot::run_title))
+        .unwrap_or_else(|| {
+            args.run_dir
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_else(|| "run".into())
+        });
     plot::write_plots(&history, &args.run_dir, &title)?;
     println!(
         "{} steps, {} validations: wrote {} and {}",

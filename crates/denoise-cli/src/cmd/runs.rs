@@ -44,11 +44,25 @@ pub fn run(args: &Args) -> Result<()> {
         args.at.iter().all(|m| *m >= 0.0),
         "--at takes non-negative minutes"
     );
-    let summaries = args
-        .runs
-        .iter()
-        .map(|dir| summarise(dir, &args.at))
-        .collect::<Result<Vec<_>>>()?;
+    // A directory that is not a run is reported after the others' table, not instead of it.
+    let mut summaries = Vec::new();
+    let mut failures = Vec::new();
+    for dir in &args.runs {
+        match summarise(dir, &args.at) {
+            Ok(s) => summaries.push(s),
+            Err(err) => failures.push(crate::common::describe(&err)),
+        }
+    }
+    if !summaries.is_empty() {
+        print_summaries(args, &summaries)?;
+    }
+    if !failures.is_empty() {
+        anyhow::bail!("{}", failures.join("; "));
+    }
+    Ok(())
+}
+
+fn print_summaries(args: &Args, summaries: &[Summary]) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&summaries)?);
         return Ok(());
@@ -61,7 +75,7 @@ pub fn run(args: &Args) -> Result<()> {
     println!("| run | model | noise | steps | CPU-min | best val PSNR (step, CPU-min){marks} |");
     println!("|{}", " --- |".repeat(6 + args.at.len()));
     let opt = |v: Option<f64>, digits: usize| v.map_or("-".into(), |v| format!("{v:.digits$}"));
-    for s in &summaries {
+    for s in summaries {
         let best = match (s.best_val_psnr, s.best_at_step) {
             (Some(p), Some(step)) => {
                 format!("{p:.2} dB ({step}, {})", opt(s.best_at_cpu_minutes, 1))
