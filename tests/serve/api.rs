@@ -411,6 +411,59 @@ async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
 }
 
 #[tokio::test]
+async fn other_sites_and_unknown_host_names_are_refused() {
+    let server = Server::start(&["--tile", "0"]);
+    let http = client();
+    let (_, noisy) = noisy_case(32, 32);
+    let port = |s: &Server| s.url("").rsplit(':').next().unwrap().to_owned();
+    let (named, port) = (
+        Server::start(&["--tile", "0", "--allowed-host", "denoise.lan"]),
+        port(&server),
+    );
+    // Another site's page posting a "simple" request (no preflight in a browser).
+    let r = http
+        .post(server.url("/api/denoise"))
+        .header("origin", "https://evil.example")
+        .header("content-type", "text/plain")
+        .body(noisy.clone())
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 403, "cross-site").await;
+    // DNS rebinding: the attacker's name, resolved to 127.0.0.1.
+    let r = http
+        .get(server.url("/api/models"))
+        .header("host", format!("evil.example:{port}"))
+        .send()
+        .await
+        .unwrap();
+    expect_error(r, 403, "answers to").await;
+    // The page's own requests, by each loopback name.
+    for name in ["localhost", "127.0.0.1"] {
+        let r = http
+            .post(server.url("/api/denoise?sigma=25"))
+            .header("host", format!("{name}:{port}"))
+            .header("origin", format!("http://{name}:{port}"))
+            .body(noisy.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{name}");
+    }
+    let r = http.get(server.url("/api/models")).send().await.unwrap();
+    assert_eq!(header(&r, "cache-control").as_deref(), Some("no-store"));
+    // --allowed-host adds a name.
+    let port = named.url("").rsplit(':').next().unwrap().to_owned();
+    let r = http
+        .get(named.url("/healthz"))
+        .header("host", format!("denoise.lan:{port}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_503_with_retry_after() {
     let server = Server::start(&["--workers", "1", "--queue", "1", "--tile", "0"]);
     let (_, noisy) = noisy_case(256, 256);

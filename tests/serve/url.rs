@@ -82,6 +82,21 @@ async fn allowed_urls_are_fetched_with_redirect_size_and_time_limits() {
     let result = decode(&r.bytes().await.unwrap());
     assert!(crate::psnr(&clean, &result) > crate::psnr(&clean, &decode(&image)) + 3.0);
 
+    // Bad fields are refused before fetching: /slow would take 5 s to answer (and time out).
+    let started = std::time::Instant::now();
+    let r = post(
+        &server,
+        "/api/denoise-url",
+        serde_json::json!({ "url": format!("{origin}/slow"), "model": "zzz" }),
+    )
+    .await;
+    expect_error(r, 400, "unknown model").await;
+    assert!(
+        started.elapsed().as_secs_f64() < 0.9,
+        "{:?}",
+        started.elapsed()
+    );
+
     // fetch-url gives back the image itself, as PNG.
     let r = post(
         &server,

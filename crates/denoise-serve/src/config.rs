@@ -38,6 +38,11 @@ pub struct ServeConfig {
     pub tile: usize,
     /// How image URLs are fetched.
     pub fetch: FetchConfig,
+    /// Host names (without port) requests may address in their `Host` header; empty: any.
+    /// `denoise-cli serve` on a loopback address allows only the loopback names, so a web page
+    /// cannot reach the server through a name of its own that resolves to 127.0.0.1 (DNS
+    /// rebinding).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ServeConfig {
@@ -56,6 +61,7 @@ impl ServeConfig {
             device: tch::Device::Cpu,
             tile: 512,
             fetch: FetchConfig::default(),
+            allowed_hosts: Vec::new(),
         }
     }
 

@@ -40,6 +40,10 @@ pub enum ServeError {
     /// The job queue is full.
     #[error("the server is busy ({queued} job(s) waiting); retry in {retry_after_s} s")]
     Busy { queued: usize, retry_after_s: u64 },
+    /// A request refused for where it comes from: a cross-site `Origin`, or a `Host` the server
+    /// does not answer to (DNS rebinding).
+    #[error("{0}")]
+    Forbidden(String),
     /// Reading the request took too long.
     #[error("{0}")]
     Timeout(String),
@@ -83,6 +87,7 @@ impl ServeError {
         match self {
             ServeError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ServeError::NotFound(_) => StatusCode::NOT_FOUND,
+            ServeError::Forbidden(_) => StatusCode::FORBIDDEN,
             ServeError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ServeError::Unsupported(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ServeError::Undecodable(_) => StatusCode::UNPROCESSABLE_ENTITY,

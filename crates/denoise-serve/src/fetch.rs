@@ -143,13 +143,31 @@ const METADATA: [IpAddr; 9] = [
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x123)),
 ];
 
-/// Whether `ip` (or the IPv4 address inside an IPv4-mapped one) is a cloud-metadata endpoint.
+/// Whether `ip`, or an IPv4 address it embeds (IPv4-mapped, IPv4-compatible, NAT64 or 6to4,
+/// which reach that address), is a cloud-metadata endpoint.
 pub fn cloud_metadata(ip: IpAddr) -> bool {
-    let ip = match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-        v4 => v4,
+    METADATA.contains(&ip) || embedded_v4(ip).is_some_and(|v4| METADATA.contains(&IpAddr::V4(v4)))
+}
+
+/// The IPv4 address an IPv6 one carries and leads to, in the forms a connection can reach it
+/// by: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64
+/// (`64:ff9b::a.b.c.d`) and 6to4 (`2002:AABB:CCDD::/48`).
+fn embedded_v4(ip: IpAddr) -> Option<Ipv4Addr> {
+    let IpAddr::V6(v6) = ip else {
+        return None;
     };
-    METADATA.contains(&ip)
+    if let Some(v4) = v6.to_ipv4_mapped() {
+        return Some(v4);
+    }
+    let s = v6.segments();
+    let embedded = |hi: u16, lo: u16| Ipv4Addr::from((u32::from(hi) << 16) | u32::from(lo));
+    if s[..6] == [0; 6] || (s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0; 4]) {
+        Some(embedded(s[6], s[7]))
+    } else if s[0] == 0x2002 {
+        Some(embedded(s[1], s[2]))
+    } else {
+        None
+    }
 }
 
 /// Why `ip` is not a public unicast address (`None` when it is): loopback, private,
@@ -341,6 +359,10 @@ impl Fetcher {
             }
             match check_url(attempt.url(), &*redirect_filter) {
                 Ok(()) => attempt.follow(),
+                // The remote server's doing, not the user's: a bad gateway, not a bad request.
+                Err(FetchError::Scheme(scheme)) => attempt.error(FetchError::Upstream(format!(
+                    "the URL redirected to a '{scheme}' URL; only http and https are followed"
+                ))),
                 Err(e) => attempt.error(e),
             }
         });
@@ -372,8 +394,26 @@ impl Fetcher {
             .send()
             .await
             .map_err(classify)?;
-        if !response.status().is_success() {
-            return Err(FetchError::Status(response.status().as_u16()));
+        let status = response.status();
+        if status.is_redirection() {
+            // A redirect reqwest would not follow (a scheme it cannot fetch, or no Location).
+            let target = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|v| v.to_str().ok())
+                .map(|l| l.chars().take(200).collect::<String>());
+            return Err(FetchError::Upstream(match target {
+                Some(to) => format!(
+                    "the URL redirected to '{to}', which cannot be followed (only http and https)"
+                ),
+                None => format!(
+                    "the URL answered HTTP {} without a location",
+                    status.as_u16()
+                ),
+            }));
+        }
+        if !status.is_success() {
+            return Err(FetchError::Status(status.as_u16()));
         }
         if response
             .content_length()
@@ -492,6 +532,9 @@ mod tests {
         for addr in [
             "169.254.169.254",
             "::ffff:169.254.169.254",
+            "::169.254.169.254",
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::",
             "fd00:ec2::254",
             "100.100.100.200",
         ] {
@@ -573,7 +616,7 @@ mod tests {
     }
 
     /// A one-thread HTTP server: `/hop/N` redirects to `/hop/N-1`, `/hop/0` answers "ok",
-    /// `/escape` redirects to 127.0.0.2.
+    /// `/escape` redirects to 127.0.0.2, `/to-file` and `/to-ftp` to those schemes.
     fn fixture() -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -591,6 +634,10 @@ mod tests {
                 };
                 let response = if path == "/escape" {
                     redirect(format!("http://127.0.0.2:{port}/hop/0"))
+                } else if path == "/to-file" {
+                    redirect("file:///etc/passwd".into())
+                } else if path == "/to-ftp" {
+                    redirect("ftp://example.com/a.png".into())
                 } else if let Some(n) = path
                     .strip_prefix("/hop/")
                     .and_then(|n| n.parse::<u32>().ok())
@@ -637,6 +684,13 @@ mod tests {
             fetcher.fetch(&url("/missing")).await.unwrap_err(),
             FetchError::Status(404)
         );
+        // A redirect to another scheme is the remote server's doing: a bad gateway that says
+        // where it pointed, not a bad request or a bare "HTTP 302".
+        for (path, needle) in [("/to-file", "file"), ("/to-ftp", "ftp")] {
+            let err = fetcher.fetch(&url(path)).await.unwrap_err();
+            assert_eq!(err.status(), axum::http::StatusCode::BAD_GATEWAY, "{err}");
+            assert!(err.to_string().contains(needle), "{err}");
+        }
         let small = FetchConfig {
             max_bytes: 1,
             ..FetchConfig::default()

@@ -49,6 +49,8 @@ struct AppState {
     samples: Vec<SampleInfo>,
     max_upload: usize,
     max_pixels: u64,
+    /// Lower-case host names the `Host` header may carry; empty: any.
+    allowed_hosts: Vec<String>,
 }
 
 /// A ready server: workers started (each with the default model loaded), routes built.
@@ -96,6 +98,11 @@ impl App {
                 samples,
                 max_upload: config.max_upload_bytes,
                 max_pixels: config.max_pixels,
+                allowed_hosts: config
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
             }),
         })
     }
@@ -118,6 +125,10 @@ impl App {
             .method_not_allowed_fallback(method_not_allowed)
             // Bodies are read by `read_body`, with its own limit and drain.
             .layer(DefaultBodyLimit::disable())
+            .layer(middleware::from_fn_with_state(
+                Arc::clone(&self.state),
+                guard_origin,
+            ))
             .layer(middleware::from_fn(headers_and_log))
             .with_state(Arc::clone(&self.state))
     }
@@ -144,6 +155,73 @@ impl App {
     }
 }
 
+/// Refuses (403) a request whose `Host` the server does not answer to, or a POST from another
+/// site's page (its `Origin` is not this server): browsers send `Origin` on every cross-site
+/// POST, so no other page can queue work here or make the server fetch URLs for it.
+async fn guard_origin(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: middleware::Next,
+) -> Response {
+    let refusal = {
+        let headers = request.headers();
+        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
+        origin_refusal(
+            text(header::HOST),
+            text(header::ORIGIN),
+            request.method() == axum::http::Method::POST,
+            &state.allowed_hosts,
+        )
+    };
+    match refusal {
+        Some(message) => ServeError::Forbidden(message).into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// Why a request with these `Host` and `Origin` headers is refused, if it is.
+fn origin_refusal(
+    host: Option<&str>,
+    origin: Option<&str>,
+    is_post: bool,
+    allowed_hosts: &[String],
+) -> Option<String> {
+    let host = host.map(str::to_ascii_lowercase);
+    if !allowed_hosts.is_empty() {
+        let name = host.as_deref().map(host_name);
+        if !name.is_some_and(|n| allowed_hosts.iter().any(|a| a == n)) {
+            return Some(format!(
+                "this server answers to {} only, not to Host '{}' (start it with --allowed-host \
+                 NAME to add a name)",
+                allowed_hosts.join(", "),
+                host.as_deref().unwrap_or("")
+            ));
+        }
+    }
+    let origin = origin?.to_ascii_lowercase();
+    if !is_post {
+        return None;
+    }
+    let authority = origin
+        .strip_prefix("http://")
+        .or_else(|| origin.strip_prefix("https://"));
+    if authority.is_some() && authority == host.as_deref() {
+        return None;
+    }
+    Some(format!(
+        "cross-site request refused: the page at '{origin}' is not this server"
+    ))
+}
+
+/// The name part of a `Host` header value: `[::1]:8080` -> `[::1]`, `localhost:8080` ->
+/// `localhost`.
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.find(']').map_or(host, |end| &host[..=end]);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
 /// Security headers on every response, and one log line per API call (not progress polls).
 async fn headers_and_log(request: Request, next: middleware::Next) -> Response {
     let start = Instant::now();
@@ -164,6 +242,10 @@ async fn headers_and_log(request: Request, next: middleware::Next) -> Response {
         HeaderValue::from_static("no-referrer"),
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    // API answers (JSON, errors included) describe one moment: never cache them.
+    if (path.starts_with("/api/") || path == "/healthz") && !h.contains_key(header::CACHE_CONTROL) {
+        h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     if path.starts_with("/api/") && !path.starts_with("/api/progress/") {
         eprintln!(
             "{method} {path} {} ({:.0} ms)",
@@ -309,7 +391,7 @@ async fn denoise(State(s): State<Arc<AppState>>, request: Request) -> Result<Res
     } else {
         s.max_upload
     };
-    let bytes = read_body(&parts.headers, body, limit, "upload").await?;
+    let bytes = read_body(&parts.headers, body, (limit, s.max_upload), "upload").await?;
     let (image, name) = if is_form {
         let request = Request::from_parts(parts, Body::from(bytes));
         read_form(request, &mut params, s.max_upload).await?
@@ -322,15 +404,8 @@ async fn denoise(State(s): State<Arc<AppState>>, request: Request) -> Result<Res
         ));
     }
     let strength: Strength = params.sigma.as_deref().unwrap_or("").parse()?;
-    s.denoise(
-        image,
-        name,
-        params.model,
-        strength,
-        params.reference,
-        params.job,
-    )
-    .await
+    let fields = s.check_fields(params.model, params.reference, params.job)?;
+    s.denoise(image, name, fields, strength).await
 }
 
 #[derive(Deserialize)]
@@ -347,16 +422,11 @@ struct UrlRequest {
 /// `POST /api/denoise-url`: `{"url": ..., "model": ..., "sigma": ...}`.
 async fn denoise_url(State(s): State<Arc<AppState>>, request: Request) -> Result<Response> {
     let req: UrlRequest = read_json(request).await?;
+    // Every field is checked before the (slow, outbound) fetch.
+    let fields = s.check_fields(req.model, req.reference, req.job)?;
     let fetched = s.fetcher.fetch(&req.url).await?;
-    s.denoise(
-        fetched.bytes,
-        fetched.name,
-        req.model,
-        req.sigma,
-        req.reference,
-        req.job,
-    )
-    .await
+    s.denoise(fetched.bytes, fetched.name, fields, req.sigma)
+        .await
 }
 
 #[derive(Deserialize)]
@@ -387,17 +457,21 @@ async fn fetch_url(State(s): State<Arc<AppState>>, request: Request) -> Result<R
     }
 }
 
+/// A denoising request's fields, checked.
+struct Fields {
+    model: String,
+    reference: Option<String>,
+    job: Option<String>,
+}
+
 impl AppState {
-    /// Checks the fields, queues the job and answers with the PNG and its headers.
-    async fn denoise(
+    /// Checks a request's model, reference and job fields (empty strings are absent).
+    fn check_fields(
         &self,
-        bytes: Vec<u8>,
-        name: String,
         model: Option<String>,
-        strength: Strength,
         reference: Option<String>,
         job: Option<String>,
-    ) -> Result<Response> {
+    ) -> Result<Fields> {
         let model = model
             .filter(|m| !m.is_empty())
             .unwrap_or_else(|| self.default_model.clone());
@@ -417,15 +491,33 @@ impl AppState {
                 "unknown reference '{r}': it must name a sample"
             )));
         }
-        let progress = match job.filter(|j| !j.is_empty()) {
-            Some(id) if !valid_name(&id) => {
-                return Err(ServeError::BadRequest(
-                    "job ids are 1-64 of A-Z a-z 0-9 . _ -".into(),
-                ));
-            }
-            Some(id) => self.registry.register(&id),
-            None => None,
-        };
+        let job = job.filter(|j| !j.is_empty());
+        if job.as_ref().is_some_and(|id| !valid_name(id)) {
+            return Err(ServeError::BadRequest(
+                "job ids are 1-64 of A-Z a-z 0-9 . _ -".into(),
+            ));
+        }
+        Ok(Fields {
+            model,
+            reference,
+            job,
+        })
+    }
+
+    /// Queues the job and answers with the PNG and its headers.
+    async fn denoise(
+        &self,
+        bytes: Vec<u8>,
+        name: String,
+        fields: Fields,
+        strength: Strength,
+    ) -> Result<Response> {
+        let Fields {
+            model,
+            reference,
+            job,
+        } = fields;
+        let progress = job.and_then(|id| self.registry.register(&id));
         let task = Task::Denoise {
             bytes,
             name,
@@ -503,11 +595,18 @@ fn denoised_response(d: Denoised) -> Response {
 
 /// Reads a whole body of at most `limit` bytes within [`BODY_TIMEOUT`]. Over the limit, the
 /// rest is drained (up to [`DRAIN_BYTES`]) before answering 413.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str) -> Result<Vec<u8>> {
+/// `(limit, shown)`: the limit enforced, and the one named in the error (a form's limit allows
+/// for its framing, but the user chose the image's).
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    (limit, shown): (usize, usize),
+    what: &str,
+) -> Result<Vec<u8>> {
     let too_large = || {
         ServeError::TooLarge(format!(
             "the {what} is larger than the limit of {}",
-            human_bytes(limit)
+            human_bytes(shown)
         ))
     };
     let declared = headers
@@ -548,7 +647,13 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize, what: &str) ->
 /// Parses a JSON body of at most [`MAX_JSON_BYTES`].
 async fn read_json<T: serde::de::DeserializeOwned>(request: Request) -> Result<T> {
     let (parts, body) = request.into_parts();
-    let bytes = read_body(&parts.headers, body, MAX_JSON_BYTES, "JSON body").await?;
+    let bytes = read_body(
+        &parts.headers,
+        body,
+        (MAX_JSON_BYTES, MAX_JSON_BYTES),
+        "JSON body",
+    )
+    .await?;
     serde_json::from_slice(&bytes)
         .map_err(|e| ServeError::BadRequest(format!("invalid JSON body: {e}")))
 }
@@ -643,6 +748,70 @@ mod tests {
             !PAGE.contains("<script>"),
             "inline scripts would break the CSP"
         );
+    }
+
+    #[test]
+    fn requests_from_other_sites_and_other_host_names_are_refused() {
+        let local: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+            .map(String::from)
+            .to_vec();
+        let refused = |host, origin, post, allowed: &[String]| {
+            origin_refusal(host, origin, post, allowed).is_some()
+        };
+        // The page's own requests, and tools that send no Origin (curl, scripts).
+        assert!(!refused(
+            Some("localhost:8080"),
+            Some("http://localhost:8080"),
+            true,
+            &local
+        ));
+        assert!(!refused(
+            Some("[::1]:8080"),
+            Some("http://[::1]:8080"),
+            true,
+            &local
+        ));
+        assert!(!refused(Some("127.0.0.1:8080"), None, true, &local));
+        assert!(!refused(Some("LOCALHOST:8080"), None, false, &local));
+        // DNS rebinding: a name of the attacker's that resolves to 127.0.0.1.
+        assert!(refused(Some("evil.example:8080"), None, false, &local));
+        assert!(refused(None, None, false, &local));
+        // Another site's page posting here (a simple request needs no preflight).
+        assert!(refused(
+            Some("localhost:8080"),
+            Some("https://evil.example"),
+            true,
+            &local
+        ));
+        assert!(refused(
+            Some("localhost:8080"),
+            Some("http://localhost:9999"),
+            true,
+            &local
+        ));
+        assert!(refused(Some("localhost:8080"), Some("null"), true, &local));
+        // A GET from another origin only reads public, same-origin-protected answers.
+        assert!(!refused(
+            Some("localhost:8080"),
+            Some("https://evil.example"),
+            false,
+            &local
+        ));
+        // No host list (a server on a LAN address): any Host, same Origin rule.
+        assert!(!refused(
+            Some("box.lan:8080"),
+            Some("http://box.lan:8080"),
+            true,
+            &[]
+        ));
+        assert!(refused(
+            Some("box.lan:8080"),
+            Some("http://evil.example"),
+            true,
+            &[]
+        ));
+        assert_eq!(host_name("[::1]:80"), "[::1]");
+        assert_eq!(host_name("example.org"), "example.org");
     }
 
     #[test]

@@ -230,6 +230,13 @@ impl Worker {
             Task::Denoise { progress, .. } => progress.clone(),
             _ => None,
         };
+        if reply.is_closed() {
+            // Nobody waits for it (the client went away while it queued): skip the work.
+            if let Some(p) = progress {
+                p.finish(false);
+            }
+            return;
+        }
         let mut result =
             catch_unwind(AssertUnwindSafe(|| self.run(task))).unwrap_or_else(|payload| {
                 let message = payload
@@ -438,6 +445,54 @@ mod tests {
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 2);
         assert_eq!(done_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 3);
         pool.shutdown();
+    }
+
+    #[test]
+    fn a_job_nobody_waits_for_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: denoise_models::ModelConfig =
+            serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":8,"batch_norm":false}"#)
+                .unwrap();
+        let model = denoise_models::Model::new(&cfg, tch::Device::Cpu).unwrap();
+        let path = dir.path().join("m.safetensors");
+        let meta = denoise_models::Metadata::new(model.config());
+        denoise_models::artefact::save(&model, &meta, &path).unwrap();
+        let mut worker = Worker::new(Arc::new(WorkerConfig {
+            models: vec![ModelEntry {
+                name: "m".into(),
+                path,
+            }],
+            default_model: "m".into(),
+            samples: Vec::new(),
+            device: tch::Device::Cpu,
+            tile: 0,
+            max_pixels: 1 << 20,
+        }))
+        .unwrap();
+        let registry = crate::progress::Registry::new(4);
+        let image = Image::from_fn(3, 8, 8, |_, _, _| 0.5);
+        let png = io::encode_png(&image, None, io::BitDepth::Eight).unwrap();
+        let job = |id: &str, reply| Job {
+            task: Task::Denoise {
+                bytes: png.clone(),
+                name: "a.png".into(),
+                model: "m".into(),
+                strength: Strength::Blind,
+                reference: None,
+                progress: registry.register(id),
+            },
+            reply,
+            queued_at: Instant::now(),
+        };
+        let state = |id| registry.get(id).unwrap().state;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        drop(answer);
+        worker.handle(job("gone", reply));
+        assert_eq!(state("gone"), crate::progress::State::Failed);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        worker.handle(job("here", reply));
+        assert!(answer.blocking_recv().unwrap().is_ok());
+        assert_eq!(state("here"), crate::progress::State::Done);
     }
 
     #[test]

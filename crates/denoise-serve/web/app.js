@@ -11,6 +11,7 @@ const state = {
   natural: null, // { w, h } of the image
   zoom: 'fit',
   run: 0, // increases with every run; stale answers are dropped
+  abort: null, // cancels the request of a run that a newer one replaced
   busy: false,
   hasResult: false,
   maxUpload: null,
@@ -56,7 +57,7 @@ async function errorText(response) {
   }
   if (response.status === 503) {
     const retry = response.headers.get('Retry-After');
-    if (retry) message += ` (retry in ${retry} s)`;
+    if (retry && !message.includes('retry in')) message += ` (retry in ${retry} s)`;
   }
   return message;
 }
@@ -99,7 +100,10 @@ function describeModel() {
 
 async function loadSamples() {
   const response = await fetch('/api/samples');
-  if (!response.ok) return;
+  if (!response.ok) {
+    $('samples').textContent = `Samples unavailable: ${await errorText(response)}`;
+    return;
+  }
   const body = await response.json();
   const list = $('samples');
   list.replaceChildren();
@@ -211,12 +215,15 @@ function progressUi(text, fraction) {
   $('progress').hidden = false;
   $('progress-text').textContent = text;
   const fill = $('progress-fill');
+  const bar = $('progress-bar');
   if (fraction == null) {
     fill.classList.add('indeterminate');
     fill.style.width = '';
+    bar.removeAttribute('aria-valuenow');
   } else {
     fill.classList.remove('indeterminate');
     fill.style.width = `${Math.round(fraction * 100)}%`;
+    bar.setAttribute('aria-valuenow', String(Math.round(fraction * 100)));
   }
 }
 
@@ -265,8 +272,17 @@ async function run() {
   form.append('image', input.blob, input.fileName);
   const stop = pollProgress(job, runId);
   const started = performance.now();
+  // A newer run replaces this one: cancel the older request so it frees its place in the
+  // server's queue rather than being computed for nobody.
+  if (state.abort) state.abort.abort();
+  const abort = new AbortController();
+  state.abort = abort;
   try {
-    const response = await fetch('/api/denoise', { method: 'POST', body: form });
+    const response = await fetch('/api/denoise', {
+      method: 'POST',
+      body: form,
+      signal: abort.signal,
+    });
     if (runId !== state.run) return;
     if (!response.ok) throw new Error(await errorText(response));
     const blob = await response.blob();

@@ -44,6 +44,12 @@ pub struct Args {
     /// progress bar on large images.
     #[arg(long, default_value_t = 512)]
     tile: usize,
+    /// A host name requests may address (the `Host` header), repeatable. On a loopback --addr
+    /// the default is localhost, 127.0.0.1 and [::1] only, which stops other web pages from
+    /// reaching the server through a name of theirs that resolves to 127.0.0.1 (DNS rebinding);
+    /// on other addresses any name is accepted unless this is given.
+    #[arg(long, value_name = "NAME")]
+    allowed_host: Vec<String>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -68,6 +74,13 @@ pub fn run(args: &Args) -> Result<()> {
             read_timeout: timeout,
             total_timeout: timeout * 3,
             ..FetchConfig::default()
+        },
+        allowed_hosts: if !args.allowed_host.is_empty() || !args.addr.ip().is_loopback() {
+            args.allowed_host.clone()
+        } else {
+            ["localhost", "127.0.0.1", "[::1]"]
+                .map(String::from)
+                .to_vec()
         },
         ..ServeConfig::new(models)
     };
