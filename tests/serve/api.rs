@@ -189,6 +189,35 @@ async fn every_route_answers() {
     );
 }
 
+#[test]
+fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use std::io::{Read, Write};
+    let server = Server::start(&["--header-timeout", "1"]);
+    let addr = server.url("").trim_start_matches("http://").to_owned();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"POST /api/denoise HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    // Whatever the server says (a 408 or nothing), it then closes the connection.
+    let closed = slow.read_to_end(&mut rest).is_ok();
+    let waited = started.elapsed().as_secs_f64();
+    assert!(closed && waited < 5.0, "still open after {waited:.1} s");
+    assert!(
+        waited > 0.5,
+        "closed after {waited:.2} s, before the timeout"
+    );
+
+    // A trickling client does not hold up a clean stop either.
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\n").unwrap();
+    let started = std::time::Instant::now();
+    assert!(server.terminate().success(), "{}", server.log());
+    assert!(started.elapsed().as_secs_f64() < 5.0);
+}
+
 /// A PNG chunk with its CRC.
 fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     fn crc32(bytes: &[u8]) -> u32 {

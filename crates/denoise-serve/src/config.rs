@@ -43,6 +43,9 @@ pub struct ServeConfig {
     /// cannot reach the server through a name of its own that resolves to 127.0.0.1 (DNS
     /// rebinding).
     pub allowed_hosts: Vec<String>,
+    /// A connection must send its request headers within this, or it is closed (a client that
+    /// trickles them cannot hold connections open).
+    pub header_timeout: std::time::Duration,
 }
 
 impl ServeConfig {
@@ -62,6 +65,7 @@ impl ServeConfig {
             tile: 512,
             fetch: FetchConfig::default(),
             allowed_hosts: Vec::new(),
+            header_timeout: std::time::Duration::from_secs(30),
         }
     }
 
@@ -96,6 +100,9 @@ impl ServeConfig {
         }
         if self.max_upload_bytes == 0 {
             return bad("the upload limit must be at least 1 byte".into());
+        }
+        if self.header_timeout.is_zero() {
+            return bad("the header timeout must be positive".into());
         }
         if self.max_pixels == 0 {
             return bad("the pixel limit must be at least 1".into());

@@ -51,6 +51,7 @@ struct AppState {
     max_pixels: u64,
     /// Lower-case host names the `Host` header may carry; empty: any.
     allowed_hosts: Vec<String>,
+    header_timeout: Duration,
 }
 
 /// A ready server: workers started (each with the default model loaded), routes built.
@@ -103,6 +104,7 @@ impl App {
                     .iter()
                     .map(|h| h.to_ascii_lowercase())
                     .collect(),
+                header_timeout: config.header_timeout,
             }),
         })
     }
@@ -139,11 +141,43 @@ impl App {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
+        use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
         let router = self.router();
-        axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| ServeError::Internal(format!("the server stopped: {e}")))?;
+        let header_timeout = self.state.header_timeout;
+        // Each connection is watched: at shutdown, idle ones close and requests in flight
+        // finish before this returns.
+        let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut shutdown = std::pin::pin!(shutdown);
+        loop {
+            let stream = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => stream,
+                    // Out of file descriptors, or a connection reset while queued: keep serving.
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let mut builder =
+                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                builder
+                    .http1()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(header_timeout);
+                let connection =
+                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                // A failed connection (reset, timed out) concerns that client only.
+                let _ = watcher.watch(connection).await;
+            });
+        }
+        drop(listener);
+        graceful.shutdown().await;
         // The router (and its state) is gone with the server; join the workers if no request
         // still holds the state.
         if let Ok(state) = Arc::try_unwrap(self.state) {

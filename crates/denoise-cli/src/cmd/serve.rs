@@ -50,6 +50,10 @@ pub struct Args {
     /// on other addresses any name is accepted unless this is given.
     #[arg(long, value_name = "NAME")]
     allowed_host: Vec<String>,
+    /// Seconds a connection has to send its request headers before it is closed (slow
+    /// clients cannot hold connections open).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    header_timeout: u64,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -75,6 +79,7 @@ pub fn run(args: &Args) -> Result<()> {
             total_timeout: timeout * 3,
             ..FetchConfig::default()
         },
+        header_timeout: Duration::from_secs(args.header_timeout),
         allowed_hosts: if !args.allowed_host.is_empty() || !args.addr.ip().is_loopback() {
             args.allowed_host.clone()
         } else {
