@@ -328,7 +328,8 @@ impl Trainer {
         let start = Instant::now();
         let first_step = self.step;
         let mut last_loss = f64::NAN;
-        let mut last_line = start;
+        // The first plain progress line comes after the first step, then one a minute.
+        let mut last_line: Option<Instant> = None;
         while self.step < end
             && !stop.load(Ordering::SeqCst)
             && self
@@ -359,9 +360,12 @@ impl Trainer {
                 .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
             bar.set_position(self.step);
             bar.set_message(format!("loss {loss:.5}  {rate:.0} patches/s"));
-            if !self.quiet && bar.is_hidden() && last_line.elapsed() >= PLAIN_PROGRESS_EVERY {
+            if !self.quiet
+                && bar.is_hidden()
+                && last_line.is_none_or(|t| t.elapsed() >= PLAIN_PROGRESS_EVERY)
+            {
                 // Output redirected (nohup, a log file): no bar is drawn, so say where we are.
-                last_line = Instant::now();
+                last_line = Some(Instant::now());
                 eprintln!(
                     "step {}/{end}: loss {loss:.5}, {rate:.1} patches/s, {:.0} s elapsed",
                     self.step,
