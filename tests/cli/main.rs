@@ -246,6 +246,17 @@ fn infer_never_overwrites_an_input_or_one_result_with_another() {
         again.to_str().unwrap(),
     ]);
     assert_clean_failure(&out, "would overwrite the input");
+    // ...and through a directory that does not exist yet.
+    let detour = dir.path().join("new/../d1/a.png");
+    let out = run(&[
+        "infer",
+        "--model",
+        m,
+        a.to_str().unwrap(),
+        "-o",
+        detour.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "would overwrite the input");
     let d1 = dir.path().join("d1");
     let out = run(&[
         "infer",

@@ -17,6 +17,7 @@ use axum::{Json, Router, middleware};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const PAGE: &str = include_str!("../web/index.html");
@@ -52,6 +53,8 @@ struct AppState {
     /// Lower-case host names the `Host` header may carry; empty: any.
     allowed_hosts: Vec<String>,
     header_timeout: Duration,
+    /// Requests being handled (headers read, response not yet produced).
+    in_flight: Arc<AtomicUsize>,
 }
 
 /// A ready server: workers started (each with the default model loaded), routes built.
@@ -105,6 +108,7 @@ impl App {
                     .map(|h| h.to_ascii_lowercase())
                     .collect(),
                 header_timeout: config.header_timeout,
+                in_flight: Arc::new(AtomicUsize::new(0)),
             }),
         })
     }
@@ -141,7 +145,7 @@ impl App {
         listener: tokio::net::TcpListener,
         shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     ) -> Result<()> {
-        use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+        use hyper_util::rt::{TokioIo, TokioTimer};
         let router = self.router();
         let header_timeout = self.state.header_timeout;
         // Each connection is watched: at shutdown, idle ones close and requests in flight
@@ -164,26 +168,51 @@ impl App {
             let service = hyper_util::service::TowerToHyperService::new(router.clone());
             let watcher = graceful.watcher();
             tokio::spawn(async move {
-                let mut builder =
-                    hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                builder
-                    .http1()
+                // The header timer starts when a request's head is awaited, bytes or not, so a
+                // silent client is dropped as well as a trickling one.
+                let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
-                    .header_read_timeout(header_timeout);
-                let connection =
-                    builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    .header_read_timeout(header_timeout)
+                    .serve_connection(TokioIo::new(stream), service);
                 // A failed connection (reset, timed out) concerns that client only.
                 let _ = watcher.watch(connection).await;
             });
         }
         drop(listener);
-        graceful.shutdown().await;
-        // The router (and its state) is gone with the server; join the workers if no request
-        // still holds the state.
-        if let Ok(state) = Arc::try_unwrap(self.state) {
-            tokio::task::spawn_blocking(move || state.pool.shutdown())
-                .await
-                .map_err(|e| ServeError::Internal(e.to_string()))?;
+        // Requests in flight finish. Connections with none (idle keep-alive, or one still
+        // sending its headers) are not waited for once no request has been in flight for 2 s
+        // (a response still being written to a client that slow may be cut).
+        let in_flight = Arc::clone(&self.state.in_flight);
+        let idle = async move {
+            let mut quiet_for = Duration::ZERO;
+            while quiet_for < Duration::from_secs(2) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                quiet_for = if in_flight.load(Ordering::SeqCst) == 0 {
+                    quiet_for + Duration::from_millis(50)
+                } else {
+                    Duration::ZERO
+                };
+            }
+        };
+        tokio::select! {
+            () = graceful.shutdown() => {}
+            () = idle => {}
+        }
+        // Join the workers once the connections' tasks have let go of the state.
+        drop(router);
+        let mut state = self.state;
+        for _ in 0..100 {
+            match Arc::try_unwrap(state) {
+                Ok(state) => {
+                    return tokio::task::spawn_blocking(move || state.pool.shutdown())
+                        .await
+                        .map_err(|e| ServeError::Internal(e.to_string()));
+                }
+                Err(shared) => {
+                    state = shared;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
         }
         Ok(())
     }
@@ -209,7 +238,21 @@ async fn guard_origin(
     };
     match refusal {
         Some(message) => ServeError::Forbidden(message).into_response(),
-        None => next.run(request).await,
+        None => {
+            state.in_flight.fetch_add(1, Ordering::SeqCst);
+            // Counted down however the handler ends (a client gone drops its future).
+            let _done = InFlight(Arc::clone(&state.in_flight));
+            next.run(request).await
+        }
+    }
+}
+
+/// Counts a request down when dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -239,8 +282,13 @@ fn origin_refusal(
     let authority = origin
         .strip_prefix("http://")
         .or_else(|| origin.strip_prefix("https://"));
-    if authority.is_some() && authority == host.as_deref() {
-        return None;
+    if let Some(authority) = authority {
+        // The page of this server: the same authority as the request's Host, or (behind a
+        // proxy that rewrites Host) a name the server was told to answer to.
+        let named = allowed_hosts.iter().any(|a| a == host_name(authority));
+        if Some(authority) == host.as_deref() || named {
+            return None;
+        }
     }
     Some(format!(
         "cross-site request refused: the page at '{origin}' is not this server"
@@ -830,6 +878,14 @@ mod tests {
             Some("https://evil.example"),
             false,
             &local
+        ));
+        // Behind a proxy that rewrites Host, a page at an allowed name may still post.
+        let proxied: Vec<String> = vec!["denoise.example.org".into(), "127.0.0.1".into()];
+        assert!(!refused(
+            Some("127.0.0.1:8080"),
+            Some("https://denoise.example.org"),
+            true,
+            &proxied
         ));
         // No host list (a server on a LAN address): any Host, same Origin rule.
         assert!(!refused(

@@ -7,7 +7,7 @@ use crate::{Result, TrainError};
 use safetensors::{Dtype, SafeTensors};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use tch::{Kind, Tensor};
 
 pub const FILE_NAME: &str = "checkpoint.safetensors";
@@ -83,50 +83,74 @@ pub fn save_keeping_previous(
 ) -> Result<()> {
     let latest = dir.join(FILE_NAME);
     if latest.is_file() {
-        let io_err = |path: &Path| {
-            let path = path.to_path_buf();
-            move |source| TrainError::Io { path, source }
-        };
         let previous = dir.join(PREVIOUS_FILE_NAME);
         let staged = dir.join(format!(".{PREVIOUS_FILE_NAME}.partial"));
         let _ = std::fs::remove_file(&staged);
-        if std::fs::hard_link(&latest, &staged).is_err() {
-            std::fs::copy(&latest, &staged).map_err(io_err(&staged))?;
+        // Keeping the previous one is a spare: if neither a link nor a copy can be made (a
+        // full disk), the new checkpoint is still saved.
+        let kept = std::fs::hard_link(&latest, &staged)
+            .or_else(|_| std::fs::copy(&latest, &staged).map(|_| ()))
+            .and_then(|()| std::fs::rename(&staged, &previous));
+        if kept.is_err() {
+            let _ = std::fs::remove_file(&staged);
         }
-        std::fs::rename(&staged, &previous).map_err(io_err(&previous))?;
     }
     save(&latest, meta, tensors)
 }
 
+/// A checkpoint loaded by [`load_latest`].
+pub struct Latest {
+    pub checkpoint: Checkpoint,
+    /// The file it came from.
+    pub path: PathBuf,
+    /// Why the latest checkpoint was not used, when this is the previous one.
+    pub fallback: Option<String>,
+}
+
 /// Loads the run in `dir`'s latest checkpoint, or the previous one when the latest is missing
-/// or unreadable; the second value then says so, and a damaged latest is moved aside to
-/// `checkpoint.damaged.safetensors` (kept for inspection; the next save would otherwise keep it
-/// as the previous one). Fails with the latest's error when neither loads.
-pub fn load_latest(dir: &Path) -> Result<(Checkpoint, Option<String>)> {
+/// or damaged (not a readable checkpoint; an I/O error such as a permission is not damage and
+/// fails). Fails with the latest's error when neither loads.
+pub fn load_latest(dir: &Path) -> Result<Latest> {
     let (latest, previous) = (dir.join(FILE_NAME), dir.join(PREVIOUS_FILE_NAME));
     let err = match load(&latest) {
-        Ok(ck) => return Ok((ck, None)),
+        Ok(checkpoint) => {
+            return Ok(Latest {
+                checkpoint,
+                path: latest,
+                fallback: None,
+            });
+        }
         Err(err) => err,
     };
-    if !previous.is_file() {
+    let damaged = match &err {
+        TrainError::Checkpoint { .. } => true,
+        TrainError::Io { source, .. } => source.kind() == std::io::ErrorKind::NotFound,
+        _ => false,
+    };
+    if !damaged || !previous.is_file() {
         return Err(err);
     }
     match load(&previous) {
-        Ok(ck) => {
-            let mut note = format!(
+        Ok(checkpoint) => Ok(Latest {
+            fallback: Some(format!(
                 "{err}: resuming from the previous checkpoint, at step {}",
-                ck.meta.step
-            );
-            if latest.is_file() {
-                let aside = dir.join("checkpoint.damaged.safetensors");
-                if std::fs::rename(&latest, &aside).is_ok() {
-                    note.push_str(&format!(" (the damaged one is now '{}')", aside.display()));
-                }
-            }
-            Ok((ck, Some(note)))
-        }
+                checkpoint.meta.step
+            )),
+            checkpoint,
+            path: previous,
+        }),
         Err(_) => Err(err),
     }
+}
+
+/// Moves a damaged latest checkpoint aside (to `checkpoint.damaged.safetensors`, kept for
+/// inspection), so that the next save does not keep it as the previous one. Returns where.
+pub fn set_aside_damaged(dir: &Path) -> Option<PathBuf> {
+    let (latest, aside) = (
+        dir.join(FILE_NAME),
+        dir.join("checkpoint.damaged.safetensors"),
+    );
+    (latest.is_file() && std::fs::rename(&latest, &aside).is_ok()).then_some(aside)
 }
 
 /// Loads a checkpoint written by [`save`], with clear errors for truncated or foreign files.

@@ -117,6 +117,18 @@ impl TrainConfig {
     }
 
     /// Checks every field and resolves the model, noise and device, before any work starts.
+    /// The training and validation noise, parsed: validation defaults to the training noise,
+    /// or Gaussian sigma 25 when that has no single level.
+    pub fn noise_specs(&self) -> Result<(NoiseSpec, NoiseSpec)> {
+        let noise: NoiseSpec = self.noise.parse()?;
+        let val_noise: NoiseSpec = match &self.val_noise {
+            Some(spec) => spec.parse()?,
+            None if noise.nominal_sigma().is_none() => "gaussian:25".parse()?,
+            None => noise.clone(),
+        };
+        Ok((noise, val_noise))
+    }
+
     pub fn validate(&self) -> Result<Checked> {
         let bad = |m: String| Err(TrainError::Config(m));
         let Some(model) = self.model.clone() else {
@@ -134,12 +146,7 @@ impl TrainConfig {
                 self.data.display()
             ));
         }
-        let noise: NoiseSpec = self.noise.parse()?;
-        let val_noise: NoiseSpec = match &self.val_noise {
-            Some(spec) => spec.parse()?,
-            None if noise.nominal_sigma().is_none() => "gaussian:25".parse()?,
-            None => noise.clone(),
-        };
+        let (noise, val_noise) = self.noise_specs()?;
         if self.patch_size < 8 || self.patch_size % model.multiple() as usize != 0 {
             return bad(format!(
                 "patch_size {} must be at least 8 and a multiple of {} for {}",

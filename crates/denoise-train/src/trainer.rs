@@ -81,8 +81,8 @@ impl Trainer {
                     run_dir.display()
                 )));
             }
-            let (ck, warning) = checkpoint::load_latest(run_dir)?;
-            warnings.extend(warning);
+            let latest = checkpoint::load_latest(run_dir)?;
+            let ck = latest.checkpoint;
             let changed = identity_changes(&ck.meta.config, &cfg);
             if !changed.is_empty() {
                 return Err(TrainError::RunDir(format!(
@@ -104,7 +104,14 @@ impl Trainer {
                     lr(now)
                 ));
             }
-            Some(ck)
+            if let Some(mut why) = latest.fallback {
+                // Only now that the resume is accepted: a refused one changes nothing.
+                if let Some(aside) = checkpoint::set_aside_damaged(run_dir) {
+                    why.push_str(&format!(" (the damaged one is now '{}')", aside.display()));
+                }
+                warnings.push(why);
+            }
+            Some((ck, latest.path))
         } else {
             let existing: Vec<&str> = [
                 checkpoint::FILE_NAME,
@@ -195,9 +202,9 @@ impl Trainer {
         let mut adam = Adam::new(cfg.optimizer.clone(), trainable(&master));
         let (mut step, mut best_val_psnr, mut cost) = (0, None, TrainCost::default());
         let mut ema_restored = false;
-        if let Some(ck) = restored {
+        if let Some((ck, ck_file)) = restored {
             let bad = |message| TrainError::Checkpoint {
-                path: ck_path.clone(),
+                path: ck_file.clone(),
                 message,
             };
             restore_model(&master, &ck.tensors, "model.").map_err(bad)?;
@@ -723,8 +730,13 @@ const RESUMABLE_FIELDS: [&str; 9] = [
 ];
 
 /// The fields (by their config name) that differ between a run's config and `now`, leaving out
-/// [`RESUMABLE_FIELDS`] and `data` (a manifest may move).
+/// [`RESUMABLE_FIELDS`] and `data` (a manifest may move). The noise fields are compared as
+/// parsed specs, so spellings of one noise (spaces, a default made explicit) are equal.
 fn identity_changes(run: &TrainConfig, now: &TrainConfig) -> Vec<String> {
+    let same_noise = match (run.noise_specs(), now.noise_specs()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
     let as_map = |cfg: &TrainConfig| match serde_json::to_value(cfg) {
         Ok(serde_json::Value::Object(map)) => map,
         _ => serde_json::Map::new(),
@@ -735,6 +747,7 @@ fn identity_changes(run: &TrainConfig, now: &TrainConfig) -> Vec<String> {
     keys.dedup();
     keys.into_iter()
         .filter(|k| k.as_str() != "data" && !RESUMABLE_FIELDS.contains(&k.as_str()))
+        .filter(|k| !(same_noise && matches!(k.as_str(), "noise" | "val_noise")))
         .filter(|k| before.get(*k) != after.get(*k))
         .map(|k| {
             let show = |v: Option<&serde_json::Value>| v.map_or("-".into(), |v| v.to_string());
@@ -1234,6 +1247,10 @@ mod tests {
         other.noise = "gaussian:50".into();
         let err = Trainer::new(other, &run, true).err().expect("refused");
         assert!(err.to_string().contains("noise"), "{err}");
+        // A default made explicit is the same run.
+        let mut explicit = config(data.clone(), 10);
+        explicit.val_noise = Some("gaussian:25".into());
+        assert!(Trainer::new(explicit, &run, true).is_ok());
         // Extending it is allowed, and says what happens to the schedule.
         let longer = Trainer::new(config(data.clone(), 20), &run, true).unwrap();
         assert_eq!(longer.step(), 10);

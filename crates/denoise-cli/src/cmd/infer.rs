@@ -175,23 +175,34 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
     Ok(jobs)
 }
 
-/// `path` made absolute with its existing part resolved (symbolic links, `..`), so that two
-/// spellings of one file compare equal; a file that does not exist yet keeps its own name.
+/// `path` made absolute, component by component: the part that exists resolved by the file
+/// system (symbolic links), the rest lexically (`..` pops), as `create_dir_all` and the write
+/// would resolve it. Two spellings of one file then compare equal, `new/../a.png` included.
 fn canonical(path: &Path) -> PathBuf {
-    if let Ok(p) = path.canonicalize() {
-        return p;
-    }
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => {
-            let parent = if parent.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                parent
-            };
-            canonical(parent).join(name)
+    use std::path::Component;
+    let mut resolved = if path.is_absolute() {
+        PathBuf::new()
+    } else {
+        std::env::current_dir()
+            .and_then(|d| d.canonicalize())
+            .unwrap_or_default()
+    };
+    for part in path.components() {
+        match part {
+            Component::Prefix(_) | Component::RootDir => resolved.push(part.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::Normal(name) => {
+                resolved.push(name);
+                if let Ok(real) = resolved.canonicalize() {
+                    resolved = real;
+                }
+            }
         }
-        _ => path.to_path_buf(),
     }
+    resolved
 }
 
 /// Denoises one file; returns the notes to print (the estimated noise level).

@@ -44,10 +44,10 @@ pub struct Args {
     /// progress bar on large images.
     #[arg(long, default_value_t = 512)]
     tile: usize,
-    /// A host name requests may address (the `Host` header), repeatable. On a loopback --addr
-    /// the default is localhost, 127.0.0.1 and [::1] only, which stops other web pages from
-    /// reaching the server through a name of theirs that resolves to 127.0.0.1 (DNS rebinding);
-    /// on other addresses any name is accepted unless this is given.
+    /// A host name requests may address (the `Host` header), repeatable, added to localhost,
+    /// 127.0.0.1, [::1] and the --addr IP. With none given, a loopback --addr answers to those
+    /// only, which stops other web pages from reaching the server through a name of theirs that
+    /// resolves to 127.0.0.1 (DNS rebinding); other addresses answer to any name.
     #[arg(long, value_name = "NAME")]
     allowed_host: Vec<String>,
     /// Seconds a connection has to send its request headers before it is closed (slow
@@ -80,13 +80,7 @@ pub fn run(args: &Args) -> Result<()> {
             ..FetchConfig::default()
         },
         header_timeout: Duration::from_secs(args.header_timeout),
-        allowed_hosts: if !args.allowed_host.is_empty() || !args.addr.ip().is_loopback() {
-            args.allowed_host.clone()
-        } else {
-            ["localhost", "127.0.0.1", "[::1]"]
-                .map(String::from)
-                .to_vec()
-        },
+        allowed_hosts: allowed_hosts(args),
         ..ServeConfig::new(models)
     };
     let names: Vec<&str> = config.models.iter().map(|m| m.name.as_str()).collect();
@@ -127,6 +121,27 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// The shipped models, plus `--model` when it names a file or directory; and the default's name.
+/// The `Host` names to answer to (empty: any); see `--allowed-host`.
+fn allowed_hosts(args: &Args) -> Vec<String> {
+    if args.allowed_host.is_empty() && !args.addr.ip().is_loopback() {
+        return Vec::new();
+    }
+    let mut names: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
+        .map(String::from)
+        .to_vec();
+    let ip = args.addr.ip();
+    if !ip.is_unspecified() {
+        names.push(match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        });
+    }
+    names.extend(args.allowed_host.iter().cloned());
+    names.sort();
+    names.dedup();
+    names
+}
+
 fn model_entries(spec: Option<&str>) -> Result<(Vec<ModelEntry>, String)> {
     let dir = models_dir();
     let mut entries: Vec<ModelEntry> = shipped_models()
