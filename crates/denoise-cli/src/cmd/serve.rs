@@ -103,14 +103,18 @@ pub fn run(args: &Args) -> Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.addr))?;
         let addr = listener.local_addr()?;
-        eprintln!("denoise-cli: serving http://{addr}/ ({summary}); Ctrl-C or SIGTERM stops");
         // Ctrl-C or SIGTERM (`kill`, a service manager, `docker stop`): stop accepting, finish
-        // the requests in flight, exit 0.
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .context("cannot install the SIGTERM handler")?;
+        // the requests in flight, exit 0. Both handlers are installed before the "serving" line,
+        // so a signal sent as soon as it appears is not fatal.
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term =
+            signal(SignalKind::terminate()).context("cannot install the SIGTERM handler")?;
+        let mut int =
+            signal(SignalKind::interrupt()).context("cannot install the SIGINT handler")?;
+        eprintln!("denoise-cli: serving http://{addr}/ ({summary}); Ctrl-C or SIGTERM stops");
         let shutdown = async move {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = int.recv() => {}
                 _ = term.recv() => {}
             }
         };
@@ -120,7 +124,6 @@ pub fn run(args: &Args) -> Result<()> {
     })
 }
 
-/// The shipped models, plus `--model` when it names a file or directory; and the default's name.
 /// The `Host` names to answer to (empty: any); see `--allowed-host`.
 fn allowed_hosts(args: &Args) -> Vec<String> {
     if args.allowed_host.is_empty() && !args.addr.ip().is_loopback() {
@@ -142,6 +145,7 @@ fn allowed_hosts(args: &Args) -> Vec<String> {
     names
 }
 
+/// The shipped models, plus `--model` when it names a file or directory; and the default's name.
 fn model_entries(spec: Option<&str>) -> Result<(Vec<ModelEntry>, String)> {
     let dir = models_dir();
     let mut entries: Vec<ModelEntry> = shipped_models()
