@@ -284,8 +284,16 @@ fn origin_refusal(
         .or_else(|| origin.strip_prefix("https://"));
     if let Some(authority) = authority {
         // The page of this server: the same authority as the request's Host, or (behind a
-        // proxy that rewrites Host) a name the server was told to answer to.
-        let named = allowed_hosts.iter().any(|a| a == host_name(authority));
+        // proxy that rewrites Host) a domain name the server was told to answer to. Not by
+        // loopback name or IP alone: another port there is another local service's origin.
+        let name = host_name(authority);
+        let local = name == "localhost"
+            || name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok();
+        let named = !local && allowed_hosts.iter().any(|a| a == name);
         if Some(authority) == host.as_deref() || named {
             return None;
         }
