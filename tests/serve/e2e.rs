@@ -152,6 +152,13 @@ async fn the_page_denoises_an_upload_a_sample_and_a_drop() {
         json!([]),
     )
     .await;
+    // Typed into the number box, a sigma beyond the slider's 75 is what the server is sent.
+    page.execute(
+        "document.getElementById('sigma-num').value = ''; return true;",
+        json!([]),
+    )
+    .await;
+    page.send_keys(&page.find("#sigma-num").await, "150").await;
     let url_box = page.find("#url").await;
     page.send_keys(&url_box, &format!("{origin}/redirect/1"))
         .await;
@@ -166,6 +173,10 @@ async fn the_page_denoises_an_upload_a_sample_and_a_drop() {
     assert_eq!(
         page.execute(&text_of("stat-size"), json!([])).await,
         "96 × 64"
+    );
+    assert_eq!(
+        page.execute(&text_of("stat-sigma"), json!([])).await,
+        "150.0"
     );
 
     // Phone width, drag and drop.

@@ -266,7 +266,7 @@ async function run() {
   const form = new FormData();
   form.append('model', $('model').value);
   const fixed = document.querySelector('input[name="mode"]:checked').value === 'fixed';
-  form.append('sigma', fixed ? $('sigma').value : 'blind');
+  form.append('sigma', fixed ? $('sigma-num').value || $('sigma').value : 'blind');
   if (input.reference) form.append('reference', input.reference);
   form.append('job', job);
   form.append('image', input.blob, input.fileName);
@@ -330,7 +330,7 @@ function showResult(blob, headers, roundTripMs, fixed, input) {
   $('stat-time').title = `server ${ms} ms, round trip ${Math.round(roundTripMs)} ms`;
   const sigma = headers.get('X-Denoise-Sigma');
   $('stat-sigma').textContent = sigma ? `${sigma}${fixed ? '' : ' (est.)'}` : 'n/a (blind model)';
-  $('stat-sigma').title = sigma && !fixed ? 'estimated from the image (Immerkær 1996)' : '';
+  $('stat-sigma').title = sigma && !fixed ? 'estimated from the image (patch covariance, Chen et al. 2015)' : '';
   $('stat-size').textContent = (headers.get('X-Denoise-Size') || '').replace('x', ' × ');
   const psnr = headers.get('X-Denoise-Psnr');
   const psnrIn = headers.get('X-Denoise-Psnr-Input');
@@ -464,10 +464,22 @@ function wireInputs() {
     pickUrl($('url').value);
   });
   $('model').addEventListener('change', describeModel);
+  // The slider covers the usual range (0-75); the number box takes all the API does (0-255).
   const sigma = $('sigma');
-  sigma.addEventListener('input', () => {
-    $('sigma-out').textContent = sigma.value;
+  const sigmaNum = $('sigma-num');
+  const chooseFixed = () => {
     document.querySelector('input[name="mode"][value="fixed"]').checked = true;
+  };
+  sigma.addEventListener('input', () => {
+    sigmaNum.value = sigma.value;
+    chooseFixed();
+  });
+  sigmaNum.addEventListener('input', () => {
+    const v = Number(sigmaNum.value);
+    if (sigmaNum.value === '' || !Number.isFinite(v)) return;
+    sigmaNum.value = String(Math.min(255, Math.max(0, Math.round(v))));
+    sigma.value = sigmaNum.value;
+    chooseFixed();
   });
   $('run').addEventListener('click', run);
 }

@@ -87,10 +87,11 @@ impl Trainer {
             if !changed.is_empty() {
                 return Err(TrainError::RunDir(format!(
                     "--resume: the run in '{}' was trained with a different {}; resume it with \
-                     its own config (no --config, or only --steps, --val-every, --ema-decay, \
-                     --device, --precision, --data), or start a new run with another --out",
+                     its own config (a resume may change only {}, and data), or start a new run \
+                     with another --out",
                     run_dir.display(),
-                    changed.join(", ")
+                    changed.join(", "),
+                    RESUMABLE_FIELDS.join(", ")
                 )));
             }
             let (was, now) = (ck.meta.config.steps, cfg.steps);

@@ -12,8 +12,9 @@ pub struct Args {
     /// Model: a shipped name, an artefact file or a training run directory (default: shipped).
     #[arg(long)]
     model: Option<String>,
-    /// Noise level on the 0-255 scale, or 'auto' to estimate it (Immerkaer 1996) and report it,
-    /// for models that take one; without it such models estimate it (blind).
+    /// Noise level on the 0-255 scale, or 'auto' to estimate it (from the covariance of the
+    /// image's patches) and report it, for models that take one; without it such models
+    /// estimate it (blind).
     #[arg(long, allow_negative_numbers = true)]
     sigma: Option<Sigma>,
     /// auto (CUDA when available), cpu, cuda or cuda:N.

@@ -1,0 +1,39 @@
+//! Cost of the blind noise-level estimates on a CBSD68-sized colour image (481x321) and on a
+//! 2000x1500 one (sampled on a grid: the patch method's cost stops growing at 20,000 patches).
+//! Synthetic content, so no data set is needed.
+
+use std::hint::black_box;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use denoise_data::Image;
+use denoise_data::estimate::{estimate_sigma, immerkaer_sigma};
+use denoise_data::noise::NoiseSpec;
+
+fn noisy(h: usize, w: usize) -> Image {
+    let clean = Image::from_fn(3, h, w, |c, y, x| {
+        let (y, x, c) = (y as f32, x as f32, c as f32);
+        0.5 + 0.2 * (0.05 * x + 0.03 * y + c).sin() * (0.4 * x - 0.2 * y).cos()
+    });
+    NoiseSpec::Gaussian { lo: 25.0, hi: 25.0 }
+        .apply(&clean, 0)
+        .image
+}
+
+fn estimates(c: &mut Criterion) {
+    for (h, w) in [(321, 481), (1500, 2000)] {
+        let img = noisy(h, w);
+        c.bench_function(&format!("patch covariance {w}x{h}"), |b| {
+            b.iter(|| estimate_sigma(black_box(&img)))
+        });
+        c.bench_function(&format!("immerkaer {w}x{h}"), |b| {
+            b.iter(|| immerkaer_sigma(black_box(&img)))
+        });
+    }
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10);
+    targets = estimates
+}
+criterion_main!(benches);
