@@ -442,6 +442,42 @@ fn eval_prints_the_documented_json() {
 }
 
 #[test]
+fn blind_eval_reports_each_images_estimated_sigma() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(0);
+    let cfg = serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
+    let model = Model::new(&cfg, tch::Device::Cpu).unwrap();
+    let path = dir.path().join("ffdnet.safetensors");
+    artefact::save(&model, &artefact::Metadata::new(model.config()), &path).unwrap();
+    let data = dir.path().join("clean");
+    std::fs::create_dir_all(&data).unwrap();
+    io::save(data.join("1.png"), &picture(48, 64), None, BitDepth::Eight).unwrap();
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            path.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--noise",
+            "gaussian:25",
+            "--per-image",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let out = run(&args);
+        assert!(out.status.success(), "{}", stderr(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        v["results"][0]["per_image"][0].clone()
+    };
+    let blind = eval(&["--blind"]);
+    let estimate = blind["sigma_estimate"].as_f64().unwrap();
+    assert!((estimate - 25.0).abs() < 1.5, "{blind}");
+    // Given the true level, there is no estimate to report.
+    assert!(eval(&[]).get("sigma_estimate").is_none());
+}
+
+#[test]
 fn eval_reports_on_stdout_and_refuses_a_set_it_cannot_evaluate_up_front() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path());
@@ -541,14 +577,11 @@ fn plot_redraws_a_runs_curves() {
     assert_clean_failure(&run(&["plot", "/nonexistent/run"]), "cannot read");
 }
 
-#[test]
-fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    let dir = tempfile::tempdir().unwrap();
-    let images = dir.path().join("images");
+/// `n` colour pictures of slightly different sizes, `0.png`..., in `dir/images`.
+fn training_images(dir: &Path, n: usize) -> PathBuf {
+    let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
-    for i in 0..6 {
+    for i in 0..n {
         io::save(
             images.join(format!("{i}.png")),
             &picture(40 + 4 * i, 48),
@@ -557,6 +590,15 @@ fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
         )
         .unwrap();
     }
+    images
+}
+
+#[test]
+fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let images = training_images(dir.path(), 6);
     let data = dir.path().join("data");
     let out = run(&[
         "prepare-data",
@@ -655,4 +697,106 @@ fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
         err.contains(&format!("stopped at step {}", step + 2)),
         "{err}"
     );
+}
+
+#[test]
+fn prepare_data_names_what_it_left_out_and_train_names_a_gray_file_in_a_colour_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let images = training_images(dir.path(), 4);
+    std::fs::copy(images.join("0.png"), images.join("copy.png")).unwrap();
+    std::fs::write(images.join("broken.png"), b"not a png").unwrap();
+    let gray = picture(44, 44).to_channels(1).unwrap();
+    io::save(images.join("gray.png"), &gray, None, BitDepth::Eight).unwrap();
+    let data = dir.path().join("data");
+    let out = run(&[
+        "prepare-data",
+        "--src",
+        images.to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    assert!(
+        err.contains("left out 1 unusable file(s):") && err.contains("broken.png"),
+        "{err}"
+    );
+    assert!(
+        err.contains("left out 1 duplicate(s):") && err.contains("copy.png (same bytes as 0.png)"),
+        "{err}"
+    );
+
+    let out = run(&[
+        "--threads",
+        "1",
+        "train",
+        "--model",
+        "dncnn",
+        "--channels",
+        "3",
+        "--data",
+        data.join("manifest.json").to_str().unwrap(),
+        "--out",
+        dir.path().join("run").to_str().unwrap(),
+        "--patch",
+        "16",
+        "--steps",
+        "1",
+    ]);
+    assert_clean_failure(&out, "gray.png");
+    assert!(
+        stderr(&out).contains("has 1 channel(s) but 3"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[test]
+fn metrics_over_directories_go_on_past_a_bad_pair_and_say_what_was_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let (refs, tests) = (dir.path().join("ref"), dir.path().join("test"));
+    std::fs::create_dir_all(&refs).unwrap();
+    std::fs::create_dir_all(&tests).unwrap();
+    for (name, h, w) in [("a.png", 24, 30), ("b.png", 20, 20), ("tiny.png", 8, 8)] {
+        io::save(refs.join(name), &picture(h, w), None, BitDepth::Eight).unwrap();
+        io::save(tests.join(name), &picture(h, w + 1), None, BitDepth::Eight).unwrap();
+    }
+    // a.png matches; b.png's test copy is broken; tiny.png is under SSIM's window; only.png
+    // has no test copy.
+    io::save(tests.join("a.png"), &picture(24, 30), None, BitDepth::Eight).unwrap();
+    io::save(
+        tests.join("tiny.png"),
+        &picture(8, 8),
+        None,
+        BitDepth::Eight,
+    )
+    .unwrap();
+    std::fs::write(tests.join("b.png"), b"broken").unwrap();
+    io::save(
+        refs.join("only.png"),
+        &picture(16, 16),
+        None,
+        BitDepth::Eight,
+    )
+    .unwrap();
+    let out = run(&[
+        "metrics",
+        refs.to_str().unwrap(),
+        tests.to_str().unwrap(),
+        "--json",
+    ]);
+    assert_clean_failure(&out, "1 of 3 pair(s) could not be compared: b.png");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a.png", "tiny.png"]);
+    assert_eq!(v["files"][1]["ssim"], serde_json::Value::Null);
+    assert_eq!(v["files"][1]["psnr"], "inf");
+    assert_eq!(v["mean"]["ssim"], 1.0);
+    assert_eq!(v["unmatched"], serde_json::json!(["only.png"]));
+    assert_eq!(v["failed"][0]["name"], "b.png");
 }

@@ -29,11 +29,11 @@ pub struct BenchArgs {
     #[arg(long)]
     no_infer: bool,
     /// Back-to-back rounds; each figure is the median over rounds of per-round medians.
-    #[arg(long, default_value_t = 2)]
-    rounds: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    rounds: u16,
     /// Threads for both sides.
-    #[arg(long, default_value_t = 2)]
-    threads: usize,
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=4096))]
+    threads: u16,
     /// The reference bench script.
     #[arg(long, default_value = "../shared/reference/bench.py")]
     reference: PathBuf,

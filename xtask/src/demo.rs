@@ -140,8 +140,17 @@ fn figure(triples: &[[std::path::PathBuf; 3]], path: &Path) -> Result<()> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
+    // Encoded in memory and renamed into place: an interrupted run leaves the old figure.
+    let mut bytes = std::io::Cursor::new(Vec::new());
     canvas
-        .save(path)
+        .write_to(
+            &mut bytes,
+            image::ImageFormat::from_path(path).unwrap_or(image::ImageFormat::Png),
+        )
+        .context("cannot encode the figure")?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes.into_inner())
+        .and_then(|()| std::fs::rename(&tmp, path))
         .with_context(|| format!("cannot write {}", path.display()))
 }
 

@@ -164,7 +164,15 @@ impl Dataset {
             .map(|path| {
                 let mut loaded = io::load_with_limit(path, config.max_pixels)?;
                 loaded.image =
-                    conform_channels(loaded.image, config.channels, config.convert_channels)?;
+                    conform_channels(loaded.image, config.channels, config.convert_channels)
+                        .map_err(|e| match e {
+                            DataError::Channels { expected, got } => DataError::FileChannels {
+                                path: path.clone(),
+                                expected,
+                                got,
+                            },
+                            e => e,
+                        })?;
                 Ok(loaded)
             })
             .collect();
@@ -176,7 +184,7 @@ impl Dataset {
                     path: path.clone(),
                     loaded,
                 }),
-                Err(e @ DataError::Channels { .. }) => return Err(e),
+                Err(e @ DataError::FileChannels { .. }) => return Err(e),
                 Err(e) if config.strict => return Err(e),
                 Err(error) => skipped.push(Skipped {
                     path: path.clone(),
@@ -304,9 +312,10 @@ mod tests {
         assert!(
             matches!(
                 err,
-                DataError::Channels {
+                DataError::FileChannels {
                     expected: 3,
-                    got: 1
+                    got: 1,
+                    ..
                 }
             ),
             "{err}"

@@ -30,8 +30,17 @@ pub enum DataError {
     Unsupported { path: PathBuf, message: String },
     #[error("shape mismatch: {0}")]
     Shape(String),
-    #[error("channel mismatch: expected {expected} channel(s), got {got}; convert explicitly")]
+    #[error("channel mismatch: expected {expected} channel(s), got {got}")]
     Channels { expected: usize, got: usize },
+    #[error(
+        "'{path}' has {got} channel(s) but {expected} are wanted: use a set that is all colour \
+         or all gray (a mixed set is refused rather than converted silently)"
+    )]
+    FileChannels {
+        path: PathBuf,
+        expected: usize,
+        got: usize,
+    },
     #[error("invalid noise spec '{spec}': {message}")]
     NoiseSpec { spec: String, message: String },
     #[error("invalid configuration: {0}")]

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::codecs::jpeg::JpegEncoder;
+use image::metadata::Orientation;
 use image::{ColorType, DynamicImage, ImageBuffer, ImageDecoder, ImageError, ImageReader, Limits};
 use serde::{Deserialize, Serialize};
 
@@ -385,14 +386,21 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
     decoder
         .set_limits(alloc_limits(max_pixels))
         .map_err(|e| image_error(name, e))?;
+    // A camera's EXIF orientation is applied, so a portrait photo is denoised and saved
+    // upright (outputs carry no EXIF). Unreadable metadata leaves the pixels as stored.
+    let orientation = catch_unwind(AssertUnwindSafe(|| decoder.orientation()))
+        .ok()
+        .and_then(|o| o.ok())
+        .unwrap_or(Orientation::NoTransforms);
     // Decoders are meant to fail cleanly on hostile input; should one panic anyway, an upload
     // must not take the server (or a loader worker) down with it.
-    let decoded = catch_unwind(AssertUnwindSafe(|| DynamicImage::from_decoder(decoder)))
+    let mut decoded = catch_unwind(AssertUnwindSafe(|| DynamicImage::from_decoder(decoder)))
         .map_err(|_| DataError::Decode {
             path: name.into(),
             message: "the decoder panicked on this file".into(),
         })?
         .map_err(|e| image_error(name, e))?;
+    decoded.apply_orientation(orientation);
     Ok(raw_from_dynamic(decoded, format))
 }
 
@@ -414,8 +422,18 @@ pub fn probe(path: impl AsRef<Path>) -> Result<ImageInfo> {
         return Err(DataError::EmptyFile { path: path.into() });
     }
     let (reader, format) = reader_for(BufReader::new(file), path)?;
-    let decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
-    let (width, height) = decoder.dimensions();
+    let mut decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
+    let (mut width, mut height) = decoder.dimensions();
+    // As `load` will show it: turned upright by its EXIF orientation.
+    if let Ok(
+        Orientation::Rotate90
+        | Orientation::Rotate270
+        | Orientation::Rotate90FlipH
+        | Orientation::Rotate270FlipH,
+    ) = decoder.orientation()
+    {
+        std::mem::swap(&mut width, &mut height);
+    }
     let color = decoder.color_type();
     Ok(ImageInfo {
         width,
@@ -641,8 +659,12 @@ fn check_writable(
     if has_alpha && format == ImageFormat::Jpeg {
         return unsupported("jpeg has no alpha channel; save as png or drop the alpha".into());
     }
-    if has_alpha && channels == 1 && format == ImageFormat::Tiff {
-        return unsupported("the tiff writer cannot store gray+alpha; save as png".into());
+    // The BMP writer would drop the alpha silently; the TIFF writer refuses.
+    if has_alpha && channels == 1 && matches!(format, ImageFormat::Tiff | ImageFormat::Bmp) {
+        return unsupported(format!(
+            "the {} writer cannot store gray+alpha; save as png",
+            format!("{format:?}").to_lowercase()
+        ));
     }
     Ok(())
 }
@@ -892,6 +914,81 @@ mod tests {
         round_trip("a.bmp", 3, true, BitDepth::Eight);
         round_trip("a.webp", 3, false, BitDepth::Eight);
         round_trip("a.webp", 3, true, BitDepth::Eight);
+    }
+
+    #[test]
+    fn bmp_and_webp_store_gray_as_equal_rgb_and_bmp_refuses_gray_alpha() {
+        let dir = tempfile::tempdir().unwrap();
+        let gray = levels(1, 13, 17, BitDepth::Eight);
+        let alpha = alpha_for(13, 17, BitDepth::Eight);
+        let as_rgb = gray.to_channels(3).unwrap();
+        for name in ["g.bmp", "g.webp"] {
+            let path = dir.path().join(name);
+            save(&path, &gray, None, BitDepth::Eight).unwrap();
+            assert_eq!(load(&path).unwrap().image, as_rgb, "{name}");
+        }
+        let path = dir.path().join("ga.webp");
+        save(&path, &gray, Some(&alpha), BitDepth::Eight).unwrap();
+        let back = load(&path).unwrap();
+        assert_eq!((back.image, back.alpha), (as_rgb, Some(alpha.clone())));
+        // The BMP writer would drop the alpha without a word.
+        let path = dir.path().join("ga.bmp");
+        let e = save(&path, &gray, Some(&alpha), BitDepth::Eight).unwrap_err();
+        assert!(e.to_string().contains("gray+alpha"), "{e}");
+        assert!(check_output(&path, 1, true, BitDepth::Eight).is_err());
+        assert!(!path.exists());
+    }
+
+    /// A baseline JPEG of `img` with an EXIF block (APP1) holding only `orientation`.
+    fn jpeg_with_orientation(img: &Image, orientation: u16) -> Vec<u8> {
+        let plain = encode_named(
+            Path::new("a.jpg"),
+            img,
+            None,
+            BitDepth::Eight,
+            ImageFormat::Jpeg,
+        )
+        .unwrap();
+        let mut tiff = b"II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0".to_vec();
+        tiff.extend_from_slice(&orientation.to_le_bytes());
+        tiff.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+        let mut app1 = b"Exif\0\0".to_vec();
+        app1.extend_from_slice(&tiff);
+        let len = u16::try_from(app1.len() + 2).unwrap();
+        let mut out = plain[..2].to_vec();
+        out.extend_from_slice(&[0xFF, 0xE1]);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&app1);
+        out.extend_from_slice(&plain[2..]);
+        out
+    }
+
+    #[test]
+    fn exif_orientation_is_applied_on_load() {
+        // 24 high, 40 wide; the top-left 8x8 block is bright, the rest dark.
+        let img = Image::from_fn(3, 24, 40, |_, y, x| if y < 8 && x < 8 { 0.9 } else { 0.1 });
+        let stored = decode_bytes(&jpeg_with_orientation(&img, 1), "a.jpg", DEFAULT_MAX_PIXELS)
+            .unwrap()
+            .image;
+        assert_eq!(stored.shape(), (3, 24, 40));
+        // 6: the camera was turned a quarter clockwise; shown upright, the image is 40 high
+        // and its stored top-left corner is at the top right.
+        let turned = decode_bytes(&jpeg_with_orientation(&img, 6), "a.jpg", DEFAULT_MAX_PIXELS)
+            .unwrap()
+            .image;
+        assert_eq!(turned.shape(), (3, 40, 24));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("turned.jpg");
+        std::fs::write(&path, jpeg_with_orientation(&img, 6)).unwrap();
+        let info = probe(&path).unwrap();
+        assert_eq!((info.width, info.height), (24, 40));
+        let at = |y: usize, x: usize| turned.plane(0)[y * 24 + x];
+        assert!(
+            at(3, 20) > 0.8 && at(3, 3) < 0.2,
+            "{} {}",
+            at(3, 20),
+            at(3, 3)
+        );
     }
 
     #[test]

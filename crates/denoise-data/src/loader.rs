@@ -470,7 +470,8 @@ fn check_usable(
         });
     }
     if channels != config.channels && !config.convert_channels {
-        return Err(DataError::Channels {
+        return Err(DataError::FileChannels {
+            path: path.into(),
             expected: config.channels,
             got: channels,
         });
@@ -514,7 +515,7 @@ pub fn usable_files(
     for (path, check) in files.into_iter().zip(checks) {
         match check {
             Ok(()) => usable.push(path),
-            Err(e @ DataError::Channels { .. }) => return Err(e),
+            Err(e @ DataError::FileChannels { .. }) => return Err(e),
             Err(e) if config.strict => return Err(e),
             Err(error) => skipped.push(Skipped { path, error }),
         }
@@ -939,9 +940,10 @@ mod tests {
         assert!(
             matches!(
                 err,
-                DataError::Channels {
+                DataError::FileChannels {
                     expected: 3,
-                    got: 1
+                    got: 1,
+                    ..
                 }
             ),
             "{err}"

@@ -452,22 +452,32 @@ fn check_file(
     )
 }
 
-/// Orders files by a hash of `(seed, content hash)` and puts the first `round(n * fraction)`
-/// in validation: deterministic, independent of file names and order, and a file keeps its
-/// side when others are added or removed.
+/// Puts a file in validation when a hash of `(seed, its content hash)`, read as a fraction of
+/// 2^64, is under `val_fraction`: deterministic, independent of file names and order, and a file
+/// keeps its side when others are added or removed (so a grown data set does not move training
+/// images into validation). The count is therefore about, not exactly, `n * val_fraction`. The
+/// one exception to stability: when the fraction asks for both sides and the hashes leave one
+/// empty, the file nearest the threshold moves across.
 fn assign_splits(files: &mut [FileEntry], seed: u64, val_fraction: f64) {
     let n = files.len();
-    let mut keyed: Vec<(blake3::Hash, usize)> = files
+    let mut keyed: Vec<(u64, usize)> = files
         .iter()
         .enumerate()
         .map(|(i, f)| {
             let mut h = blake3::Hasher::new();
             h.update(&seed.to_le_bytes());
             h.update(f.blake3.as_bytes());
-            (h.finalize(), i)
+            let bytes: [u8; 8] = h.finalize().as_bytes()[..8].try_into().unwrap_or_default();
+            (u64::from_le_bytes(bytes), i)
         })
         .collect();
-    keyed.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()).then(a.1.cmp(&b.1)));
+    keyed.sort_unstable();
+    // 2^64 * fraction, exactly for 1.0.
+    let threshold = (val_fraction.clamp(0.0, 1.0) * 2f64.powi(64)) as u128;
+    let mut n_val = keyed
+        .iter()
+        .filter(|(k, _)| u128::from(*k) < threshold)
+        .count();
     // Keep both sides non-empty whenever the fraction asks for both.
     let lo = usize::from(val_fraction > 0.0 && n > 1);
     let hi = if val_fraction < 1.0 && n > 0 {
@@ -475,7 +485,7 @@ fn assign_splits(files: &mut [FileEntry], seed: u64, val_fraction: f64) {
     } else {
         n
     };
-    let n_val = ((n as f64 * val_fraction).round() as usize).clamp(lo, hi);
+    n_val = n_val.clamp(lo, hi);
     for f in files.iter_mut() {
         f.split = Split::Train;
     }
@@ -518,12 +528,10 @@ fn statistics(files: &[FileEntry]) -> Statistics {
     }
 }
 
+/// The noisy copy of `source`: its whole name with `.png` added (`a.jpg` -> `a.jpg.png`), so
+/// that `a.jpg` and `a.png` in one folder do not write one file.
 fn noisy_name(source: &str) -> String {
-    let stem = Path::new(source).with_extension("png");
-    format!(
-        "{NOISY_VALIDATION_DIR}/{}",
-        stem.to_string_lossy().replace('\\', "/")
-    )
+    format!("{NOISY_VALIDATION_DIR}/{}.png", source.replace('\\', "/"))
 }
 
 /// Writes the noisy validation images, reusing those of `previous` that match exactly.
@@ -1075,8 +1083,15 @@ mod tests {
     }
 
     #[test]
-    fn split_sizes_keep_both_sides() {
-        let entry = |i: usize| FileEntry {
+    fn noisy_copies_of_one_stem_do_not_collide() {
+        assert_eq!(noisy_name("a.jpg"), "val_noisy/a.jpg.png");
+        assert_eq!(noisy_name("a.png"), "val_noisy/a.png.png");
+        assert_eq!(noisy_name("sub\\b.JPG"), "val_noisy/sub/b.JPG.png");
+    }
+
+    /// A 1x1 gray entry named `i.png` with a content hash of `i`.
+    fn fake_entry(i: usize) -> FileEntry {
+        FileEntry {
             path: format!("{i}.png"),
             width: 1,
             height: 1,
@@ -1090,20 +1105,48 @@ mod tests {
             split: Split::Train,
             sum: vec![0.0],
             sum_sq: vec![0.0],
-        };
+        }
+    }
+
+    #[test]
+    fn split_sizes_keep_both_sides() {
         let count = |n: usize, f: f64| {
-            let mut files: Vec<FileEntry> = (0..n).map(entry).collect();
+            let mut files: Vec<FileEntry> = (0..n).map(fake_entry).collect();
             assign_splits(&mut files, 0, f);
             files
                 .iter()
                 .filter(|f| f.split == Split::Validation)
                 .count()
         };
-        assert_eq!(count(10, 0.1), 1);
         assert_eq!(count(10, 0.0), 0);
         assert_eq!(count(10, 1.0), 10);
         assert_eq!(count(3, 0.01), 1);
         assert_eq!(count(3, 0.99), 2);
         assert_eq!(count(1, 0.5), 0);
+        // About the fraction asked for: 1000 * 0.1 is binomial, sd 9.5.
+        let val = count(1000, 0.1);
+        assert!((70..=130).contains(&val), "{val}");
+        assert_eq!(count(1000, 0.1), val);
+    }
+
+    #[test]
+    fn a_file_keeps_its_side_when_others_are_added() {
+        let validation = |n: usize| {
+            let mut files: Vec<FileEntry> = (0..n).map(fake_entry).collect();
+            assign_splits(&mut files, 3, 0.2);
+            files
+                .into_iter()
+                .filter(|f| f.split == Split::Validation)
+                .map(|f| f.path)
+                .collect::<Vec<_>>()
+        };
+        let (before, after) = (validation(100), validation(150));
+        assert!(!before.is_empty() && after.len() > before.len());
+        // The first 100 files are on the same side in both: only new files joined validation.
+        let after_old: Vec<&String> = after
+            .iter()
+            .filter(|p| p.trim_end_matches(".png").parse::<usize>().unwrap() < 100)
+            .collect();
+        assert_eq!(after_old, before.iter().collect::<Vec<_>>());
     }
 }

@@ -17,8 +17,9 @@ pub struct Report {
     /// [`psnr`](crate::psnr()) in dB; `f64::INFINITY` for identical images.
     #[serde(with = "crate::serde_db")]
     pub psnr: f64,
-    /// [`ssim`](crate::ssim()), mean over channels.
-    pub ssim: f64,
+    /// [`ssim`](crate::ssim()), mean over channels; `None` (JSON `null`) for an image smaller
+    /// than SSIM's 11x11 window, whose other scores are still given.
+    pub ssim: Option<f64>,
     /// [`mse`](crate::mse()).
     pub mse: f64,
     /// [`mae`](crate::mae()).
@@ -29,8 +30,8 @@ impl Report {
     /// All four scores for CHW images with values in [0, 1] (data range 1).
     ///
     /// # Errors
-    /// Any error of the individual metrics; see [`ssim`](crate::ssim()) for the strictest
-    /// (height and width of at least 11).
+    /// Any error of the individual metrics, except SSIM's on an image under its window, which
+    /// gives `ssim: None`.
     pub fn compute(reference: &[f32], test: &[f32], shape: Shape) -> Result<Self> {
         Self::compute_with_range(reference, test, shape, 1.0)
     }
@@ -45,8 +46,13 @@ impl Report {
         shape: Shape,
         data_range: f64,
     ) -> Result<Self> {
-        // SSIM first: it checks the shape, the range and finiteness before the cheap metrics run.
-        let ssim = ssim(reference, test, shape, data_range)?;
+        // SSIM first: it checks the shape, the range and finiteness before the cheap metrics run
+        // (and before it finds an image too small for its window).
+        let ssim = match ssim(reference, test, shape, data_range) {
+            Ok(v) => Some(v),
+            Err(crate::MetricsError::TooSmall { .. }) => None,
+            Err(e) => return Err(e),
+        };
         let mse = mse(reference, test)?;
         Ok(Self {
             psnr: psnr_from_mse(mse, data_range),
@@ -69,10 +75,13 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ssim = self
+            .ssim
+            .map_or_else(|| "n/a (under 11x11)".to_owned(), |s| format!("{s:.6}"));
         write!(
             f,
-            "psnr {:.4} dB, ssim {:.6}, mse {:.6e}, mae {:.6e}",
-            self.psnr, self.ssim, self.mse, self.mae
+            "psnr {:.4} dB, ssim {ssim}, mse {:.6e}, mae {:.6e}",
+            self.psnr, self.mse, self.mae
         )
     }
 }
@@ -88,12 +97,12 @@ mod tests {
         let (a, b) = pattern_pair(shape);
         let r = Report::compute(&a, &b, shape).unwrap();
         assert_eq!(r.psnr, crate::psnr(&a, &b, 1.0).unwrap());
-        assert_eq!(r.ssim, ssim(&a, &b, shape, 1.0).unwrap());
+        assert_eq!(r.ssim, Some(ssim(&a, &b, shape, 1.0).unwrap()));
         assert_eq!(r.mse, mse(&a, &b).unwrap());
         assert_eq!(r.mae, mae(&a, &b).unwrap());
         // Reference values as in the psnr and ssim tests (scikit-image, data_range=1).
         assert!((r.psnr - 23.149567098453545).abs() < 1e-4);
-        assert!((r.ssim - 0.9718531412009453).abs() < 1e-4);
+        assert!((r.ssim.unwrap() - 0.9718531412009453).abs() < 1e-4);
     }
 
     #[test]
@@ -109,6 +118,20 @@ mod tests {
             r.to_string(),
             "psnr inf dB, ssim 1.000000, mse 0.000000e0, mae 0.000000e0"
         );
+    }
+
+    #[test]
+    fn an_image_under_the_ssim_window_still_gets_the_other_scores() {
+        let shape = Shape::new(3, 8, 8);
+        let (a, b) = pattern_pair(shape);
+        let r = Report::compute(&a, &b, shape).unwrap();
+        assert_eq!(r.ssim, None);
+        assert_eq!(r.psnr, crate::psnr(&a, &b, 1.0).unwrap());
+        assert_eq!(r.to_json()["ssim"], serde_json::Value::Null);
+        assert!(r.to_string().contains("ssim n/a"), "{r}");
+        // The checks that come before the window's still fail.
+        assert!(Report::compute(&a, &b[..b.len() - 1], shape).is_err());
+        assert!(Report::compute_with_range(&a, &b, shape, -1.0).is_err());
     }
 
     #[test]

@@ -65,9 +65,10 @@ impl From<DataError> for ServeError {
             DataError::TooLarge { .. } => ServeError::TooLarge(message),
             DataError::Unsupported { .. } => ServeError::Unsupported(message),
             DataError::Decode { .. } => ServeError::Undecodable(message),
-            DataError::EmptyFile { .. } | DataError::Channels { .. } | DataError::Shape(_) => {
-                ServeError::BadRequest(message)
-            }
+            DataError::EmptyFile { .. }
+            | DataError::Channels { .. }
+            | DataError::FileChannels { .. }
+            | DataError::Shape(_) => ServeError::BadRequest(message),
             // An in-memory decode fails with `Io` only when the bytes end early.
             DataError::Io { .. } => ServeError::Undecodable(message),
             _ => ServeError::Internal(message),

@@ -40,7 +40,7 @@ pub struct Args {
     /// Print JSON (on stdout, like the text report).
     #[arg(long)]
     json: bool,
-    /// Also report every image.
+    /// Also report every image (with --blind, also the noise level estimated for it).
     #[arg(long)]
     per_image: bool,
     /// Evaluate at fp32 and at bf16 and record bf16's PSNR loss (the largest over the noise
@@ -193,7 +193,7 @@ fn evaluate(
                 noisy.sigma_map.as_ref()
             };
             let start = Instant::now();
-            let (out, _) = runner.denoise(&noisy.image, Sigma::Blind, &mut |_, _| {}, map)?;
+            let (out, used) = runner.denoise(&noisy.image, Sigma::Blind, &mut |_, _| {}, map)?;
             seconds += start.elapsed().as_secs_f64();
             pixels += clean.pixels() as f64;
             let out = io::quantize_8bit(&out);
@@ -219,8 +219,12 @@ fn evaluate(
                     .unwrap_or(file)
                     .display()
                     .to_string();
-                per_image
-                    .push(serde_json::json!({"name": rel, "psnr": p, "ssim": s, "noisy_psnr": n}));
+                let mut r = serde_json::json!({"name": rel, "psnr": p, "ssim": s, "noisy_psnr": n});
+                // The level the model was given where it estimated one (--blind).
+                if let Some(sigma) = used.filter(|_| map.is_none()) {
+                    r["sigma_estimate"] = sigma.into();
+                }
+                per_image.push(r);
             }
         }
         let k = files.len() as f64;
@@ -246,8 +250,11 @@ fn evaluate(
             );
             if let Some(rows) = row.get("per_image").and_then(|v| v.as_array()) {
                 for r in rows {
+                    let estimate = r["sigma_estimate"]
+                        .as_f64()
+                        .map_or(String::new(), |s| format!("  sigma estimated {s:.2}"));
                     println!(
-                        "    {:<28} {:>6.2} dB  SSIM {:.4}",
+                        "    {:<28} {:>6.2} dB  SSIM {:.4}{estimate}",
                         r["name"].as_str().unwrap_or(""),
                         r["psnr"].as_f64().unwrap_or(0.0),
                         r["ssim"].as_f64().unwrap_or(0.0)

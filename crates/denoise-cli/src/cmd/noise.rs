@@ -1,6 +1,6 @@
 //! `denoise-cli noise`: add synthetic noise to an image file.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use denoise_data::io;
 use denoise_data::noise::NoiseSpec;
 use std::path::PathBuf;
@@ -30,7 +30,6 @@ pub fn run(args: &Args) -> Result<()> {
         &noisy.image,
         loaded.alpha.as_deref(),
         loaded.bit_depth,
-    )
-    .with_context(|| format!("failed to write '{}'", args.output.display()))?;
+    )?;
     Ok(())
 }

@@ -67,6 +67,26 @@ pub fn run(args: &Args) -> Result<()> {
         report.decoded,
         report.reused
     );
+    // Left out: said here, not only in the manifest, with the first few named.
+    const SHOWN: usize = 5;
+    if !m.rejected.is_empty() {
+        eprintln!("left out {} unusable file(s):", m.rejected.len());
+        for r in m.rejected.iter().take(SHOWN) {
+            eprintln!("  {}: {}", r.path, r.error);
+        }
+    }
+    if !m.duplicates.is_empty() {
+        eprintln!("left out {} duplicate(s):", m.duplicates.len());
+        for d in m.duplicates.iter().take(SHOWN) {
+            eprintln!("  {} (same bytes as {})", d.path, d.duplicate_of);
+        }
+    }
+    if m.rejected.len() > SHOWN || m.duplicates.len() > SHOWN {
+        eprintln!(
+            "  (all of them are listed in {})",
+            report.manifest_path.display()
+        );
+    }
     if let Some(why) = &report.previous_ignored {
         eprintln!("note: previous manifest not reused: {why}");
     }
