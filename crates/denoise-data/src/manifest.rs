@@ -494,6 +494,35 @@ fn assign_splits(files: &mut [FileEntry], seed: u64, val_fraction: f64) {
     }
 }
 
+/// Puts every file that `previous` (made with the same seed and fraction) already split back
+/// on its side, matched by content, so that a re-run never moves a file a run has trained or
+/// validated on; only new files take the hash rule. This also holds for manifests from before
+/// the hash-threshold split (which split by rank). Kept only while both sides stay non-empty.
+fn keep_previous_sides(files: &mut [FileEntry], previous: &Manifest) {
+    let sides: HashMap<&str, Split> = previous
+        .files
+        .iter()
+        .map(|f| (f.blake3.as_str(), f.split))
+        .collect();
+    let fresh: Vec<Split> = files.iter().map(|f| f.split).collect();
+    for f in files.iter_mut() {
+        if let Some(&side) = sides.get(f.blake3.as_str()) {
+            f.split = side;
+        }
+    }
+    let val = files
+        .iter()
+        .filter(|f| f.split == Split::Validation)
+        .count();
+    let fresh_val = fresh.iter().filter(|s| **s == Split::Validation).count();
+    let emptied = (val == 0 || val == files.len()) && fresh_val != val;
+    if emptied {
+        for (f, side) in files.iter_mut().zip(fresh) {
+            f.split = side;
+        }
+    }
+}
+
 fn statistics(files: &[FileEntry]) -> Statistics {
     let train: Vec<&FileEntry> = files.iter().filter(|f| f.split == Split::Train).collect();
     let channels = if train.iter().any(|f| f.channels == 3) {
@@ -746,6 +775,12 @@ pub fn prepare(
         return Err(DataError::EmptyDataset { path: src });
     }
     assign_splits(&mut files, config.seed, config.val_fraction);
+    if let Some(m) = previous
+        .as_ref()
+        .filter(|m| m.seed == config.seed && m.val_fraction == config.val_fraction)
+    {
+        keep_previous_sides(&mut files, m);
+    }
     let statistics = statistics(&files);
 
     let (noisy_validation, noisy_written, noisy_reused) = match &config.noisy_validation {
@@ -982,11 +1017,40 @@ mod tests {
             .unwrap();
         assert_eq!(e.height, 30);
 
+        // A side recorded by an earlier manifest (by an older split rule, say) is kept.
+        let path = out.path().join(MANIFEST_FILE);
+        let mut edited = Manifest::load(&path).unwrap();
+        let moved = edited
+            .files
+            .iter_mut()
+            .find(|f| f.split == Split::Train)
+            .unwrap();
+        moved.split = Split::Validation;
+        let moved = moved.path.clone();
+        edited.save(&path).unwrap();
+        let fourth = prepare(&config, &quiet).unwrap();
+        assert_eq!(fourth.manifest.files, edited.files);
+        assert!(
+            fourth
+                .manifest
+                .validation_paths()
+                .iter()
+                .any(|p| p.ends_with(&moved))
+        );
+
         let fresh = PrepareConfig {
             reuse: false,
             ..config
         };
-        assert_eq!(prepare(&fresh, &quiet).unwrap().reused, 0);
+        let fresh = prepare(&fresh, &quiet).unwrap();
+        assert_eq!(fresh.reused, 0);
+        assert!(
+            !fresh
+                .manifest
+                .validation_paths()
+                .iter()
+                .any(|p| p.ends_with(&moved))
+        );
     }
 
     #[test]
