@@ -425,12 +425,12 @@ pub fn probe(path: impl AsRef<Path>) -> Result<ImageInfo> {
     let mut decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
     let (mut width, mut height) = decoder.dimensions();
     // As `load` will show it: turned upright by its EXIF orientation.
-    if let Ok(
+    if let Ok(Ok(
         Orientation::Rotate90
         | Orientation::Rotate270
         | Orientation::Rotate90FlipH
         | Orientation::Rotate270FlipH,
-    ) = decoder.orientation()
+    )) = catch_unwind(AssertUnwindSafe(|| decoder.orientation()))
     {
         std::mem::swap(&mut width, &mut height);
     }
