@@ -134,7 +134,7 @@ pub fn patch_covariance_sigma(img: &Image) -> Option<f32> {
             cov[j * dim + i] = v;
         }
     }
-    let mut eigenvalues = symmetric_eigenvalues(cov, dim);
+    let (mut eigenvalues, _sweeps) = symmetric_eigenvalues(cov, dim);
     eigenvalues.sort_by(f64::total_cmp);
     let variance = noise_variance(&eigenvalues);
     if !variance.is_finite() {
@@ -175,21 +175,16 @@ fn noise_variance(ascending: &[f64]) -> f64 {
     0.0
 }
 
-/// The eigenvalues of the symmetric `n` x `n` matrix `a` (row-major), by cyclic Jacobi
-/// rotations: each rotation zeroes one off-diagonal pair, and sweeps repeat until the
-/// off-diagonal mass is negligible against the diagonal (quadratic convergence: a handful of
-/// sweeps).
-fn symmetric_eigenvalues(a: Vec<f64>, n: usize) -> Vec<f64> {
-    jacobi(a, n).0
-}
-
-/// The sweeps before the off-diagonal mass is under [`JACOBI_TOLERANCE`] of the total (the
-/// relative size of what is left is its square root, 1e-12): far below the noise eigenvalues'
-/// share of a covariance (above 1e-8 for sigma 1), and above where rounding would stall it.
+/// Sweeps stop once the off-diagonal mass is under this fraction of the total (the relative
+/// size of what is left is its square root, 1e-12): far below the noise eigenvalues' share of
+/// a covariance (above 1e-8 for sigma 1), and above where rounding would stall it.
 const JACOBI_TOLERANCE: f64 = 1e-24;
 
-/// [`symmetric_eigenvalues`] and the number of sweeps they took.
-fn jacobi(mut a: Vec<f64>, n: usize) -> (Vec<f64>, usize) {
+/// The eigenvalues of the symmetric `n` x `n` matrix `a` (row-major), and the sweeps they
+/// took, by cyclic Jacobi rotations: each rotation zeroes one off-diagonal pair, and sweeps
+/// repeat until the off-diagonal mass is under [`JACOBI_TOLERANCE`] of the total (quadratic
+/// convergence: a handful of sweeps).
+fn symmetric_eigenvalues(mut a: Vec<f64>, n: usize) -> (Vec<f64>, usize) {
     debug_assert_eq!(a.len(), n * n);
     let mut sweeps = 0;
     for _ in 0..64 {
@@ -466,7 +461,7 @@ mod tests {
     fn jacobi_recovers_the_eigenvalues_of_a_rotated_diagonal() {
         let values = [3.0, -1.0, 0.5, 2.0, 1e-6, 7.0];
         let a = rotated_diagonal(&values, &[0.3, -1.2, 0.8, 0.1, 2.0, -0.4]);
-        let mut got = symmetric_eigenvalues(a, values.len());
+        let (mut got, _) = symmetric_eigenvalues(a, values.len());
         got.sort_by(f64::total_cmp);
         let mut want = values.to_vec();
         want.sort_by(f64::total_cmp);
@@ -479,7 +474,7 @@ mod tests {
             .map(|i| if i < 90 { 1e-3 } else { (i - 89) as f64 * 0.37 })
             .collect();
         let v: Vec<f64> = (0..n).map(|i| ((i * 7919) % 23) as f64 - 11.0).collect();
-        let (mut got, sweeps) = jacobi(rotated_diagonal(&values, &v), n);
+        let (mut got, sweeps) = symmetric_eigenvalues(rotated_diagonal(&values, &v), n);
         assert!(sweeps <= 12, "{sweeps} sweeps");
         got.sort_by(f64::total_cmp);
         let mut want = values.clone();

@@ -386,12 +386,7 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
     decoder
         .set_limits(alloc_limits(max_pixels))
         .map_err(|e| image_error(name, e))?;
-    // A camera's EXIF orientation is applied, so a portrait photo is denoised and saved
-    // upright (outputs carry no EXIF). Unreadable metadata leaves the pixels as stored.
-    let orientation = catch_unwind(AssertUnwindSafe(|| decoder.orientation()))
-        .ok()
-        .and_then(|o| o.ok())
-        .unwrap_or(Orientation::NoTransforms);
+    let orientation = orientation(&mut decoder);
     // Decoders are meant to fail cleanly on hostile input; should one panic anyway, an upload
     // must not take the server (or a loader worker) down with it.
     let mut decoded = catch_unwind(AssertUnwindSafe(|| DynamicImage::from_decoder(decoder)))
@@ -402,6 +397,16 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
         .map_err(|e| image_error(name, e))?;
     decoded.apply_orientation(orientation);
     Ok(raw_from_dynamic(decoded, format))
+}
+
+/// The EXIF orientation `decoder` reports, applied on load so that a portrait photo is
+/// denoised and saved upright (outputs carry no EXIF). Unreadable metadata, or a decoder that
+/// panics on it, leaves the pixels as stored.
+fn orientation(decoder: &mut impl ImageDecoder) -> Orientation {
+    catch_unwind(AssertUnwindSafe(|| decoder.orientation()))
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or(Orientation::NoTransforms)
 }
 
 /// Reads only the header of a file: dimensions, channels, alpha, depth and format.
@@ -425,13 +430,13 @@ pub fn probe(path: impl AsRef<Path>) -> Result<ImageInfo> {
     let mut decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
     let (mut width, mut height) = decoder.dimensions();
     // As `load` will show it: turned upright by its EXIF orientation.
-    if let Ok(Ok(
+    if matches!(
+        orientation(&mut decoder),
         Orientation::Rotate90
-        | Orientation::Rotate270
-        | Orientation::Rotate90FlipH
-        | Orientation::Rotate270FlipH,
-    )) = catch_unwind(AssertUnwindSafe(|| decoder.orientation()))
-    {
+            | Orientation::Rotate270
+            | Orientation::Rotate90FlipH
+            | Orientation::Rotate270FlipH
+    ) {
         std::mem::swap(&mut width, &mut height);
     }
     let color = decoder.color_type();

@@ -9,7 +9,8 @@ use tch::Tensor;
 /// The noise level given to a model that takes a noise-level map (others ignore it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NoiseLevel<'a> {
-    /// Estimate a uniform level from the image (`denoise_data::estimate::estimate_sigma`): blind use.
+    /// Estimate a uniform level from the image (`denoise_data::estimate::estimate_sigma`):
+    /// blind use.
     Estimate,
     /// A uniform level on the 0-255 scale.
     Uniform(f32),

@@ -128,7 +128,8 @@ pub(crate) fn valid_name(name: &str) -> bool {
 /// The denoising strength a request asks for (`sigma`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Strength {
-    /// Estimate the noise level (from the image's patches) for models that take one: `blind`, `auto` or absent.
+    /// Estimate the noise level (`denoise_data::estimate::estimate_sigma`) for models that take
+    /// one: `blind`, `auto` or absent.
     #[default]
     Blind,
     /// A fixed noise level on the 0-255 scale.
