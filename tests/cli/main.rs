@@ -697,6 +697,41 @@ fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
         err.contains(&format!("stopped at step {}", step + 2)),
         "{err}"
     );
+
+    // A fine-tune starts a new run from the run's best model, taking its architecture.
+    let tuned = dir.path().join("tuned");
+    let out = run(&[
+        "--threads",
+        "1",
+        "train",
+        "--init",
+        run_dir.to_str().unwrap(),
+        "--data",
+        manifest.to_str().unwrap(),
+        "--out",
+        tuned.to_str().unwrap(),
+        "--noise",
+        "method2",
+        "--batch",
+        "2",
+        "--patch",
+        "16",
+        "--steps",
+        "2",
+    ]);
+    let err = stderr(&out);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("from step 0 of 2") && err.contains("starting from the weights of"),
+        "{err}"
+    );
+    let meta = artefact::read_metadata(&tuned).unwrap();
+    assert_eq!(meta.model.kind().to_string(), "dncnn");
+    assert_eq!(meta.noise.as_deref(), Some("method2"));
+    let out = train(&["--resume", "--init", run_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && stderr(&out).contains("--init"));
 }
 
 #[test]

@@ -15,6 +15,11 @@ use std::path::{Path, PathBuf};
 pub struct TrainConfig {
     /// The `manifest.json` written by `prepare-data`.
     pub data: PathBuf,
+    /// Start from this model artefact's weights (fine-tuning) instead of a random
+    /// initialisation; the optimizer, schedule and step count start afresh. Without a
+    /// `[model]` table the run takes the artefact's architecture; with one, they must match.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
     /// The architecture: a `[model]` table with `kind = "ffdnet"` and that kind's fields.
     pub model: Option<ModelConfig>,
     /// Training noise, a `denoise-data` spec (`gaussian:0-55` for a blind model, `method2`, ...).
@@ -60,6 +65,7 @@ impl Default for TrainConfig {
     fn default() -> Self {
         Self {
             data: PathBuf::new(),
+            init: None,
             model: None,
             noise: "gaussian:0-55".into(),
             patch_size: 64,

@@ -62,7 +62,12 @@ pub struct Trainer {
 impl Trainer {
     /// Checks the config, prepares the run directory and builds (or, with `resume`, restores)
     /// the model and optimizer. Everything that can be refused is refused here, before training.
-    pub fn new(cfg: TrainConfig, run_dir: &Path, resume: bool) -> Result<Self> {
+    pub fn new(mut cfg: TrainConfig, run_dir: &Path, resume: bool) -> Result<Self> {
+        // A resumed run's weights come from its checkpoint, whatever it started from.
+        let init = match cfg.init.clone() {
+            Some(path) if !resume => Some(load_init(&mut cfg, &path)?),
+            _ => None,
+        };
         let checked = cfg.validate()?;
         let mut warnings = Vec::new();
         let (train_files, val_files) = manifest_split(&cfg.data)?;
@@ -231,6 +236,16 @@ impl Trainer {
             best_val_psnr = ck.meta.best_val_psnr;
             cost = ck.meta.cost;
         }
+        if let Some(init) = &init {
+            let weights: BTreeMap<String, Tensor> =
+                init.var_store().variables().into_iter().collect();
+            restore_model(&master, &weights, "").map_err(|message| {
+                TrainError::Config(format!(
+                    "init '{}': {message}",
+                    cfg.init.as_deref().unwrap_or(Path::new("")).display()
+                ))
+            })?;
+        }
         if let (Some(ema), false) = (&ema, ema_restored) {
             update_ema(&master, ema, 0.0);
         }
@@ -312,6 +327,12 @@ impl Trainer {
     /// Time spent training so far, over every resume.
     pub fn cost(&self) -> TrainCost {
         self.cost
+    }
+
+    /// The run's config, as saved in its directory (with the `init` artefact's architecture
+    /// filled in).
+    pub fn config(&self) -> &TrainConfig {
+        &self.cfg
     }
 
     pub fn model(&self) -> &Model {
@@ -497,6 +518,7 @@ impl Trainer {
                 "train_seconds": self.cost.seconds,
                 "train_cpu_seconds": self.cost.cpu_seconds,
                 "ema_decay": self.cfg.ema_decay,
+                "init": self.cfg.init,
             }));
             artefact::save(
                 self.shipped(),
@@ -845,6 +867,28 @@ fn restore_model(
         }
         Ok(())
     })
+}
+
+/// Loads the `init` artefact (on the CPU; its weights are copied into the run's model). A config
+/// without `[model]` takes the artefact's architecture; one with a different `[model]` is refused,
+/// since the weights would not fit it.
+fn load_init(cfg: &mut TrainConfig, path: &Path) -> Result<Model> {
+    let art = artefact::load(path, Device::Cpu)?;
+    match &cfg.model {
+        None => cfg.model = Some(art.metadata.model.clone()),
+        Some(model) if *model != art.metadata.model => {
+            let show = |m: &ModelConfig| serde_json::to_string(m).unwrap_or_default();
+            return Err(TrainError::Config(format!(
+                "init '{}' is a {} model that does not match the run's [model] {}: leave out \
+                 [model] and --model to fine-tune the artefact's own architecture",
+                art.path.display(),
+                show(&art.metadata.model),
+                show(model)
+            )));
+        }
+        Some(_) => {}
+    }
+    Ok(art.model)
 }
 
 /// The training and validation files of a manifest, as absolute paths.
@@ -1288,6 +1332,72 @@ mod tests {
         let err = Trainer::new(big, &fresh, false).err().expect("refused");
         assert!(err.to_string().contains("can be used"), "{err}");
         assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn a_run_can_start_from_a_trained_model() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let stop = AtomicBool::new(false);
+        let base = dir.path().join("base");
+        let mut first = Trainer::new(config(data.clone(), 10), &base, false)
+            .unwrap()
+            .quiet(true);
+        first.run(&stop, None).unwrap();
+        drop(first);
+        let trained = artefact::load(&base, Device::Cpu).unwrap();
+
+        // Without [model], the run takes the artefact's architecture and weights, from step 0.
+        let mut tune = config(data.clone(), 10);
+        tune.model = None;
+        tune.noise = "gaussian:0-55".into();
+        tune.init = Some(base.join(artefact::FILE_NAME));
+        let run = dir.path().join("tune");
+        let mut tuned = Trainer::new(tune.clone(), &run, false).unwrap().quiet(true);
+        assert_eq!(tuned.step(), 0);
+        let (start, reference) = (weights(tuned.model()), weights(&trained.model));
+        assert_eq!(
+            start.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>()
+        );
+        for (name, t) in &start {
+            assert!(t.equal(&reference[name]), "{name} is not the artefact's");
+        }
+        let saved = TrainConfig::from_file(&run.join("config.toml")).unwrap();
+        assert_eq!(saved.model.as_ref(), Some(&trained.metadata.model));
+        assert_eq!(saved.init, tune.init);
+        tuned.run(&stop, None).unwrap();
+        drop(tuned);
+        let meta = artefact::read_metadata(&run).unwrap();
+        assert_eq!(
+            meta.training.unwrap()["init"],
+            serde_json::json!(base.join(artefact::FILE_NAME))
+        );
+        // A resume continues from its own checkpoint (step 10), not from the artefact again.
+        let resumed = Trainer::new(saved, &run, true).unwrap();
+        assert_eq!(resumed.step(), 10);
+        let now = weights(resumed.model());
+        assert!(reference.iter().any(|(name, t)| !t.equal(&now[name])));
+
+        // Another architecture is refused, and so is a path that is not a model.
+        let mut other = config(data.clone(), 10);
+        other.model = Some(
+            serde_json::from_str(r#"{"kind":"dncnn","depth":5,"features":16,"batch_norm":false}"#)
+                .unwrap(),
+        );
+        other.init = tune.init.clone();
+        let err = Trainer::new(other, &dir.path().join("x"), false)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("does not match"), "{err}");
+        let mut missing = tune;
+        missing.init = Some(dir.path().join("nope.safetensors"));
+        let err = Trainer::new(missing, &dir.path().join("y"), false)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("nope.safetensors"), "{err}");
+        assert!(!dir.path().join("x").exists() && !dir.path().join("y").exists());
     }
 
     #[test]

@@ -21,6 +21,12 @@ pub struct Args {
     /// the config's [model].
     #[arg(long)]
     model: Option<String>,
+    /// Fine-tune: start from this model's weights (a shipped name such as `default`, an artefact
+    /// file or a run directory) instead of a random initialisation, taking its architecture.
+    /// The step count, optimizer and schedule start afresh; a lower --lr than a run from
+    /// scratch (a fifth, say) keeps what the model learnt.
+    #[arg(long, value_name = "MODEL", conflicts_with = "resume")]
+    init: Option<String>,
     /// Image channels for --model (3 colour, 1 gray).
     #[arg(long, default_value_t = 3)]
     channels: i64,
@@ -93,6 +99,12 @@ pub fn run(args: &Args) -> Result<()> {
             ),
             Err(_) => {}
         }
+    }
+    if let Some(spec) = &args.init {
+        let path = crate::common::resolve_model(Some(spec))?;
+        let path = denoise_models::artefact::resolve(&path)?;
+        // Saved absolute, like the manifest.
+        cfg.init = Some(path.canonicalize().unwrap_or(path));
     }
     if let Some(m) = &args.model {
         cfg.model = Some(m.parse::<ModelKind>()?.default_config(args.channels));
@@ -169,6 +181,9 @@ pub fn run(args: &Args) -> Result<()> {
         trainer.step(),
         trainer.planned_steps()
     );
+    if let (Some(init), false) = (&trainer.config().init, args.resume) {
+        eprintln!("starting from the weights of '{}'", init.display());
+    }
     let outcome = trainer.run(&stop, None)?;
     let cost = trainer.cost();
     eprintln!(
