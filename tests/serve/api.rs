@@ -230,6 +230,62 @@ fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert!(waited < 8.0, "stopping took {waited:.1} s");
 }
 
+#[test]
+fn a_stop_lets_a_slow_reader_have_its_whole_response() {
+    use denoise_data::io::{BitDepth, encode_png};
+    use std::io::{Read, Write};
+    use std::time::Duration;
+    // A result of several MB, more than the sockets buffer: 16-bit noise kept at sigma 0.
+    let grain = denoise_data::Image::from_fn(3, 1024, 1024, |c, y, x| {
+        let h = (c * 1_048_576 + y * 1024 + x) as u64;
+        (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as f32 / (1u64 << 24) as f32
+    });
+    let body = encode_png(&grain, None, BitDepth::Sixteen).unwrap();
+    let server = Server::start(&[]);
+    let addr = server.url("").trim_start_matches("http://").to_owned();
+    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
+    let head = format!(
+        "POST /api/denoise?sigma=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    // Once the answer has begun, the server is told to stop while this client reads nothing
+    // for longer than the 2 s the server gives connections without a request in flight.
+    let mut response = vec![0u8; 12];
+    slow.read_exact(&mut response).unwrap();
+    assert_eq!(&response, b"HTTP/1.1 200", "{}", server.log());
+    std::thread::scope(|scope| {
+        let stopping = scope.spawn(|| server.terminate());
+        std::thread::sleep(Duration::from_secs(4));
+        slow.read_to_end(&mut response).unwrap();
+        let head = response
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response head");
+        let length: usize = String::from_utf8_lossy(&response[..head])
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_owned)
+            })
+            .expect("a content length")
+            .trim()
+            .parse()
+            .unwrap();
+        assert!(
+            length > 3_000_000,
+            "too small to fill the buffers: {length}"
+        );
+        assert_eq!(response.len() - head - 4, length, "the response was cut");
+        assert!(stopping.join().unwrap().success(), "{}", server.log());
+    });
+}
+
 /// A PNG chunk with its CRC.
 fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
     fn crc32(bytes: &[u8]) -> u32 {

@@ -44,7 +44,8 @@ pub struct ServeConfig {
     /// rebinding).
     pub allowed_hosts: Vec<String>,
     /// A connection must send its request headers within this, or it is closed (a client that
-    /// trickles them cannot hold connections open).
+    /// trickles them cannot hold connections open). At a stop, a response still being written
+    /// is waited for this long once no request is in flight.
     pub header_timeout: std::time::Duration,
 }
 

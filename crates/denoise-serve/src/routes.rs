@@ -17,7 +17,7 @@ use axum::{Json, Router, middleware};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 const PAGE: &str = include_str!("../web/index.html");
@@ -55,6 +55,9 @@ struct AppState {
     header_timeout: Duration,
     /// Requests being handled (headers read, response not yet produced).
     in_flight: Arc<AtomicUsize>,
+    /// Open connections that have sent a request: at a stop, each is waited for (it closes
+    /// once its response is written) up to the header timeout.
+    answered: Arc<AtomicUsize>,
 }
 
 /// A ready server: workers started (each with the default model loaded), routes built.
@@ -109,6 +112,7 @@ impl App {
                     .collect(),
                 header_timeout: config.header_timeout,
                 in_flight: Arc::new(AtomicUsize::new(0)),
+                answered: Arc::new(AtomicUsize::new(0)),
             }),
         })
     }
@@ -165,7 +169,18 @@ impl App {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
-            let service = hyper_util::service::TowerToHyperService::new(router.clone());
+            let inner = hyper_util::service::TowerToHyperService::new(router.clone());
+            // Counted in `answered` from its first request to its end.
+            let answered = Arc::clone(&self.state.answered);
+            let counted = Arc::new(AtomicBool::new(false));
+            let mark = Arc::clone(&counted);
+            let service = hyper::service::service_fn(move |request| {
+                if !mark.swap(true, Ordering::SeqCst) {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
+                hyper::service::Service::call(&inner, request)
+            });
+            let answered = Arc::clone(&self.state.answered);
             let watcher = graceful.watcher();
             tokio::spawn(async move {
                 // The header timer starts when a request's head is awaited, bytes or not, so a
@@ -176,22 +191,33 @@ impl App {
                     .serve_connection(TokioIo::new(stream), service);
                 // A failed connection (reset, timed out) concerns that client only.
                 let _ = watcher.watch(connection).await;
+                if counted.load(Ordering::SeqCst) {
+                    answered.fetch_sub(1, Ordering::SeqCst);
+                }
             });
         }
         drop(listener);
-        // Requests in flight finish. Connections with none (idle keep-alive, or one still
-        // sending its headers) are not waited for once no request has been in flight for 2 s
-        // (a response still being written to a client that slow may be cut).
-        let in_flight = Arc::clone(&self.state.in_flight);
+        // Requests in flight finish, and so do the responses being written: a connection that
+        // has sent a request closes once its response is out (graceful shutdown closes idle
+        // keep-alive ones at once), and a client that reads slowly is given up to the header
+        // timeout once no request is left in flight. Connections that never sent a whole
+        // request head are not waited for once everything else has been quiet for 2 s.
+        let (in_flight, writing) = (
+            Arc::clone(&self.state.in_flight),
+            Arc::clone(&self.state.answered),
+        );
         let idle = async move {
-            let mut quiet_for = Duration::ZERO;
-            while quiet_for < Duration::from_secs(2) {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                quiet_for = if in_flight.load(Ordering::SeqCst) == 0 {
-                    quiet_for + Duration::from_millis(50)
+            let tick = Duration::from_millis(50);
+            let (mut quiet_for, mut writing_for) = (Duration::ZERO, Duration::ZERO);
+            while quiet_for < Duration::from_secs(2) && writing_for < header_timeout {
+                tokio::time::sleep(tick).await;
+                if in_flight.load(Ordering::SeqCst) > 0 {
+                    (quiet_for, writing_for) = (Duration::ZERO, Duration::ZERO);
+                } else if writing.load(Ordering::SeqCst) > 0 {
+                    (quiet_for, writing_for) = (Duration::ZERO, writing_for + tick);
                 } else {
-                    Duration::ZERO
-                };
+                    quiet_for += tick;
+                }
             }
         };
         tokio::select! {

@@ -51,7 +51,8 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     allowed_host: Vec<String>,
     /// Seconds a connection has to send its request headers before it is closed (slow
-    /// clients cannot hold connections open).
+    /// clients cannot hold connections open); at a stop, also how long a client still reading
+    /// its response is waited for.
     #[arg(long, default_value_t = 30, value_name = "SECONDS")]
     header_timeout: u64,
 }
