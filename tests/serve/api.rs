@@ -230,37 +230,55 @@ fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert!(waited < 8.0, "stopping took {waited:.1} s");
 }
 
+/// Sends a `POST /api/denoise?sigma=0` of `body` on a new connection and reads the status line.
+fn post_and_await_the_answer(addr: &str, body: &[u8]) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "POST /api/denoise?sigma=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(120)))
+        .unwrap();
+    let mut status = [0u8; 12];
+    stream.read_exact(&mut status).unwrap();
+    assert_eq!(&status, b"HTTP/1.1 200");
+    stream
+}
+
 #[test]
 fn a_stop_lets_a_slow_reader_have_its_whole_response() {
     use denoise_data::io::{BitDepth, encode_png};
     use std::io::{Read, Write};
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
     // A result of several MB, more than the sockets buffer: 16-bit noise kept at sigma 0.
     let grain = denoise_data::Image::from_fn(3, 1024, 1024, |c, y, x| {
         let h = (c * 1_048_576 + y * 1024 + x) as u64;
         (h.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 40) as f32 / (1u64 << 24) as f32
     });
     let body = encode_png(&grain, None, BitDepth::Sixteen).unwrap();
-    let server = Server::start(&[]);
+    let server = Server::start(&["--header-timeout", "10"]);
     let addr = server.url("").trim_start_matches("http://").to_owned();
-    let mut slow = std::net::TcpStream::connect(&addr).unwrap();
-    let head = format!(
-        "POST /api/denoise?sigma=0 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    slow.write_all(head.as_bytes()).unwrap();
-    slow.write_all(&body).unwrap();
-    slow.set_read_timeout(Some(Duration::from_secs(120)))
+    // An idle keep-alive connection that has had its answer: a stop does not wait for it.
+    let mut idle = std::net::TcpStream::connect(&addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         .unwrap();
+    let mut health = [0u8; 12];
+    idle.read_exact(&mut health).unwrap();
+    assert_eq!(&health, b"HTTP/1.1 200");
+
     // Once the answer has begun, the server is told to stop while this client reads nothing
     // for longer than the 2 s the server gives connections without a request in flight.
-    let mut response = vec![0u8; 12];
-    slow.read_exact(&mut response).unwrap();
-    assert_eq!(&response, b"HTTP/1.1 200", "{}", server.log());
+    let mut slow = post_and_await_the_answer(&addr, &body);
     std::thread::scope(|scope| {
+        let started = Instant::now();
         let stopping = scope.spawn(|| server.terminate());
         std::thread::sleep(Duration::from_secs(4));
+        let mut response = b"HTTP/1.1 200".to_vec();
         slow.read_to_end(&mut response).unwrap();
         let head = response
             .windows(4)
@@ -283,7 +301,21 @@ fn a_stop_lets_a_slow_reader_have_its_whole_response() {
         );
         assert_eq!(response.len() - head - 4, length, "the response was cut");
         assert!(stopping.join().unwrap().success(), "{}", server.log());
+        let waited = started.elapsed().as_secs_f64();
+        assert!(
+            waited < 8.0,
+            "the idle connection held the stop: {waited:.1} s"
+        );
     });
+
+    // A client that never reads is given the header timeout, then cut: the stop still ends.
+    let server = Server::start(&["--header-timeout", "2"]);
+    let addr = server.url("").trim_start_matches("http://").to_owned();
+    let _stalled = post_and_await_the_answer(&addr, &body);
+    let started = Instant::now();
+    assert!(server.terminate().success(), "{}", server.log());
+    let waited = started.elapsed().as_secs_f64();
+    assert!((1.5..10.0).contains(&waited), "stopped after {waited:.1} s");
 }
 
 /// A PNG chunk with its CRC.

@@ -155,8 +155,10 @@ impl App {
         // Each connection is watched: at shutdown, idle ones close and requests in flight
         // finish before this returns.
         let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut connections = tokio::task::JoinSet::new();
         let mut shutdown = std::pin::pin!(shutdown);
         loop {
+            while connections.try_join_next().is_some() {}
             let stream = tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => stream,
@@ -180,9 +182,14 @@ impl App {
                 }
                 hyper::service::Service::call(&inner, request)
             });
-            let answered = Arc::clone(&self.state.answered);
+            let answered = Answered {
+                count: Arc::clone(&self.state.answered),
+                counted,
+            };
             let watcher = graceful.watcher();
-            tokio::spawn(async move {
+            connections.spawn(async move {
+                // Counted down when this task ends, however it ends (aborted at a stop too).
+                let _answered = answered;
                 // The header timer starts when a request's head is awaited, bytes or not, so a
                 // silent client is dropped as well as a trickling one.
                 let connection = hyper::server::conn::http1::Builder::new()
@@ -191,9 +198,6 @@ impl App {
                     .serve_connection(TokioIo::new(stream), service);
                 // A failed connection (reset, timed out) concerns that client only.
                 let _ = watcher.watch(connection).await;
-                if counted.load(Ordering::SeqCst) {
-                    answered.fetch_sub(1, Ordering::SeqCst);
-                }
             });
         }
         drop(listener);
@@ -224,7 +228,10 @@ impl App {
             () = graceful.shutdown() => {}
             () = idle => {}
         }
-        // Join the workers once the connections' tasks have let go of the state.
+        // Connections still open now (a reader slower than the limit, headers never finished)
+        // are closed, so their tasks let go of the state and the workers can be joined.
+        connections.abort_all();
+        while connections.join_next().await.is_some() {}
         drop(router);
         let mut state = self.state;
         for _ in 0..100 {
@@ -269,6 +276,20 @@ async fn guard_origin(
             // Counted down however the handler ends (a client gone drops its future).
             let _done = InFlight(Arc::clone(&state.in_flight));
             next.run(request).await
+        }
+    }
+}
+
+/// Counts a connection that has sent a request down when its task ends.
+struct Answered {
+    count: Arc<AtomicUsize>,
+    counted: Arc<AtomicBool>,
+}
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        if self.counted.load(Ordering::SeqCst) {
+            self.count.fetch_sub(1, Ordering::SeqCst);
         }
     }
 }

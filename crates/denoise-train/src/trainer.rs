@@ -66,6 +66,13 @@ impl Trainer {
         // A resumed run's weights come from its checkpoint, whatever it started from.
         let init = match cfg.init.clone() {
             Some(path) if !resume => Some(load_init(&mut cfg, &path)?),
+            Some(_) if cfg.model.is_none() => {
+                // A fine-tune's config without [model], resumed: the run's saved config has it.
+                cfg.model = TrainConfig::from_file(&run_dir.join("config.toml"))
+                    .ok()
+                    .and_then(|saved| saved.model);
+                None
+            }
             _ => None,
         };
         let checked = cfg.validate()?;
@@ -354,6 +361,10 @@ impl Trainer {
                 path: self.run_dir.join(LOG_FILE),
                 source,
             })?;
+        if self.step == 0 && self.cfg.init.is_some() {
+            // A fine-tune's starting point: the model it begins from is kept unless beaten.
+            self.validate_and_log(&bar, &mut log)?;
+        }
         let start = Instant::now();
         let first_step = self.step;
         let mut last_loss = f64::NAN;
@@ -402,34 +413,7 @@ impl Trainer {
                 );
             }
             if self.step % self.cfg.val_every == 0 || self.step == self.cfg.steps {
-                let scores = self.validate_and_keep_best()?;
-                self.history.push_val(ValPoint {
-                    step: self.step,
-                    psnr: scores.psnr,
-                    noisy_psnr: scores.noisy_psnr,
-                    cpu_s: Some(self.cost.cpu_seconds),
-                });
-                let title = plot::run_title(&self.cfg);
-                if let Err(e) = plot::write_plots(&self.history, &self.run_dir, &title) {
-                    // A plot is a convenience: training goes on without it.
-                    say(&bar, format!("warning: {e}"));
-                }
-                writeln!(log, "{}", serde_json::json!({"step": self.step, "val_psnr": scores.psnr, "val_ssim": scores.ssim, "noisy_psnr": scores.noisy_psnr, "train_s": self.cost.seconds, "train_cpu_s": self.cost.cpu_seconds}))
-                    .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
-                if !self.quiet {
-                    say(
-                        &bar,
-                        format!(
-                            "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}, {:.1} CPU-min",
-                            self.step,
-                            scores.psnr,
-                            scores.noisy_psnr,
-                            scores.ssim,
-                            self.best_val_psnr.unwrap_or(f64::NAN),
-                            self.cost.cpu_seconds / 60.0
-                        ),
-                    );
-                }
+                self.validate_and_log(&bar, &mut log)?;
                 self.save_checkpoint()?;
             } else if self.step % self.cfg.checkpoint_every == 0 {
                 self.save_checkpoint()?;
@@ -500,6 +484,43 @@ impl Trainer {
         self.ema.as_ref().unwrap_or(&self.master)
     }
 
+    /// Validates (keeping the best model), logs the scores and redraws the plots.
+    fn validate_and_log(
+        &mut self,
+        bar: &indicatif::ProgressBar,
+        log: &mut std::fs::File,
+    ) -> Result<()> {
+        let scores = self.validate_and_keep_best()?;
+        self.history.push_val(ValPoint {
+            step: self.step,
+            psnr: scores.psnr,
+            noisy_psnr: scores.noisy_psnr,
+            cpu_s: Some(self.cost.cpu_seconds),
+        });
+        let title = plot::run_title(&self.cfg);
+        if let Err(e) = plot::write_plots(&self.history, &self.run_dir, &title) {
+            // A plot is a convenience: training goes on without it.
+            say(bar, format!("warning: {e}"));
+        }
+        writeln!(log, "{}", serde_json::json!({"step": self.step, "val_psnr": scores.psnr, "val_ssim": scores.ssim, "noisy_psnr": scores.noisy_psnr, "train_s": self.cost.seconds, "train_cpu_s": self.cost.cpu_seconds}))
+                .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
+        if !self.quiet {
+            say(
+                bar,
+                format!(
+                    "step {:>7}: val PSNR {:.2} dB (noisy {:.2}), SSIM {:.4}, best {:.2}, {:.1} CPU-min",
+                    self.step,
+                    scores.psnr,
+                    scores.noisy_psnr,
+                    scores.ssim,
+                    self.best_val_psnr.unwrap_or(f64::NAN),
+                    self.cost.cpu_seconds / 60.0
+                ),
+            );
+        }
+        Ok(())
+    }
+
     fn validate_and_keep_best(&mut self) -> Result<ValScores> {
         let scores = self.val.score(self.shipped())?;
         if self.best_val_psnr.is_none_or(|best| scores.psnr > best) {
@@ -518,8 +539,12 @@ impl Trainer {
                 "train_seconds": self.cost.seconds,
                 "train_cpu_seconds": self.cost.cpu_seconds,
                 "ema_decay": self.cfg.ema_decay,
-                "init": self.cfg.init,
             }));
+            if let (Some(init), Some(serde_json::Value::Object(training))) =
+                (&self.cfg.init, meta.training.as_mut())
+            {
+                training.insert("init".into(), serde_json::json!(init));
+            }
             artefact::save(
                 self.shipped(),
                 &meta,
@@ -1369,13 +1394,19 @@ mod tests {
         assert_eq!(saved.init, tune.init);
         tuned.run(&stop, None).unwrap();
         drop(tuned);
+        // The starting point is validated first, so the fine-tune keeps it unless beaten.
+        let log = std::fs::read_to_string(run.join(LOG_FILE)).unwrap();
+        let first_val = History::parse(&log).val_points().next().copied().unwrap();
+        assert_eq!(first_val.step, 0);
         let meta = artefact::read_metadata(&run).unwrap();
         assert_eq!(
             meta.training.unwrap()["init"],
             serde_json::json!(base.join(artefact::FILE_NAME))
         );
-        // A resume continues from its own checkpoint (step 10), not from the artefact again.
-        let resumed = Trainer::new(saved, &run, true).unwrap();
+        // A resume continues from its own checkpoint (step 10), not from the artefact again,
+        // also from the fine-tune's own config, which has no [model].
+        assert_eq!(saved.init, tune.init);
+        let resumed = Trainer::new(tune.clone(), &run, true).unwrap();
         assert_eq!(resumed.step(), 10);
         let now = weights(resumed.model());
         assert!(reference.iter().any(|(name, t)| !t.equal(&now[name])));

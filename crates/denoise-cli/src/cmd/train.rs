@@ -101,9 +101,13 @@ pub fn run(args: &Args) -> Result<()> {
         }
     }
     if let Some(spec) = &args.init {
-        let path = crate::common::resolve_model(Some(spec))?;
+        cfg.init = Some(spec.into());
+    }
+    if let (Some(spec), false) = (cfg.init.clone(), args.resume) {
+        // A shipped name, a file or a run directory (from the flag or the config), saved as an
+        // absolute file path, like the manifest.
+        let path = crate::common::resolve_model(Some(&spec.to_string_lossy()))?;
         let path = denoise_models::artefact::resolve(&path)?;
-        // Saved absolute, like the manifest.
         cfg.init = Some(path.canonicalize().unwrap_or(path));
     }
     if let Some(m) = &args.model {
