@@ -230,6 +230,39 @@ fn a_client_that_never_finishes_its_headers_is_disconnected() {
     assert!(waited < 8.0, "stopping took {waited:.1} s");
 }
 
+#[test]
+fn a_request_hyper_cannot_parse_gets_a_json_error() {
+    use std::io::{Read, Write};
+    let server = Server::start(&[]);
+    let addr = server.url("").trim_start_matches("http://").to_owned();
+    for raw in [
+        &b"GET /api/samples/<chelsea> HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"[..],
+        b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nbad header\r\n\r\n",
+    ] {
+        let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+        stream.write_all(raw).unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").expect("a response");
+        assert!(head.starts_with("HTTP/1.1 400"), "{answer}");
+        let error: serde_json::Value = serde_json::from_str(body).expect("a JSON body");
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|e| e.starts_with("malformed HTTP request")),
+            "{error}"
+        );
+    }
+    // The server goes on serving.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
 /// Sends a `POST /api/denoise?sigma=0` of `body` on a new connection and reads the status line.
 fn post_and_await_the_answer(addr: &str, body: &[u8]) -> std::net::TcpStream {
     use std::io::{Read, Write};

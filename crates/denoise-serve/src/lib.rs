@@ -19,6 +19,7 @@
 pub mod config;
 pub mod error;
 pub mod fetch;
+mod head;
 pub mod models;
 pub mod progress;
 mod routes;

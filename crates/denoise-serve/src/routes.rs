@@ -190,12 +190,22 @@ impl App {
             connections.spawn(async move {
                 // Counted down when this task ends, however it ends (aborted at a stop too).
                 let _answered = answered;
+                let mut stream = stream;
+                // The first head is checked here so a malformed one gets a JSON error; its
+                // timer is the header timeout, as hyper's is for later requests.
+                let read = match crate::head::read_first(&mut stream, header_timeout).await {
+                    crate::head::Head::Ready(read) => read,
+                    crate::head::Head::Refused | crate::head::Head::Gone => return,
+                };
                 // The header timer starts when a request's head is awaited, bytes or not, so a
                 // silent client is dropped as well as a trickling one.
                 let connection = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(header_timeout)
-                    .serve_connection(TokioIo::new(stream), service);
+                    .serve_connection(
+                        TokioIo::new(crate::head::Replay::new(read, stream)),
+                        service,
+                    );
                 // A failed connection (reset, timed out) concerns that client only.
                 let _ = watcher.watch(connection).await;
             });
