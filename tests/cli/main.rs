@@ -145,6 +145,30 @@ fn noise_is_reproducible_and_metrics_report_json() {
     };
     assert_eq!(noisy("a.png", "3"), noisy("b.png", "3"));
     assert_ne!(noisy("a.png", "3"), noisy("c.png", "4"));
+    // A missing folder is made; the input itself is never the output.
+    noisy("new/d.png", "3");
+    let before = std::fs::read(&clean).unwrap();
+    let spelled = dir.path().join("new/../clean.png");
+    let out = run(&[
+        "noise",
+        "--kind",
+        "gaussian:25",
+        clean.to_str().unwrap(),
+        "-o",
+        spelled.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "would overwrite the input");
+    assert_eq!(std::fs::read(&clean).unwrap(), before);
+    // An export named as an image is refused before anything is written.
+    let model = tiny_model(dir.path());
+    let out = run(&[
+        "export",
+        model.to_str().unwrap(),
+        "-o",
+        clean.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "is named as an image");
+    assert_eq!(std::fs::read(&clean).unwrap(), before);
 
     let out = run(&[
         "metrics",
@@ -722,7 +746,9 @@ fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
     assert!(
-        err.contains("from step 0 of 2") && err.contains("starting from the weights of"),
+        err.contains("from step 0 of 2")
+            && err.contains("starting from the weights of")
+            && err.contains("fine-tuning on method2 at a peak learning rate of 1e-4"),
         "{err}"
     );
     let meta = artefact::read_metadata(&tuned).unwrap();

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result, bail};
 use denoise_models::tile::{NoiseLevel, denoise_image};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Where the shipped models live: `$DENOISE_MODELS`, else `assets/models` of the source tree
 /// this binary was built from.
@@ -220,6 +220,36 @@ pub fn describe(err: &anyhow::Error) -> String {
         text.push_str(&part);
     }
     text
+}
+
+/// `path` made absolute, component by component: the part that exists resolved by the file
+/// system (symbolic links), the rest lexically (`..` pops), as `create_dir_all` and the write
+/// would resolve it. Two spellings of one file then compare equal, `new/../a.png` included.
+pub fn canonical(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut resolved = if path.is_absolute() {
+        PathBuf::new()
+    } else {
+        std::env::current_dir()
+            .and_then(|d| d.canonicalize())
+            .unwrap_or_default()
+    };
+    for part in path.components() {
+        match part {
+            Component::Prefix(_) | Component::RootDir => resolved.push(part.as_os_str()),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                resolved.pop();
+            }
+            Component::Normal(name) => {
+                resolved.push(name);
+                if let Ok(real) = resolved.canonicalize() {
+                    resolved = real;
+                }
+            }
+        }
+    }
+    resolved
 }
 
 #[cfg(test)]

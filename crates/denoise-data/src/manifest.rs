@@ -670,6 +670,17 @@ pub fn prepare(
         path: config.src.clone(),
         source,
     })?;
+    // Files under the output folder are never scanned, so it cannot hold the source.
+    if let Ok(out) = fs::canonicalize(&config.out)
+        && src.starts_with(&out)
+    {
+        return Err(DataError::Config(format!(
+            "the output folder '{}' is (or holds) the source '{}', whose images would all be \
+             left out: write the manifest to another folder",
+            config.out.display(),
+            config.src.display()
+        )));
+    }
     fs::create_dir_all(&config.out).map_err(|source| DataError::Write {
         path: config.out.clone(),
         source,
@@ -1102,6 +1113,12 @@ mod tests {
         let first = prepare(&config, &quiet).unwrap();
         let second = prepare(&config, &quiet).unwrap();
         assert_eq!(first.manifest.files, second.manifest.files);
+
+        // The source itself, or a folder above it, as the output is refused, not an empty set.
+        for out in [src.path().to_path_buf(), src.path().join("..")] {
+            let err = prepare(&PrepareConfig::new(src.path(), &out), &quiet).unwrap_err();
+            assert!(err.to_string().contains("holds) the source"), "{err}");
+        }
     }
 
     #[test]

@@ -178,7 +178,11 @@ impl Trainer {
                 reasons(&skipped)
             ));
         }
-        if !val_files.is_empty() && val_files.len() < cfg.val_images {
+        // Said only when asked for: the default is an upper bound, not a request.
+        if !val_files.is_empty()
+            && val_files.len() < cfg.val_images
+            && cfg.val_images != TrainConfig::default().val_images
+        {
             warnings.push(format!(
                 "val_images = {} but '{}' has {} validation image(s): validating on those",
                 cfg.val_images,

@@ -1,6 +1,6 @@
 //! `denoise-cli export`: write a model as TorchScript for TorchServe, Triton or `torch.jit.load`.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -25,6 +25,20 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let out = &args.output;
+    if out.is_dir() {
+        bail!("-o '{}' is a directory: give a file name", out.display());
+    }
+    if denoise_data::io::ImageFormat::from_path(out).is_ok() {
+        bail!(
+            "-o '{}' is named as an image: name the TorchScript file model.pt, say",
+            out.display()
+        );
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create '{}'", parent.display()))?;
+    }
     let path = crate::common::resolve_model(Some(&args.model))?;
     let artefact = denoise_models::artefact::load(&path, tch::Device::Cpu)?;
     match args.format {

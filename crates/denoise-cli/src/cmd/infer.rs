@@ -1,6 +1,6 @@
 //! `denoise-cli infer`: denoise files or directories, keeping format, bit depth and alpha.
 
-use crate::common::{PrecisionArg, Runner, Sigma, describe};
+use crate::common::{PrecisionArg, Runner, Sigma, canonical, describe};
 use anyhow::{Context, Result, bail};
 use denoise_data::{dataset, io};
 use std::collections::HashMap;
@@ -138,6 +138,12 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
             if args.inputs.len() > 1 {
                 bail!("-o takes one input; use --out-dir for several");
             }
+            if out.is_dir() {
+                bail!(
+                    "-o '{}' is a directory: give a file name, or use --out-dir",
+                    out.display()
+                );
+            }
             jobs.push((input.clone(), out.clone()));
         } else if let Some(out_dir) = &args.out_dir {
             let name = input.file_name().context("input has no file name")?;
@@ -174,36 +180,6 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
         }
     }
     Ok(jobs)
-}
-
-/// `path` made absolute, component by component: the part that exists resolved by the file
-/// system (symbolic links), the rest lexically (`..` pops), as `create_dir_all` and the write
-/// would resolve it. Two spellings of one file then compare equal, `new/../a.png` included.
-fn canonical(path: &Path) -> PathBuf {
-    use std::path::Component;
-    let mut resolved = if path.is_absolute() {
-        PathBuf::new()
-    } else {
-        std::env::current_dir()
-            .and_then(|d| d.canonicalize())
-            .unwrap_or_default()
-    };
-    for part in path.components() {
-        match part {
-            Component::Prefix(_) | Component::RootDir => resolved.push(part.as_os_str()),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                resolved.pop();
-            }
-            Component::Normal(name) => {
-                resolved.push(name);
-                if let Ok(real) = resolved.canonicalize() {
-                    resolved = real;
-                }
-            }
-        }
-    }
-    resolved
 }
 
 /// Denoises one file; returns the notes to print (the estimated noise level).

@@ -1,6 +1,6 @@
 //! `denoise-cli noise`: add synthetic noise to an image file.
 
-use anyhow::Result;
+use anyhow::{Context, Result, bail};
 use denoise_data::io;
 use denoise_data::noise::NoiseSpec;
 use std::path::PathBuf;
@@ -23,6 +23,22 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     let spec: NoiseSpec = args.kind.parse()?;
+    if args.output.is_dir() {
+        bail!(
+            "-o '{}' is a directory: give a file name",
+            args.output.display()
+        );
+    }
+    if crate::common::canonical(&args.output) == crate::common::canonical(&args.input) {
+        bail!(
+            "'{}' would overwrite the input: write the noisy image elsewhere",
+            args.output.display()
+        );
+    }
+    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create '{}'", parent.display()))?;
+    }
     let loaded = io::load(&args.input)?;
     let noisy = spec.apply(&loaded.image, args.seed);
     io::save(

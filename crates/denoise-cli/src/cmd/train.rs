@@ -23,8 +23,9 @@ pub struct Args {
     model: Option<String>,
     /// Fine-tune: start from this model's weights (a shipped name such as `default`, an artefact
     /// file or a run directory) instead of a random initialisation, taking its architecture.
-    /// The step count, optimizer and schedule start afresh; a lower --lr than a run from
-    /// scratch (a fifth, say) keeps what the model learnt.
+    /// The step count, optimizer and schedule start afresh. Without --config, the noise is the
+    /// artefact's and the learning rate a tenth of a run from scratch's, unless --noise or --lr
+    /// say otherwise. The starting model is validated first and kept unless beaten.
     #[arg(long, value_name = "MODEL", conflicts_with = "resume")]
     init: Option<String>,
     /// Image channels for --model (3 colour, 1 gray).
@@ -100,15 +101,9 @@ pub fn run(args: &Args) -> Result<()> {
             Err(_) => {}
         }
     }
+    let mut fine_tune_note = None;
     if let Some(spec) = &args.init {
         cfg.init = Some(spec.into());
-    }
-    if let (Some(spec), false) = (cfg.init.clone(), args.resume) {
-        // A shipped name, a file or a run directory (from the flag or the config), saved as an
-        // absolute file path, like the manifest.
-        let path = crate::common::resolve_model(Some(&spec.to_string_lossy()))?;
-        let path = denoise_models::artefact::resolve(&path)?;
-        cfg.init = Some(path.canonicalize().unwrap_or(path));
     }
     if let Some(m) = &args.model {
         cfg.model = Some(m.parse::<ModelKind>()?.default_config(args.channels));
@@ -143,6 +138,28 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(v) = args.seed {
         cfg.seed = v;
     }
+    if let (Some(spec), false) = (cfg.init.clone(), args.resume) {
+        // A shipped name, a file or a run directory (from the flag or the config), saved as an
+        // absolute file path, like the manifest.
+        let path = crate::common::resolve_model(Some(&spec.to_string_lossy()))?;
+        let path = denoise_models::artefact::resolve(&path)?;
+        if args.init.is_some() && args.config.is_none() {
+            // A fine-tune from the flag alone: the artefact's noise, and a tenth of the
+            // from-scratch learning rate, unless told otherwise.
+            let meta = denoise_models::artefact::read_metadata(&path)?;
+            if let (None, Some(noise)) = (&args.noise, meta.noise) {
+                cfg.noise = noise;
+            }
+            if args.lr.is_none() {
+                cfg.optimizer.lr /= 10.0;
+            }
+            fine_tune_note = Some(format!(
+                "fine-tuning on {} at a peak learning rate of {:.0e} (--noise and --lr change them)",
+                cfg.noise, cfg.optimizer.lr
+            ));
+        }
+        cfg.init = Some(path.canonicalize().unwrap_or(path));
+    }
     if args.cpu_budget.is_some_and(|m| m.is_nan() || m <= 0.0) {
         anyhow::bail!("--cpu-budget must be a positive number of minutes");
     }
@@ -171,12 +188,20 @@ pub fn run(args: &Args) -> Result<()> {
         eprintln!("warning: {warning}");
     }
     if trainer.step() >= trainer.planned_steps() {
-        eprintln!(
-            "'{}' already finished at step {} of {}: pass --steps N (more) to extend it",
-            args.out.display(),
-            trainer.step(),
-            trainer.planned_steps()
-        );
+        if trainer.step() > trainer.planned_steps() {
+            eprintln!(
+                "'{}' is at step {}, past --steps {}: pass more steps to extend it",
+                args.out.display(),
+                trainer.step(),
+                trainer.planned_steps()
+            );
+        } else {
+            eprintln!(
+                "'{}' already finished at step {}: pass --steps N (more) to extend it",
+                args.out.display(),
+                trainer.step()
+            );
+        }
         return Ok(());
     }
     eprintln!(
@@ -187,6 +212,9 @@ pub fn run(args: &Args) -> Result<()> {
     );
     if let (Some(init), false) = (&trainer.config().init, args.resume) {
         eprintln!("starting from the weights of '{}'", init.display());
+        if let Some(note) = &fine_tune_note {
+            eprintln!("{note}");
+        }
     }
     let outcome = trainer.run(&stop, None)?;
     let cost = trainer.cost();
