@@ -530,11 +530,14 @@ fn eval_reports_on_stdout_and_refuses_a_set_it_cannot_evaluate_up_front() {
     let gray = Image::from_fn(1, 16, 16, |_, y, x| ((x + y) % 7) as f32 / 7.0);
     io::save(data.join("2-gray.png"), &gray, None, BitDepth::Eight).unwrap();
     std::fs::write(data.join("3-broken.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    // A file whose header reads but whose pixels stop short is named too.
+    let whole = io::encode_png(&picture(24, 28), None, BitDepth::Eight).unwrap();
+    std::fs::write(data.join("4-cut.png"), &whole[..whole.len() / 2]).unwrap();
     let out = cli().args(args(&data)).output().unwrap();
-    assert_clean_failure(&out, "2 of 3 file(s) cannot be evaluated");
+    assert_clean_failure(&out, "3 of 4 file(s) cannot be evaluated");
     let err = stderr(&out);
     assert!(
-        err.contains("2-gray.png") && err.contains("3-broken.png"),
+        err.contains("2-gray.png") && err.contains("3-broken.png") && err.contains("4-cut.png"),
         "{err}"
     );
     assert!(

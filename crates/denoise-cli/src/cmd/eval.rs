@@ -89,18 +89,18 @@ fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
     )
 }
 
-/// Reads every file's header before any work, so that a set which cannot be evaluated fails at
-/// once, naming all of its problem files: an unreadable file, or a gray image for a colour model
+/// Decodes every file before any work, so that a set which cannot be evaluated fails at once,
+/// naming all of its problem files: an unreadable or truncated file, or a gray image for a colour model
 /// (or the reverse; converting would change what the PSNR measures). A mean over a set that
 /// silently skipped files would not be comparable with the literature's, so nothing is skipped.
 fn check_files(files: &[PathBuf], channels: usize) -> Result<()> {
     let mut problems = Vec::new();
     for file in files {
-        match io::probe(file) {
-            Ok(info) if info.channels != channels => problems.push(format!(
+        match io::load(file) {
+            Ok(loaded) if loaded.image.channels() != channels => problems.push(format!(
                 "'{}' has {} channel(s) but the model takes {channels}",
                 file.display(),
-                info.channels
+                loaded.image.channels()
             )),
             Ok(_) => {}
             Err(err) => problems.push(err.to_string()),
@@ -172,8 +172,16 @@ fn evaluate(
     // allocator's and libtorch's first-call costs.
     let first = io::load(&files[0])?.image;
     let _ = runner.denoise(&first, Sigma::Fixed(25.0), &mut |_, _| {}, None)?;
+    // Over every image of every noise level; drawn on a terminal only.
+    let bar = indicatif::ProgressBar::new((specs.len() * files.len()) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg:<24} [{bar:30}] {pos}/{len} {elapsed}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     let mut results = Vec::new();
     for (name, spec) in specs {
+        bar.set_message(name.clone());
         let (mut psnr, mut ssim, mut noisy_psnr, mut seconds, mut pixels) =
             (0.0, 0.0, 0.0, 0.0, 0.0);
         let mut per_image = Vec::new();
@@ -226,6 +234,7 @@ fn evaluate(
                 }
                 per_image.push(r);
             }
+            bar.inc(1);
         }
         let k = files.len() as f64;
         let mut row = serde_json::json!({
@@ -240,29 +249,34 @@ fn evaluate(
             row["per_image"] = per_image.into();
         }
         if !args.json {
-            println!(
-                "{name:<24} PSNR {:>6.2} dB  SSIM {:.4}  (noisy {:>6.2} dB)  {:.2} s/MP  {} images",
-                psnr / k,
-                ssim / k,
-                noisy_psnr / k,
-                seconds / (pixels / 1e6),
-                files.len()
-            );
-            if let Some(rows) = row.get("per_image").and_then(|v| v.as_array()) {
-                for r in rows {
-                    let estimate = r["sigma_estimate"]
-                        .as_f64()
-                        .map_or(String::new(), |s| format!("  sigma estimated {s:.2}"));
-                    println!(
-                        "    {:<28} {:>6.2} dB  SSIM {:.4}{estimate}",
-                        r["name"].as_str().unwrap_or(""),
-                        r["psnr"].as_f64().unwrap_or(0.0),
-                        r["ssim"].as_f64().unwrap_or(0.0)
-                    );
-                }
-            }
+            bar.suspend(|| print_row(name, &row));
         }
         results.push(row);
     }
+    bar.finish_and_clear();
     Ok(results)
+}
+
+/// One noise level's line (and its images' with `--per-image`), for a person to read.
+fn print_row(name: &str, row: &serde_json::Value) {
+    let num = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
+    println!(
+        "{name:<24} PSNR {:>6.2} dB  SSIM {:.4}  (noisy {:>6.2} dB)  {:.2} s/MP  {} images",
+        num("mean_psnr"),
+        num("mean_ssim"),
+        num("noisy_psnr"),
+        num("seconds_per_mp"),
+        row["images"].as_u64().unwrap_or(0)
+    );
+    for r in row["per_image"].as_array().into_iter().flatten() {
+        let estimate = r["sigma_estimate"]
+            .as_f64()
+            .map_or(String::new(), |s| format!("  sigma estimated {s:.2}"));
+        println!(
+            "    {:<28} {:>6.2} dB  SSIM {:.4}{estimate}",
+            r["name"].as_str().unwrap_or(""),
+            r["psnr"].as_f64().unwrap_or(0.0),
+            r["ssim"].as_f64().unwrap_or(0.0)
+        );
+    }
 }

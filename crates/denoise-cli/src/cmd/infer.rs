@@ -205,9 +205,15 @@ fn denoise_one(
         loaded.alpha.is_some(),
         depth,
     )?;
+    // Not on a terminal (a log file, a service), a long image says where it is twice a minute.
+    let mut last_line = std::time::Instant::now();
     let mut progress = |done: usize, total: usize| {
         if total > 1 {
             bar.set_message(format!("tile {done}/{total}"));
+            if bar.is_hidden() && done < total && last_line.elapsed().as_secs() >= 30 {
+                last_line = std::time::Instant::now();
+                eprintln!("{}: tile {done}/{total}", input.display());
+            }
         }
     };
     let (out, used) = runner.denoise(&loaded.image, sigma, &mut progress, None)?;
