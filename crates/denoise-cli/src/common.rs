@@ -168,7 +168,20 @@ impl Runner {
             m.val_psnr
                 .map(|p| format!(", validation PSNR {p:.2} dB"))
                 .unwrap_or_default()
-        )
+        ) + self.bf16_note()
+    }
+
+    /// A warning when bf16 was asked for where it is emulated (slower than fp32).
+    fn bf16_note(&self) -> &'static str {
+        let emulated = self.model.precision() == denoise_models::Precision::Bf16
+            && !self.model.device().is_cuda()
+            && !denoise_models::perf::CpuFeatures::detect().fast_bf16();
+        if emulated {
+            "\nnote: this CPU has no native bf16 (see `denoise-cli doctor`): bf16 runs emulated, \
+             slower than fp32"
+        } else {
+            ""
+        }
     }
 
     /// Denoises `image`, converting gray <-> colour explicitly when the model wants the other
