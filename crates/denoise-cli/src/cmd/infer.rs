@@ -12,9 +12,9 @@ pub struct Args {
     /// Model: a shipped name, an artefact file or a training run directory (default: shipped).
     #[arg(long)]
     model: Option<String>,
-    /// Noise level on the 0-255 scale, or 'auto' to estimate it (from the covariance of the
-    /// image's patches) and report it, for models that take one; without it such models
-    /// estimate it (blind).
+    /// Noise level on the 0-255 scale, for models that take one. Without it (or with 'auto',
+    /// the same) the level is estimated from each image (the covariance of its patches) and
+    /// reported.
     #[arg(long, allow_negative_numbers = true)]
     sigma: Option<Sigma>,
     /// auto (CUDA when available), cpu, cuda or cuda:N.
