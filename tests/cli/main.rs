@@ -240,6 +240,22 @@ fn infer_a_file_a_directory_and_a_16_bit_image() {
     let b16 = io::load(outdir.join("sub/b16.png")).unwrap();
     assert_eq!(b16.bit_depth, BitDepth::Sixteen, "16-bit in, 16-bit out");
     assert_eq!(b16.image.shape(), (3, 33, 20));
+    // A format that holds 8 bits says so.
+    let jpeg = dir.path().join("b16.jpg");
+    let out = run(&[
+        "infer",
+        "--model",
+        m,
+        input.join("sub/b16.png").to_str().unwrap(),
+        "-o",
+        jpeg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("the 16-bit input was written at 8"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -224,6 +224,13 @@ fn denoise_one(
     // Its errors name the file.
     io::save(output, &out, loaded.alpha.as_deref(), depth)?;
     let mut notes = Vec::new();
+    if loaded.bit_depth == io::BitDepth::Sixteen && depth == io::BitDepth::Eight {
+        notes.push(format!(
+            "{}: its format holds 8 bits, so the 16-bit input was written at 8 (.png or .tif \
+             keep 16)",
+            output.display()
+        ));
+    }
     if let (Sigma::Auto | Sigma::Blind, Some(s)) = (sigma, used) {
         notes.push(format!("{}: estimated sigma {s:.1}", input.display()));
         let (_, h, w) = loaded.image.shape();
