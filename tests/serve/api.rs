@@ -453,7 +453,10 @@ async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
 
     // Fields.
     for (query, needle) in [
-        ("?model=nope", "unknown model 'nope' (known: default, method2)"),
+        (
+            "?model=nope",
+            "unknown model 'nope' (known: default, method2)",
+        ),
         ("?sigma=loud", "not a number"),
         ("?sigma=300", "0-255"),
         ("?colour=red", "unknown field"),
