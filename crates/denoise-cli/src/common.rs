@@ -235,6 +235,15 @@ pub fn describe(err: &anyhow::Error) -> String {
     text
 }
 
+/// Makes the folder an output file goes into, if it is missing.
+pub fn create_parent_dir(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("cannot create '{}'", parent.display()))?;
+    }
+    Ok(())
+}
+
 /// `path` made absolute, component by component: the part that exists resolved by the file
 /// system (symbolic links), the rest lexically (`..` pops), as `create_dir_all` and the write
 /// would resolve it. Two spellings of one file then compare equal, `new/../a.png` included.

@@ -216,7 +216,7 @@ impl App {
         // keep-alive ones at once), and a client that reads slowly is given up to the header
         // timeout once no request is left in flight. Connections that never sent a whole
         // request head are not waited for once everything else has been quiet for 2 s.
-        let (in_flight, writing) = (
+        let (in_flight, answered) = (
             Arc::clone(&self.state.in_flight),
             Arc::clone(&self.state.answered),
         );
@@ -227,7 +227,7 @@ impl App {
                 tokio::time::sleep(tick).await;
                 if in_flight.load(Ordering::SeqCst) > 0 {
                     (quiet_for, writing_for) = (Duration::ZERO, Duration::ZERO);
-                } else if writing.load(Ordering::SeqCst) > 0 {
+                } else if answered.load(Ordering::SeqCst) > 0 {
                     (quiet_for, writing_for) = (Duration::ZERO, writing_for + tick);
                 } else {
                     quiet_for += tick;

@@ -35,10 +35,7 @@ pub fn run(args: &Args) -> Result<()> {
             out.display()
         );
     }
-    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create '{}'", parent.display()))?;
-    }
+    crate::common::create_parent_dir(out)?;
     let path = crate::common::resolve_model(Some(&args.model))?;
     let artefact = denoise_models::artefact::load(&path, tch::Device::Cpu)?;
     match args.format {

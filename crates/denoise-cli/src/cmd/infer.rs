@@ -217,10 +217,7 @@ fn denoise_one(
         }
     };
     let (out, used) = runner.denoise(&loaded.image, sigma, &mut progress, None)?;
-    if let Some(parent) = output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create '{}'", parent.display()))?;
-    }
+    crate::common::create_parent_dir(output)?;
     // Its errors name the file.
     io::save(output, &out, loaded.alpha.as_deref(), depth)?;
     let mut notes = Vec::new();

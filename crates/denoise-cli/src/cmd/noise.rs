@@ -1,6 +1,6 @@
 //! `denoise-cli noise`: add synthetic noise to an image file.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use denoise_data::io;
 use denoise_data::noise::NoiseSpec;
 use std::path::PathBuf;
@@ -35,10 +35,7 @@ pub fn run(args: &Args) -> Result<()> {
             args.output.display()
         );
     }
-    if let Some(parent) = args.output.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
-            .with_context(|| format!("cannot create '{}'", parent.display()))?;
-    }
+    crate::common::create_parent_dir(&args.output)?;
     let loaded = io::load(&args.input)?;
     let noisy = spec.apply(&loaded.image, args.seed);
     io::save(

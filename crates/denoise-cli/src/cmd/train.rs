@@ -101,7 +101,6 @@ pub fn run(args: &Args) -> Result<()> {
             Err(_) => {}
         }
     }
-    let mut fine_tune_note = None;
     if let Some(spec) = &args.init {
         cfg.init = Some(spec.into());
     }
@@ -138,6 +137,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(v) = args.seed {
         cfg.seed = v;
     }
+    let mut fine_tune_note = None;
     if let (Some(spec), false) = (cfg.init.clone(), args.resume) {
         // A shipped name, a file or a run directory (from the flag or the config), saved as an
         // absolute file path, like the manifest.
