@@ -43,7 +43,8 @@ pub struct TrainConfig {
     pub val_images: usize,
     /// Centre-crop validation images to at most this side (keeps validation cheap on a CPU).
     pub val_crop: usize,
-    /// Validation noise; default: the training noise, or `gaussian:25` when that is a range.
+    /// Validation noise; default: the training noise, or `gaussian:25` when that is a Gaussian
+    /// range.
     pub val_noise: Option<String>,
     /// Write the resumable checkpoint every this many steps (and at every validation).
     pub checkpoint_every: u64,
@@ -123,13 +124,16 @@ impl TrainConfig {
     }
 
     /// Checks every field and resolves the model, noise and device, before any work starts.
-    /// The training and validation noise, parsed: validation defaults to the training noise,
-    /// or Gaussian sigma 25 when that has no single level.
+    /// The training and validation noise, parsed: validation defaults to the training noise
+    /// (seeded per image, so every validation sees the same noisy images), or Gaussian sigma 25
+    /// when that is a Gaussian range such as `gaussian:0-55`.
     pub fn noise_specs(&self) -> Result<(NoiseSpec, NoiseSpec)> {
         let noise: NoiseSpec = self.noise.parse()?;
         let val_noise: NoiseSpec = match &self.val_noise {
             Some(spec) => spec.parse()?,
-            None if noise.nominal_sigma().is_none() => "gaussian:25".parse()?,
+            None if matches!(noise, NoiseSpec::Gaussian { lo, hi } if lo != hi) => {
+                "gaussian:25".parse()?
+            }
             None => noise.clone(),
         };
         Ok((noise, val_noise))
@@ -268,6 +272,28 @@ mod tests {
             seen >= 5,
             "expected an example config per model, found {seen}"
         );
+    }
+
+    #[test]
+    fn validation_noise_defaults_to_the_training_noise_unless_a_gaussian_range() {
+        let val = |noise: &str| {
+            let cfg = TrainConfig {
+                noise: noise.into(),
+                ..TrainConfig::default()
+            };
+            cfg.noise_specs().unwrap().1.to_string()
+        };
+        assert_eq!(val("gaussian:0-55"), "gaussian:25");
+        assert_eq!(val("gaussian:15"), "gaussian:15");
+        // A fine-tune on method 2 must be judged on method 2, not on plain Gaussian noise.
+        assert_eq!(val("method2"), "method2");
+        assert_eq!(val("located:25:0.3"), "located:25:0.3");
+        let explicit = TrainConfig {
+            noise: "method2".into(),
+            val_noise: Some("gaussian:50".into()),
+            ..TrainConfig::default()
+        };
+        assert_eq!(explicit.noise_specs().unwrap().1.to_string(), "gaussian:50");
     }
 
     #[test]

@@ -279,6 +279,10 @@ impl Trainer {
             cfg.seed ^ 0x5eed_0000,
         )?;
         let history = start_log(&run_dir.join(LOG_FILE), resume.then_some(step))?;
+        if !resume && cfg.val_noise.is_none() {
+            // Saved resolved, so a later change of the default cannot change a run's validation.
+            cfg.val_noise = Some(checked.val_noise.to_string());
+        }
         denoise_data::io::write_atomic(run_dir.join("config.toml"), cfg.to_toml().as_bytes())?;
         Ok(Self {
             cfg,
