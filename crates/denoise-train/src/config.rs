@@ -5,6 +5,7 @@ use crate::loss::Loss;
 use crate::optim::{OptimizerConfig, Schedule};
 use crate::{Result, TrainError};
 use denoise_data::augment::AugmentConfig;
+use denoise_data::image::Image;
 use denoise_data::noise::NoiseSpec;
 use denoise_models::{Layout, ModelConfig, Precision};
 use serde::{Deserialize, Serialize};
@@ -123,7 +124,6 @@ impl TrainConfig {
         toml::to_string_pretty(self).expect("a train config serialises to TOML")
     }
 
-    /// Checks every field and resolves the model, noise and device, before any work starts.
     /// The training and validation noise, parsed: validation defaults to the training noise
     /// (seeded per image, so every validation sees the same noisy images), or Gaussian sigma 25
     /// when that is a Gaussian range such as `gaussian:0-55`.
@@ -139,6 +139,22 @@ impl TrainConfig {
         Ok((noise, val_noise))
     }
 
+    /// Sets an unset `val_noise` to what runs started before it was saved in their config
+    /// resolved it to: the training noise when that has a single level, `gaussian:25` otherwise
+    /// (their best validation score was measured on it).
+    pub fn pin_legacy_val_noise(&mut self) {
+        if self.val_noise.is_some() {
+            return;
+        }
+        if let Ok(noise) = self.noise.parse::<NoiseSpec>() {
+            self.val_noise = Some(match noise.nominal_sigma() {
+                Some(_) => self.noise.clone(),
+                None => "gaussian:25".into(),
+            });
+        }
+    }
+
+    /// Checks every field and resolves the model, noise and device, before any work starts.
     pub fn validate(&self) -> Result<Checked> {
         let bad = |m: String| Err(TrainError::Config(m));
         let Some(model) = self.model.clone() else {
@@ -157,6 +173,19 @@ impl TrainConfig {
             ));
         }
         let (noise, val_noise) = self.noise_specs()?;
+        if model.noise_map() {
+            // Refused here rather than at the first validation, with the reason.
+            let probe = Image::from_fn(model.channels() as usize, 8, 8, |_, _, _| 0.5);
+            for (field, spec) in [("noise", &noise), ("val_noise", &val_noise)] {
+                if spec.apply(&probe, 0).sigma_map.is_none() {
+                    return bad(format!(
+                        "the {} model takes a noise-level map, but {field} '{spec}' gives none \
+                         (Gaussian-like noise has one; impulses, JPEG or clipping alone do not)",
+                        model.kind()
+                    ));
+                }
+            }
+        }
         if self.patch_size < 8 || self.patch_size % model.multiple() as usize != 0 {
             return bad(format!(
                 "patch_size {} must be at least 8 and a multiple of {} for {}",
@@ -332,6 +361,22 @@ mod tests {
             });
             assert!(e.contains("ema_decay"), "{e}");
         }
+        // A model that takes a noise-level map, with noise that gives none: refused up front.
+        let ffdnet = TrainConfig {
+            model: Some(denoise_models::ModelKind::Ffdnet.default_config(3)),
+            ..good.clone()
+        };
+        assert!(ffdnet.validate().is_ok());
+        let e = err(TrainConfig {
+            noise: "jpeg:30".into(),
+            ..ffdnet.clone()
+        });
+        assert!(e.contains("noise 'jpeg:30' gives none"), "{e}");
+        let e = err(TrainConfig {
+            val_noise: Some("salt-pepper:0.1".into()),
+            ..ffdnet
+        });
+        assert!(e.contains("val_noise"), "{e}");
         assert!(toml::from_str::<TrainConfig>("[model]\nkind = \"resnet\"\n").is_err());
         assert!(
             err(TrainConfig {

@@ -75,6 +75,17 @@ impl Trainer {
             }
             _ => None,
         };
+        if resume && cfg.val_noise.is_none() {
+            // A resumed run validates on what it always has: the noise saved in its config or,
+            // for a run from before that was saved, what the rule of its time resolved to.
+            match TrainConfig::from_file(&run_dir.join("config.toml"))
+                .ok()
+                .and_then(|saved| saved.val_noise)
+            {
+                Some(saved) => cfg.val_noise = Some(saved),
+                None => cfg.pin_legacy_val_noise(),
+            }
+        }
         let checked = cfg.validate()?;
         let mut warnings = Vec::new();
         let (train_files, val_files) = manifest_split(&cfg.data)?;
@@ -789,6 +800,10 @@ const RESUMABLE_FIELDS: [&str; 9] = [
 /// [`RESUMABLE_FIELDS`] and `data` (a manifest may move). The noise fields are compared as
 /// parsed specs, so spellings of one noise (spaces, a default made explicit) are equal.
 fn identity_changes(run: &TrainConfig, now: &TrainConfig) -> Vec<String> {
+    // A checkpoint from before the validation noise was saved holds it unset.
+    let mut run = run.clone();
+    run.pin_legacy_val_noise();
+    let run = &run;
     let same_noise = match (run.noise_specs(), now.noise_specs()) {
         (Ok(a), Ok(b)) => a == b,
         _ => false,
@@ -1321,6 +1336,9 @@ mod tests {
             .quiet(true);
         first.run(&stop, None).unwrap();
         drop(first);
+        // The validation noise is saved resolved, so a later default cannot change it.
+        let saved = std::fs::read_to_string(run.join("config.toml")).unwrap();
+        assert!(saved.contains("val_noise = \"gaussian:25\""), "{saved}");
         let mut other = config(data.clone(), 10);
         other.noise = "gaussian:50".into();
         let err = Trainer::new(other, &run, true).err().expect("refused");
@@ -1365,6 +1383,31 @@ mod tests {
         let err = Trainer::new(big, &fresh, false).err().expect("refused");
         assert!(err.to_string().contains("can be used"), "{err}");
         assert!(!fresh.exists());
+    }
+
+    #[test]
+    fn a_run_from_before_the_saved_validation_noise_keeps_its_own() {
+        // Such a run validated method-2 training on gaussian:25; its checkpoint says nothing.
+        let old = TrainConfig {
+            noise: "method2".into(),
+            ..TrainConfig::default()
+        };
+        let mut resumed = old.clone();
+        resumed.pin_legacy_val_noise();
+        assert_eq!(resumed.val_noise.as_deref(), Some("gaussian:25"));
+        assert!(identity_changes(&old, &resumed).is_empty());
+        // Validating it on another noise now would compare scores of two noises: refused.
+        let other = TrainConfig {
+            val_noise: Some("method2".into()),
+            ..old.clone()
+        };
+        assert_eq!(identity_changes(&old, &other).len(), 1);
+        let mut single = TrainConfig {
+            noise: "gaussian:15".into(),
+            ..TrainConfig::default()
+        };
+        single.pin_legacy_val_noise();
+        assert_eq!(single.val_noise.as_deref(), Some("gaussian:15"));
     }
 
     #[test]

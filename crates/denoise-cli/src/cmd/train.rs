@@ -163,13 +163,13 @@ pub fn run(args: &Args) -> Result<()> {
     if args.cpu_budget.is_some_and(|m| m.is_nan() || m <= 0.0) {
         anyhow::bail!("--cpu-budget must be a positive number of minutes");
     }
-    let average = if cfg.ema_decay > 0.0 {
-        format!(
-            " (validating a moving average of the weights, decay {})",
-            cfg.ema_decay
-        )
-    } else {
-        String::new()
+    let stale_val_noise = match (&args.noise, &cfg.val_noise) {
+        // A config copied from another run keeps that run's validation noise.
+        (Some(noise), Some(val)) if !args.resume && noise != val => Some(format!(
+            "validating on '{val}' (the config's val_noise), not on --noise '{noise}': set \
+             val_noise in the config to change it"
+        )),
+        _ => None,
     };
     let mut trainer = Trainer::new(cfg, &args.out, args.resume)?
         .cpu_budget(args.cpu_budget.map(|minutes| minutes * 60.0));
@@ -184,7 +184,7 @@ pub fn run(args: &Args) -> Result<()> {
         eprintln!("\nstopping: saving a checkpoint (a second Ctrl-C or signal quits at once)");
     })
     .context("cannot install the signal handler")?;
-    for warning in trainer.warnings() {
+    for warning in trainer.warnings().iter().chain(&stale_val_noise) {
         eprintln!("warning: {warning}");
     }
     if trainer.step() >= trainer.planned_steps() {
@@ -204,11 +204,22 @@ pub fn run(args: &Args) -> Result<()> {
         }
         return Ok(());
     }
+    let decay = trainer.config().ema_decay;
+    let validated = if decay > 0.0 {
+        format!("validating a moving average of the weights, decay {decay}")
+    } else {
+        "validating the weights".to_owned()
+    };
     eprintln!(
-        "training in {} from step {} of {}{average}",
+        "training in {} from step {} of {} ({validated}, on {} noise)",
         args.out.display(),
         trainer.step(),
-        trainer.planned_steps()
+        trainer.planned_steps(),
+        trainer
+            .config()
+            .val_noise
+            .as_deref()
+            .unwrap_or("the training")
     );
     if let (Some(init), false) = (&trainer.config().init, args.resume) {
         eprintln!("starting from the weights of '{}'", init.display());
