@@ -442,6 +442,17 @@ fn tiled_inference_matches_untiled_within_a_hundredth_of_a_db() {
         (whole - tiled).abs() < 0.01,
         "untiled {whole:.4} dB vs tiled {tiled:.4} dB"
     );
+    // The self-ensemble runs per tile and blends the same way.
+    let whole8 = denoise("whole8.png", &["--tile", "4096", "--ensemble", "8"]);
+    let tiled8 = denoise(
+        "tiled8.png",
+        &["--tile", "64", "--overlap", "16", "--ensemble", "8"],
+    );
+    assert!(
+        (whole8 - tiled8).abs() < 0.01,
+        "untiled {whole8:.4} dB vs tiled {tiled8:.4} dB, ensemble of 8"
+    );
+    assert!((whole8 - whole).abs() > 1e-4, "--ensemble changed nothing");
 }
 
 #[test]
@@ -465,6 +476,7 @@ fn eval_prints_the_documented_json() {
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["model"].as_str().unwrap().ends_with("tiny.safetensors"));
+    assert_eq!(v["ensemble"], 1);
     let results = v["results"].as_array().unwrap();
     assert_eq!(results.len(), 2);
     assert_eq!(results[0]["noise"], "gaussian:15");

@@ -104,6 +104,15 @@ pub struct Runner {
     pub tile: denoise_models::tile::TileConfig,
 }
 
+/// `--ensemble`: one of the sizes the tiler takes.
+pub fn parse_ensemble(s: &str) -> Result<usize, String> {
+    let sizes = denoise_models::tile::ENSEMBLE_SIZES;
+    s.parse()
+        .ok()
+        .filter(|n| sizes.contains(n))
+        .ok_or_else(|| format!("'{s}' is not one of {sizes:?}"))
+}
+
 /// How the noise level reaches models that take one.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sigma {
@@ -151,8 +160,18 @@ impl Runner {
             model,
             metadata: artefact.metadata,
             path: artefact.path,
-            tile: denoise_models::tile::TileConfig { tile, overlap },
+            tile: denoise_models::tile::TileConfig {
+                tile,
+                overlap,
+                ensemble: 1,
+            },
         })
+    }
+
+    /// Sets the self-ensemble size (see `--ensemble`).
+    pub fn ensemble(mut self, n: usize) -> Self {
+        self.tile.ensemble = n;
+        self
     }
 
     /// One line describing the model and what it was trained on.
@@ -168,7 +187,10 @@ impl Runner {
             m.val_psnr
                 .map(|p| format!(", validation PSNR {p:.2} dB"))
                 .unwrap_or_default()
-        ) + self.bf16_note()
+        ) + &match self.tile.ensemble {
+            1 => String::new(),
+            n => format!("; self-ensemble of {n} passes"),
+        } + self.bf16_note()
     }
 
     /// A warning when bf16 was asked for where it is emulated (slower than fp32).

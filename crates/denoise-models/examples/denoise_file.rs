@@ -39,6 +39,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tiles = TileConfig {
         tile: tile::tile_for_budget(&loaded.model, 1024),
         overlap: 32,
+        ensemble: 1,
     };
     // Blind: a model that takes a noise level gets one estimated from the image; pass
     // `NoiseLevel::Uniform(sigma)` (0-255 scale) when it is known.

@@ -68,6 +68,7 @@ impl Denoiser {
             tile: TileConfig {
                 tile,
                 overlap: OVERLAP,
+                ensemble: 1,
             },
         })
     }
