@@ -54,6 +54,7 @@ async fn every_route_answers() {
     assert_eq!(default["kind"], "ffdnet");
     assert_eq!(default["takes_sigma"], true);
     assert_eq!(models["limits"]["max_upload_bytes"], 20 << 20);
+    assert_eq!(models["limits"]["max_ensemble"], 8);
 
     let samples = server.get_json("/api/samples").await;
     let names: Vec<&str> = samples["samples"]
@@ -82,16 +83,12 @@ async fn every_route_answers() {
     assert!((19.5..21.0).contains(&noisy_psnr), "{noisy_psnr}");
 
     // The sample back with its reference: the server reports both PSNRs, and they are right.
+    let post_form = |form: Form| http.post(server.url("/api/denoise")).multipart(form).send();
     let form = Form::new()
         .text("reference", "chelsea")
         .text("sigma", "25")
         .part("image", image_part(noisy.clone(), "chelsea-noisy.png"));
-    let r = http
-        .post(server.url("/api/denoise"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(form).await.unwrap();
     assert_eq!(r.status(), 200);
     let psnr_in: f64 = header(&r, "x-denoise-psnr-input").unwrap().parse().unwrap();
     let psnr_out: f64 = header(&r, "x-denoise-psnr").unwrap().parse().unwrap();
@@ -147,15 +144,24 @@ async fn every_route_answers() {
     let form = Form::new()
         .text("sigma", "50")
         .part("image", image_part(noisy.clone(), "a.png"));
-    let r = http
-        .post(server.url("/api/denoise"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap();
+    let r = post_form(form).await.unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-denoise-sigma").unwrap(), "50.0");
-    assert_ne!(decode(&r.bytes().await.unwrap()), result);
+    assert_eq!(header(&r, "x-denoise-ensemble").unwrap(), "1");
+    let single = decode(&r.bytes().await.unwrap());
+    assert_ne!(single, result);
+
+    // The same with a self-ensemble of 4 passes: another result, said in the headers.
+    let form = Form::new()
+        .text("sigma", "50")
+        .text("ensemble", "4")
+        .part("image", image_part(noisy.clone(), "a.png"));
+    let r = post_form(form).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-denoise-ensemble").unwrap(), "4");
+    let four = decode(&r.bytes().await.unwrap());
+    assert_eq!(four.shape(), single.shape());
+    assert_ne!(four, single);
 
     // Unknown routes and methods are JSON too.
     expect_error(
@@ -393,7 +399,14 @@ fn decompression_bomb() -> Vec<u8> {
 
 #[tokio::test]
 async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
-    let server = Server::start(&["--max-upload-mb", "1", "--max-pixels", "1000000"]);
+    let server = Server::start(&[
+        "--max-upload-mb",
+        "1",
+        "--max-pixels",
+        "1000000",
+        "--max-ensemble",
+        "2",
+    ]);
     let http = client();
     let post_raw = |query: &str, body: Vec<u8>| {
         http.post(server.url(&format!("/api/denoise{query}")))
@@ -463,6 +476,12 @@ async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
         ("?job=a%20b", "job ids"),
         ("?reference=nope", "unknown reference"),
         ("?reference=chelsea", "reference 'chelsea' is 451x300x3"),
+        ("?ensemble=3", "ensemble must be one of [1, 2, 4, 8], got 3"),
+        ("?ensemble=many", "ensemble must be one of"),
+        (
+            "?ensemble=4",
+            "ensemble 4 is over this server's limit of 2 passes",
+        ),
     ] {
         expect_error(post_raw(query, good.clone()).await.unwrap(), 400, needle).await;
     }
@@ -684,6 +703,10 @@ fn bad_flags_are_clean_start_up_errors() {
         (vec!["--workers", "0"], "workers must be 1-64"),
         (vec!["--queue", "0"], "queue must hold at least 1"),
         (vec!["--tile", "10"], "tile must be 0"),
+        (
+            vec!["--max-ensemble", "3"],
+            "'3' is not one of [1, 2, 4, 8]",
+        ),
         (
             vec!["--model", "/no/such/model"],
             "no model '/no/such/model'",

@@ -3,6 +3,7 @@
 
 use crate::fetch::FetchConfig;
 use crate::{Result, ServeError};
+use denoise_models::tile::ENSEMBLE_SIZES;
 use serde::Deserialize;
 use std::path::PathBuf;
 
@@ -28,6 +29,9 @@ pub struct ServeConfig {
     pub max_upload_bytes: usize,
     /// Largest image in pixels, checked from the header before decoding.
     pub max_pixels: u64,
+    /// Most self-ensemble passes a request may ask for (1, 2, 4 or 8): each pass holds the
+    /// worker as long as a plain request.
+    pub max_ensemble: usize,
     /// Inference worker threads, each with its own copy of the models it uses.
     pub workers: usize,
     /// Jobs that may wait for a worker; beyond that requests get 503.
@@ -60,6 +64,7 @@ impl ServeConfig {
             samples_dir: None,
             max_upload_bytes: 20 << 20,
             max_pixels: 40_000_000,
+            max_ensemble: 8,
             workers: 1,
             queue: 16,
             device: tch::Device::Cpu,
@@ -107,6 +112,12 @@ impl ServeConfig {
         }
         if self.max_pixels == 0 {
             return bad("the pixel limit must be at least 1".into());
+        }
+        if !ENSEMBLE_SIZES.contains(&self.max_ensemble) {
+            return bad(format!(
+                "the self-ensemble limit must be one of {ENSEMBLE_SIZES:?}, got {}",
+                self.max_ensemble
+            ));
         }
         if self.tile != 0 && self.tile < 64 {
             return bad(format!(

@@ -74,7 +74,8 @@ impl Denoiser {
     }
 
     /// Denoises `image`, converting gray <-> colour when the model wants the other (and back),
-    /// and calling `progress(tiles_done, tiles_total)` as it goes. Returns the result (not
+    /// averaging `ensemble` flipped and turned passes per tile, and calling
+    /// `progress(tiles_done, tiles_total)` as it goes. Returns the result (not
     /// clipped) and the sigma used (0-255 scale; estimated when `strength` is blind) for models
     /// that take one.
     ///
@@ -84,6 +85,7 @@ impl Denoiser {
         &self,
         image: &Image,
         strength: Strength,
+        ensemble: usize,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Image, Option<f32>)> {
         let level = match strength {
@@ -94,7 +96,10 @@ impl Denoiser {
             &self.model,
             image,
             level,
-            self.tile,
+            TileConfig {
+                ensemble,
+                ..self.tile
+            },
             progress,
         )?)
     }

@@ -6,7 +6,7 @@ use crate::fetch::Fetcher;
 use crate::models::ModelInfo;
 use crate::progress::Registry;
 use crate::samples::{self, SampleInfo};
-use crate::worker::{Denoised, Job, Outcome, Pool, Rejected, Task, Worker, WorkerConfig};
+use crate::worker::{Denoised, Job, Outcome, Pool, Rejected, Settings, Task, Worker, WorkerConfig};
 use crate::{Result, ServeError};
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
@@ -14,6 +14,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
+use denoise_models::tile::ENSEMBLE_SIZES;
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -50,6 +51,7 @@ struct AppState {
     samples: Vec<SampleInfo>,
     max_upload: usize,
     max_pixels: u64,
+    max_ensemble: usize,
     /// Lower-case host names the `Host` header may carry; empty: any.
     allowed_hosts: Vec<String>,
     header_timeout: Duration,
@@ -105,6 +107,7 @@ impl App {
                 samples,
                 max_upload: config.max_upload_bytes,
                 max_pixels: config.max_pixels,
+                max_ensemble: config.max_ensemble,
                 allowed_hosts: config
                     .allowed_hosts
                     .iter()
@@ -448,7 +451,11 @@ async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
     Json(serde_json::json!({
         "default": s.default_model,
         "models": s.models,
-        "limits": { "max_upload_bytes": s.max_upload, "max_pixels": s.max_pixels },
+        "limits": {
+            "max_upload_bytes": s.max_upload,
+            "max_pixels": s.max_pixels,
+            "max_ensemble": s.max_ensemble,
+        },
     }))
 }
 
@@ -516,12 +523,13 @@ async fn noisy_sample(
 struct Params {
     model: Option<String>,
     sigma: Option<String>,
+    ensemble: Option<String>,
     reference: Option<String>,
     job: Option<String>,
 }
 
 /// `POST /api/denoise`: a multipart form (field `image`, plus any of `model`, `sigma`,
-/// `reference`, `job`) or the raw image as the body (fields in the query string).
+/// `ensemble`, `reference`, `job`) or the raw image as the body (fields in the query string).
 async fn denoise(State(s): State<Arc<AppState>>, request: Request) -> Result<Response> {
     let mut params = Query::<Params>::try_from_uri(request.uri())
         .map_err(|e| ServeError::BadRequest(e.body_text()))?
@@ -551,7 +559,15 @@ async fn denoise(State(s): State<Arc<AppState>>, request: Request) -> Result<Res
         ));
     }
     let strength: Strength = params.sigma.as_deref().unwrap_or("").parse()?;
-    let fields = s.check_fields(params.model, params.reference, params.job)?;
+    let ensemble = match params.ensemble.as_deref().unwrap_or("") {
+        "" => None,
+        text => Some(text.parse().map_err(|_| {
+            ServeError::BadRequest(format!(
+                "ensemble must be one of {ENSEMBLE_SIZES:?}, got '{text}'"
+            ))
+        })?),
+    };
+    let fields = s.check_fields(params.model, ensemble, params.reference, params.job)?;
     s.denoise(image, name, fields, strength).await
 }
 
@@ -562,15 +578,16 @@ struct UrlRequest {
     model: Option<String>,
     #[serde(default)]
     sigma: Strength,
+    ensemble: Option<usize>,
     reference: Option<String>,
     job: Option<String>,
 }
 
-/// `POST /api/denoise-url`: `{"url": ..., "model": ..., "sigma": ...}`.
+/// `POST /api/denoise-url`: `{"url": ..., "model": ..., "sigma": ..., "ensemble": ...}`.
 async fn denoise_url(State(s): State<Arc<AppState>>, request: Request) -> Result<Response> {
     let req: UrlRequest = read_json(request).await?;
     // Every field is checked before the (slow, outbound) fetch.
-    let fields = s.check_fields(req.model, req.reference, req.job)?;
+    let fields = s.check_fields(req.model, req.ensemble, req.reference, req.job)?;
     let fetched = s.fetcher.fetch(&req.url).await?;
     s.denoise(fetched.bytes, fetched.name, fields, req.sigma)
         .await
@@ -607,15 +624,18 @@ async fn fetch_url(State(s): State<Arc<AppState>>, request: Request) -> Result<R
 /// A denoising request's fields, checked.
 struct Fields {
     model: String,
+    ensemble: usize,
     reference: Option<String>,
     job: Option<String>,
 }
 
 impl AppState {
-    /// Checks a request's model, reference and job fields (empty strings are absent).
+    /// Checks a request's model, self-ensemble, reference and job fields (empty strings are
+    /// absent).
     fn check_fields(
         &self,
         model: Option<String>,
+        ensemble: Option<usize>,
         reference: Option<String>,
         job: Option<String>,
     ) -> Result<Fields> {
@@ -644,8 +664,21 @@ impl AppState {
                 "job ids are 1-64 of A-Z a-z 0-9 . _ -".into(),
             ));
         }
+        let ensemble = ensemble.unwrap_or(1);
+        if !ENSEMBLE_SIZES.contains(&ensemble) {
+            return Err(ServeError::BadRequest(format!(
+                "ensemble must be one of {ENSEMBLE_SIZES:?}, got {ensemble}"
+            )));
+        }
+        if ensemble > self.max_ensemble {
+            return Err(ServeError::BadRequest(format!(
+                "ensemble {ensemble} is over this server's limit of {} passes",
+                self.max_ensemble
+            )));
+        }
         Ok(Fields {
             model,
+            ensemble,
             reference,
             job,
         })
@@ -661,6 +694,7 @@ impl AppState {
     ) -> Result<Response> {
         let Fields {
             model,
+            ensemble,
             reference,
             job,
         } = fields;
@@ -668,8 +702,11 @@ impl AppState {
         let task = Task::Denoise {
             bytes,
             name,
-            model,
-            strength,
+            settings: Settings {
+                model,
+                strength,
+                ensemble,
+            },
             reference,
             progress,
         };
@@ -730,6 +767,7 @@ fn denoised_response(d: Denoised) -> Response {
     set("x-denoise-queue-ms", format!("{:.0}", d.queue_ms));
     set("x-denoise-model", d.model);
     set("x-denoise-size", format!("{}x{}", d.width, d.height));
+    set("x-denoise-ensemble", d.ensemble.to_string());
     if let Some(sigma) = d.sigma {
         set("x-denoise-sigma", format!("{sigma:.1}"));
     }
@@ -844,11 +882,12 @@ async fn read_form(
                 }
                 image = Some((data.to_vec(), file_name));
             }
-            "model" | "sigma" | "reference" | "job" => {
+            "model" | "sigma" | "ensemble" | "reference" | "job" => {
                 let value = field.text().await.map_err(bad)?;
                 let slot = match name.as_str() {
                     "model" => &mut params.model,
                     "sigma" => &mut params.sigma,
+                    "ensemble" => &mut params.ensemble,
                     "reference" => &mut params.reference,
                     _ => &mut params.job,
                 };
@@ -856,7 +895,7 @@ async fn read_form(
             }
             other => {
                 return Err(ServeError::BadRequest(format!(
-                    "unknown form field '{other}' (expected image, model, sigma, reference, job)"
+                    "unknown form field '{other}' (expected image, model, sigma, ensemble, reference, job)"
                 )));
             }
         }

@@ -137,6 +137,16 @@ impl<J> Drop for Pool<J> {
     }
 }
 
+/// How a [`Task::Denoise`] denoises.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// One of the configured model names (checked by the caller).
+    pub model: String,
+    pub strength: Strength,
+    /// Self-ensemble passes (checked by the caller: 1, 2, 4 or 8).
+    pub ensemble: usize,
+}
+
 /// Work a [`Worker`] does.
 pub enum Task {
     /// Decode an image and denoise it.
@@ -144,9 +154,7 @@ pub enum Task {
         bytes: Vec<u8>,
         /// For error messages; its extension picks the format when the content does not.
         name: String,
-        /// One of the configured model names (checked by the caller).
-        model: String,
-        strength: Strength,
+        settings: Settings,
         /// A sample name (checked by the caller): report PSNR against its clean image.
         reference: Option<String>,
         progress: Option<ProgressHandle>,
@@ -166,6 +174,8 @@ pub struct Denoised {
     pub model: String,
     /// The sigma used (0-255), for models that take one.
     pub sigma: Option<f32>,
+    /// Self-ensemble passes.
+    pub ensemble: usize,
     /// PSNR (dB) of the input and of the result against the clean reference.
     pub psnr: Option<(f64, f64)>,
     /// Decode + denoise + encode, in milliseconds.
@@ -261,16 +271,14 @@ impl Worker {
             Task::Denoise {
                 bytes,
                 name,
-                model,
-                strength,
+                settings,
                 reference,
                 progress,
             } => self
                 .denoise(
                     &bytes,
                     &name,
-                    &model,
-                    strength,
+                    &settings,
                     reference.as_deref(),
                     progress.as_ref(),
                 )
@@ -299,8 +307,7 @@ impl Worker {
         &mut self,
         bytes: &[u8],
         name: &str,
-        model: &str,
-        strength: Strength,
+        settings: &Settings,
         reference: Option<&str>,
         progress: Option<&ProgressHandle>,
     ) -> Result<Denoised> {
@@ -323,13 +330,18 @@ impl Worker {
             }
             None => None,
         };
-        let denoiser = self.model(model)?;
+        let denoiser = self.model(&settings.model)?;
         let mut on_tile = |done: usize, total: usize| {
             if let Some(p) = progress {
                 p.tiles(done, total);
             }
         };
-        let (out, sigma) = denoiser.denoise(&loaded.image, strength, &mut on_tile)?;
+        let (out, sigma) = denoiser.denoise(
+            &loaded.image,
+            settings.strength,
+            settings.ensemble,
+            &mut on_tile,
+        )?;
         // What the PNG holds, so the PSNR is that of the file the user downloads.
         let out = io::quantize(&out, loaded.bit_depth);
         let psnr = match clean {
@@ -347,8 +359,9 @@ impl Worker {
             png,
             width: out.width(),
             height: out.height(),
-            model: model.to_owned(),
+            model: settings.model.clone(),
             sigma,
+            ensemble: settings.ensemble,
             psnr,
             compute_ms: start.elapsed().as_secs_f64() * 1e3,
             queue_ms: 0.0,
@@ -476,8 +489,11 @@ mod tests {
             task: Task::Denoise {
                 bytes: png.clone(),
                 name: "a.png".into(),
-                model: "m".into(),
-                strength: Strength::Blind,
+                settings: Settings {
+                    model: "m".into(),
+                    strength: Strength::Blind,
+                    ensemble: 1,
+                },
                 reference: None,
                 progress: registry.register(id),
             },

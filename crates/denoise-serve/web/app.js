@@ -80,6 +80,10 @@ async function loadModels() {
     select.append(option);
   }
   if (body.limits) {
+    // Pass counts over the server's limit are offered disabled.
+    for (const option of $('ensemble').options) {
+      option.disabled = Number(option.value) > (body.limits.max_ensemble || 1);
+    }
     const mp = body.limits.max_pixels / 1e6;
     $('limits').textContent =
       `PNG, JPEG, WebP, TIFF or BMP, up to ${formatBytes(body.limits.max_upload_bytes)} and ${mp >= 1 ? Math.round(mp) : mp} MP`;
@@ -267,6 +271,7 @@ async function run() {
   form.append('model', $('model').value);
   const fixed = document.querySelector('input[name="mode"]:checked').value === 'fixed';
   form.append('sigma', fixed ? $('sigma-num').value || $('sigma').value : 'blind');
+  form.append('ensemble', $('ensemble').value);
   if (input.reference) form.append('reference', input.reference);
   form.append('job', job);
   form.append('image', input.blob, input.fileName);

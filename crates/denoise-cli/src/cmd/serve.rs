@@ -23,6 +23,10 @@ pub struct Args {
     /// Largest image in pixels, checked from the header before decoding.
     #[arg(long, default_value_t = 40_000_000)]
     max_pixels: u64,
+    /// Most self-ensemble passes a request may ask for (1, 2, 4 or 8; the page offers them as
+    /// "passes"): each pass holds a worker as long as a plain request.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = crate::common::parse_ensemble)]
+    max_ensemble: usize,
     /// Inference worker threads, each with its own copy of the models.
     #[arg(long, default_value_t = 1)]
     workers: usize,
@@ -69,6 +73,7 @@ pub fn run(args: &Args) -> Result<()> {
             .checked_mul(1 << 20)
             .context("--max-upload-mb is too large")?,
         max_pixels: args.max_pixels,
+        max_ensemble: args.max_ensemble,
         workers: args.workers,
         queue: args.queue,
         device: crate::common::parse_device(&args.device)?,
