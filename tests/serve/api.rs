@@ -476,7 +476,10 @@ async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
         ("?job=a%20b", "job ids"),
         ("?reference=nope", "unknown reference"),
         ("?reference=chelsea", "reference 'chelsea' is 451x300x3"),
-        ("?ensemble=3", "ensemble must be one of [1, 2, 4, 8], got 3"),
+        (
+            "?ensemble=3",
+            "ensemble must be one of [1, 2, 4, 8], got '3'",
+        ),
         ("?ensemble=many", "ensemble must be one of"),
         (
             "?ensemble=4",

@@ -56,6 +56,23 @@ async fn private_and_metadata_addresses_are_refused_by_default() {
         .await;
         expect_error(r, 400, needle).await;
     }
+    // Fields are checked before the fetch: a bad ensemble is named, not the address. A number
+    // or a string is taken, as for sigma.
+    let private = format!("{origin}/img.png");
+    for (ensemble, status, needle) in [
+        (
+            serde_json::json!(3),
+            400,
+            "ensemble must be one of [1, 2, 4, 8], got '3'",
+        ),
+        (serde_json::json!("many"), 400, "got 'many'"),
+        (serde_json::json!(2), 403, "loopback"),
+        (serde_json::json!(" 4 "), 403, "loopback"),
+    ] {
+        let body = serde_json::json!({ "url": private, "ensemble": ensemble });
+        let r = post(&server, "/api/denoise-url", body).await;
+        expect_error(r, status, needle).await;
+    }
     server.assert_healthy().await;
 }
 

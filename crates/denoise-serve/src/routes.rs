@@ -559,15 +559,7 @@ async fn denoise(State(s): State<Arc<AppState>>, request: Request) -> Result<Res
         ));
     }
     let strength: Strength = params.sigma.as_deref().unwrap_or("").parse()?;
-    let ensemble = match params.ensemble.as_deref().unwrap_or("") {
-        "" => None,
-        text => Some(text.parse().map_err(|_| {
-            ServeError::BadRequest(format!(
-                "ensemble must be one of {ENSEMBLE_SIZES:?}, got '{text}'"
-            ))
-        })?),
-    };
-    let fields = s.check_fields(params.model, ensemble, params.reference, params.job)?;
+    let fields = s.check_fields(params.model, params.ensemble, params.reference, params.job)?;
     s.denoise(image, name, fields, strength).await
 }
 
@@ -578,7 +570,8 @@ struct UrlRequest {
     model: Option<String>,
     #[serde(default)]
     sigma: Strength,
-    ensemble: Option<usize>,
+    /// A number or a string, as `sigma`.
+    ensemble: Option<serde_json::Value>,
     reference: Option<String>,
     job: Option<String>,
 }
@@ -587,7 +580,11 @@ struct UrlRequest {
 async fn denoise_url(State(s): State<Arc<AppState>>, request: Request) -> Result<Response> {
     let req: UrlRequest = read_json(request).await?;
     // Every field is checked before the (slow, outbound) fetch.
-    let fields = s.check_fields(req.model, req.ensemble, req.reference, req.job)?;
+    let ensemble = req.ensemble.map(|v| match v {
+        serde_json::Value::String(text) => text,
+        other => other.to_string(),
+    });
+    let fields = s.check_fields(req.model, ensemble, req.reference, req.job)?;
     let fetched = s.fetcher.fetch(&req.url).await?;
     s.denoise(fetched.bytes, fetched.name, fields, req.sigma)
         .await
@@ -635,7 +632,7 @@ impl AppState {
     fn check_fields(
         &self,
         model: Option<String>,
-        ensemble: Option<usize>,
+        ensemble: Option<String>,
         reference: Option<String>,
         job: Option<String>,
     ) -> Result<Fields> {
@@ -664,12 +661,18 @@ impl AppState {
                 "job ids are 1-64 of A-Z a-z 0-9 . _ -".into(),
             ));
         }
-        let ensemble = ensemble.unwrap_or(1);
-        if !ENSEMBLE_SIZES.contains(&ensemble) {
-            return Err(ServeError::BadRequest(format!(
-                "ensemble must be one of {ENSEMBLE_SIZES:?}, got {ensemble}"
-            )));
-        }
+        let ensemble = match ensemble.as_deref().map(str::trim).unwrap_or("") {
+            "" => 1,
+            text => text
+                .parse()
+                .ok()
+                .filter(|n| ENSEMBLE_SIZES.contains(n))
+                .ok_or_else(|| {
+                    ServeError::BadRequest(format!(
+                        "ensemble must be one of {ENSEMBLE_SIZES:?}, got '{text}'"
+                    ))
+                })?,
+        };
         if ensemble > self.max_ensemble {
             return Err(ServeError::BadRequest(format!(
                 "ensemble {ensemble} is over this server's limit of {} passes",

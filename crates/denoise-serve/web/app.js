@@ -84,6 +84,8 @@ async function loadModels() {
     for (const option of $('ensemble').options) {
       option.disabled = Number(option.value) > (body.limits.max_ensemble || 1);
     }
+    // A browser may restore a choice the server no longer allows.
+    if ($('ensemble').selectedOptions[0]?.disabled) $('ensemble').value = '1';
     const mp = body.limits.max_pixels / 1e6;
     $('limits').textContent =
       `PNG, JPEG, WebP, TIFF or BMP, up to ${formatBytes(body.limits.max_upload_bytes)} and ${mp >= 1 ? Math.round(mp) : mp} MP`;
