@@ -95,7 +95,7 @@ pub fn tile_for_budget(model: &Model, max_mem_mb: usize) -> usize {
 }
 
 /// Denoises a CHW image (`c x h x w` f32, noise may leave [0, 1]) in tiles, calling `progress(done,
-/// total)` after each. `sigma` is the 1 x h x w noise-level map for models that take one.
+/// total)` after each pass over a tile (`total` = tiles x `cfg.ensemble`). `sigma` is the 1 x h x w noise-level map for models that take one.
 /// A tile that fails with out-of-memory is retried in quarters.
 ///
 /// # Shapes
@@ -125,13 +125,25 @@ pub fn denoise_tiled(
     let mut weight = vec![0f32; h * w];
     let ys = starts(h, tile, overlap);
     let xs = starts(w, tile, overlap);
-    let total = ys.len() * xs.len();
+    // One step per pass over a tile: a one-tile image with 8 passes still moves.
+    let total = ys.len() * xs.len() * cfg.ensemble;
     let mut done = 0;
     for &y in &ys {
         for &x in &xs {
             let (th, tw) = (tile.min(h - y), tile.min(w - x));
-            let result =
-                denoise_window(model, image, sigma, (c, h, w), (y, x, th, tw), cfg.ensemble)?;
+            let before = done;
+            let result = denoise_window(
+                model,
+                image,
+                sigma,
+                (c, h, w),
+                (y, x, th, tw),
+                cfg.ensemble,
+                &mut || {
+                    done += 1;
+                    progress(done, total);
+                },
+            )?;
             accumulate(
                 &mut out,
                 &mut weight,
@@ -141,8 +153,11 @@ pub fn denoise_tiled(
                 overlap,
                 (&ys, &xs),
             );
-            done += 1;
-            progress(done, total);
+            if done < before + cfg.ensemble {
+                // An out-of-memory retry denoises its quarters without reporting passes.
+                done = before + cfg.ensemble;
+                progress(done, total);
+            }
         }
     }
     for ch in 0..c {
@@ -176,6 +191,7 @@ fn denoise_window(
     (c, h, w): (usize, usize, usize),
     (y, x, th, tw): (usize, usize, usize, usize),
     ensemble: usize,
+    on_pass: &mut dyn FnMut(),
 ) -> Result<Vec<f32>> {
     let crop = |src: &[f32], planes: usize| {
         let mut v = Vec::with_capacity(planes * th * tw);
@@ -189,7 +205,7 @@ fn denoise_window(
     };
     let t = Tensor::from_slice(&crop(image, c)).view([1, c as i64, th as i64, tw as i64]);
     let map = sigma.map(|s| Tensor::from_slice(&crop(s, 1)).view([1, 1, th as i64, tw as i64]));
-    match denoise_dihedral(model, &t, map.as_ref(), ensemble) {
+    match denoise_dihedral(model, &t, map.as_ref(), ensemble, on_pass) {
         Ok(out) => Ok(Vec::try_from(out.view([-1]))?),
         Err(err) if is_oom(&err) && th.max(tw) > 64 => {
             // Halve the window: the quarters are denoised separately with their own margins.
@@ -216,14 +232,23 @@ fn denoise_window(
 /// The mean of the model's outputs over the first `n` transforms of [`DIHEDRAL`], each turned
 /// back: `mean_k T_k^-1(model(T_k x, T_k map))`. Fallible ops throughout (`f_`): the sum lives
 /// on the model's device, where it can run out of memory like the model.
-fn denoise_dihedral(model: &Model, x: &Tensor, map: Option<&Tensor>, n: usize) -> Result<Tensor> {
+fn denoise_dihedral(
+    model: &Model,
+    x: &Tensor,
+    map: Option<&Tensor>,
+    n: usize,
+    on_pass: &mut dyn FnMut(),
+) -> Result<Tensor> {
     if n == 1 {
-        return model.denoise(x, map);
+        let out = model.denoise(x, map)?;
+        on_pass();
+        return Ok(out);
     }
     let mut sum: Option<Tensor> = None;
     for &transform in &DIHEDRAL[..n] {
         let map = map.map(|m| dihedral(m, transform)).transpose()?;
         let out = model.denoise(&dihedral(x, transform)?, map.as_ref())?;
+        on_pass();
         let (turns, flip) = transform;
         let back = out.f_rot90(-turns, [2, 3])?;
         let back = if flip { back.f_flip([3])? } else { back };
@@ -366,7 +391,9 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         let x = Tensor::rand([1, 3, 12, 16], opts);
         let map = Tensor::rand([1, 1, 12, 16], opts) * 0.2;
-        let run = |x: &Tensor, map: &Tensor, n| denoise_dihedral(&model, x, Some(map), n).unwrap();
+        let run = |x: &Tensor, map: &Tensor, n| {
+            denoise_dihedral(&model, x, Some(map), n, &mut || {}).unwrap()
+        };
         let apply = |t: &Tensor, transform| dihedral(t, transform).unwrap();
         let gap = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
         let whole = run(&x, &map, 8);
@@ -386,13 +413,33 @@ mod tests {
         let four = run(&x, &map, 4);
         let flipped = run(&apply(&x, DIHEDRAL[1]), &apply(&map, DIHEDRAL[1]), 4);
         assert!(gap(&flipped, &apply(&four, DIHEDRAL[1])) < 1e-5);
+        // Progress moves once per pass, so one tile with 8 passes reports 8 steps.
+        let flat: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
+        let flat_map: Vec<f32> = Vec::try_from(map.view([-1])).unwrap();
+        let mut steps = Vec::new();
+        let whole_cfg = TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 8,
+        };
+        let tiled = denoise_tiled(
+            &model,
+            &flat,
+            Some(&flat_map),
+            (3, 12, 16),
+            whole_cfg,
+            &mut |done, total| steps.push((done, total)),
+        )
+        .unwrap();
+        assert_eq!(steps, (1..=8).map(|d| (d, 8)).collect::<Vec<_>>());
+        let expected: Vec<f32> = Vec::try_from(whole.view([-1])).unwrap();
+        assert_eq!(tiled, expected);
         // Sizes other than 1, 2, 4 and 8 are refused.
         let bad = TileConfig {
             tile: 0,
             overlap: 0,
             ensemble: 3,
         };
-        let flat: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
         let err = denoise_tiled(&model, &flat, None, (3, 12, 16), bad, &mut |_, _| {});
         assert!(err.unwrap_err().to_string().contains("self-ensemble"));
     }

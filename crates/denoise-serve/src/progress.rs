@@ -25,9 +25,9 @@ pub enum State {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub struct Snapshot {
     pub state: State,
-    /// Tiles denoised so far.
+    /// Tiles denoised so far (passes over tiles, with a self-ensemble).
     pub done: usize,
-    /// Tiles in the image (0 until the image is decoded).
+    /// Tiles in the image, times the self-ensemble's passes (0 until the image is decoded).
     pub total: usize,
 }
 

@@ -243,7 +243,8 @@ function pollProgress(job, runId) {
         const p = await response.json();
         if (p.state === 'queued') progressUi('Waiting for a worker…', null);
         else if (p.state === 'running' && p.total > 1) {
-          progressUi(`Denoising… tile ${p.done} of ${p.total}`, p.done / p.total);
+          const unit = Number($('ensemble').value) > 1 ? 'pass' : 'tile';
+          progressUi(`Denoising… ${unit} ${p.done} of ${p.total}`, p.done / p.total);
           document.body.dataset.tiles = `${p.done}/${p.total}`;
         }
         else if (p.state === 'running') progressUi('Denoising…', null);

@@ -213,12 +213,18 @@ fn denoise_one(
     )?;
     // Not on a terminal (a log file, a service), a long image says where it is twice a minute.
     let mut last_line = std::time::Instant::now();
+    // Steps are tiles, or passes over tiles with --ensemble.
+    let unit = if runner.tile.ensemble > 1 {
+        "pass"
+    } else {
+        "tile"
+    };
     let mut progress = |done: usize, total: usize| {
         if total > 1 {
-            bar.set_message(format!("tile {done}/{total}"));
+            bar.set_message(format!("{unit} {done}/{total}"));
             if bar.is_hidden() && done < total && last_line.elapsed().as_secs() >= 30 {
                 last_line = std::time::Instant::now();
-                eprintln!("{}: tile {done}/{total}", input.display());
+                eprintln!("{}: {unit} {done}/{total}", input.display());
             }
         }
     };
