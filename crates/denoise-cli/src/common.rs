@@ -106,11 +106,12 @@ pub struct Runner {
 
 /// `--ensemble`: one of the sizes the tiler takes.
 pub fn parse_ensemble(s: &str) -> Result<usize, String> {
-    let sizes = denoise_models::tile::ENSEMBLE_SIZES;
-    s.parse()
-        .ok()
-        .filter(|n| sizes.contains(n))
-        .ok_or_else(|| format!("'{s}' is not one of {sizes:?}"))
+    denoise_models::tile::ensemble_size(s).ok_or_else(|| {
+        format!(
+            "'{s}' is not one of {:?}",
+            denoise_models::tile::ENSEMBLE_SIZES
+        )
+    })
 }
 
 /// How the noise level reaches models that take one.

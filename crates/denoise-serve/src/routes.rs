@@ -14,7 +14,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router, middleware};
-use denoise_models::tile::ENSEMBLE_SIZES;
+use denoise_models::tile::{ENSEMBLE_SIZES, ensemble_size};
 use http_body_util::BodyExt;
 use serde::Deserialize;
 use std::sync::Arc;
@@ -663,15 +663,11 @@ impl AppState {
         }
         let ensemble = match ensemble.as_deref().map(str::trim).unwrap_or("") {
             "" => 1,
-            text => text
-                .parse()
-                .ok()
-                .filter(|n| ENSEMBLE_SIZES.contains(n))
-                .ok_or_else(|| {
-                    ServeError::BadRequest(format!(
-                        "ensemble must be one of {ENSEMBLE_SIZES:?}, got '{text}'"
-                    ))
-                })?,
+            text => ensemble_size(text).ok_or_else(|| {
+                ServeError::BadRequest(format!(
+                    "ensemble must be one of {ENSEMBLE_SIZES:?}, got '{text}'"
+                ))
+            })?,
         };
         if ensemble > self.max_ensemble {
             return Err(ServeError::BadRequest(format!(
