@@ -773,9 +773,16 @@ fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
         "16",
         "--steps",
         "2",
+        "--profile",
     ]);
     let err = stderr(&out);
     assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("time: ")
+            && err.contains("% of the time waiting for patches")
+            && err.contains("mean ms per step, device synchronised: copy "),
+        "{err}"
+    );
     assert!(
         err.contains("from step 0 of 2")
             && err.contains("starting from the weights of")

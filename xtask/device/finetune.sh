@@ -4,7 +4,9 @@
 # config, its validation lines and the logs (6 files: the device tool brings back 8 at most).
 # Fails fast (doctor, then a 35 s probe) so that a failed start leaves device time to rerun.
 # A probe measures the step rate first, and the run is resumed with the step count that ends its
-# cosine schedule in time.
+# cosine schedule in time. The probe's closing 'time:' line says whether the run waits for patches
+# and how many CPU cores it keeps busy; PROFILE=1 also times each phase of a step (the waits for
+# the device lower the probe's rate, so the run that follows is planned a little short).
 set -uo pipefail
 T0=$(date +%s)
 TRAIN_S=${TRAIN_S:-400}
@@ -33,11 +35,12 @@ rm -rf $R
 # Phase 1: a probe of about 35 s (step-0 validation of the start included), stopped by SIGINT.
 log "probe"
 $B train --init "$INIT" --config "$CONFIG" \
-  --data /tmp/dn/data/manifest.json --out $R --device "$DEVICE" --steps 200000 > "$OUT/train1.log" 2>&1 &
+  --data /tmp/dn/data/manifest.json --out $R --device "$DEVICE" --steps 200000 ${PROFILE:+--profile} \
+  > "$OUT/train1.log" 2>&1 &
 P=$!
 sleep 35
 kill -INT $P; wait $P; rc=$?
-log "probe rc=$rc"; tail -5 "$OUT/train1.log"
+log "probe rc=$rc"; tail -5 "$OUT/train1.log"; grep '^time:' "$OUT/train1.log"
 [ -f $R/checkpoint.safetensors ] || { log "no checkpoint after the probe"; cp -r $R "$OUT/run" 2>/dev/null; exit 5; }
 STEP=$(grep -o '"step":[0-9]*' $R/train.jsonl | tail -1 | cut -d: -f2)
 RATE=$(grep -o '"patches_per_s":[0-9.]*' $R/train.jsonl | tail -1 | cut -d: -f2)

@@ -7,6 +7,7 @@ use crate::Result;
 use crate::config::TrainConfig;
 use crate::loss::Loss;
 use crate::optim::{Adam, OptimizerConfig};
+use crate::timing::PhaseTimer;
 use crate::trainer::{ema_model, master_and_shadow, optimisation_step, trainable};
 use denoise_models::{Layout, ModelConfig, Precision};
 use std::time::Instant;
@@ -63,6 +64,7 @@ pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
             &clean,
             1e-4,
             b.layout,
+            &mut PhaseTimer::off(),
         )
     };
     for _ in 0..b.warmup {

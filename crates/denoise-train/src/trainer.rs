@@ -8,6 +8,7 @@ use crate::config::{Checked, TrainConfig};
 use crate::loss::Loss;
 use crate::optim::Adam;
 use crate::plot::{self, History, ValPoint};
+use crate::timing::{PhaseTimer, StepTimes};
 use crate::validate::{ValScores, ValidationSet};
 use crate::{Result, TrainError};
 use denoise_data::loader::{Batch, LoaderConfig, PatchLoader};
@@ -31,6 +32,9 @@ pub struct TrainOutcome {
     pub best_val_psnr: Option<f64>,
     pub last_loss: f64,
     pub patches_per_s: f64,
+    /// Where this call's time went: waiting for patches, the steps, CPU (and phases when
+    /// profiled, see [`Trainer::profile`]).
+    pub times: StepTimes,
 }
 
 /// A training run in a run directory: `config.toml`, `train.jsonl`, `checkpoint.safetensors`
@@ -51,6 +55,7 @@ pub struct Trainer {
     train_files: Vec<PathBuf>,
     val: ValidationSet,
     quiet: bool,
+    profile: bool,
     cpu_budget: Option<f64>,
     /// What [`Trainer::new`] noticed and went on past, for the caller to show.
     warnings: Vec<String>,
@@ -310,6 +315,7 @@ impl Trainer {
             train_files,
             val,
             quiet: false,
+            profile: false,
             cpu_budget: None,
             warnings,
             saved_step: resume.then_some(step),
@@ -327,6 +333,15 @@ impl Trainer {
     /// Hide the progress bar and validation lines (tests, scripts).
     pub fn quiet(mut self, quiet: bool) -> Self {
         self.quiet = quiet;
+        self
+    }
+
+    /// Time each phase of every step (copy, forward, backward, loss read, update, average),
+    /// waiting for the device at the end of each: `train.jsonl` then has the phases of each
+    /// step and [`TrainOutcome::times`] their totals. On a GPU the waits cost some speed; use it
+    /// to find what bounds a run, not for a long one.
+    pub fn profile(mut self, profile: bool) -> Self {
+        self.profile = profile;
         self
     }
 
@@ -389,6 +404,12 @@ impl Trainer {
         let mut last_loss = f64::NAN;
         // The first plain progress line comes after the first step, then one a minute.
         let mut last_line: Option<Instant> = None;
+        let mut times = StepTimes::default();
+        let mut timer = if self.profile {
+            PhaseTimer::on(self.checked.device)
+        } else {
+            PhaseTimer::off()
+        };
         while self.step < end
             && !stop.load(Ordering::SeqCst)
             && self
@@ -397,10 +418,14 @@ impl Trainer {
         {
             let (step_start, step_cpu) = (Instant::now(), cpu_seconds());
             let batch = loader.next_batch()?;
+            let loaded = step_start.elapsed().as_secs_f64();
             let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
-            let loss = self.train_step(&batch, lr)?;
-            self.cost.seconds += step_start.elapsed().as_secs_f64();
-            self.cost.cpu_seconds += cpu_seconds() - step_cpu;
+            let loss = self.train_step(&batch, lr, &mut timer)?;
+            let wall = step_start.elapsed().as_secs_f64();
+            let cpu = cpu_seconds() - step_cpu;
+            self.cost.seconds += wall;
+            self.cost.cpu_seconds += cpu;
+            times.add(loaded, wall - loaded, cpu, timer.phases());
             if !loss.is_finite() {
                 // The step was not applied, so the weights are still step `self.step`'s.
                 self.save_checkpoint()?;
@@ -415,8 +440,22 @@ impl Trainer {
             self.history.push_loss(self.step, loss);
             let elapsed = start.elapsed().as_secs_f64().max(1e-9);
             let rate = (self.step - first_step) as f64 * self.cfg.batch_size as f64 / elapsed;
-            writeln!(log, "{}", serde_json::json!({"step": self.step, "loss": loss, "lr": lr, "patches_per_s": rate}))
-                .map_err(|source| TrainError::Io { path: self.run_dir.join(LOG_FILE), source })?;
+            let mut line = serde_json::json!({
+                "step": self.step, "loss": loss, "lr": lr, "patches_per_s": rate,
+                "load_s": loaded, "step_s": wall - loaded, "cpu_s": cpu,
+            });
+            if !timer.phases().is_empty() {
+                let phases: serde_json::Map<String, serde_json::Value> = timer
+                    .phases()
+                    .iter()
+                    .map(|&(name, secs)| (name.to_owned(), secs.into()))
+                    .collect();
+                line["phases"] = phases.into();
+            }
+            writeln!(log, "{line}").map_err(|source| TrainError::Io {
+                path: self.run_dir.join(LOG_FILE),
+                source,
+            })?;
             bar.set_position(self.step);
             bar.set_message(format!("loss {loss:.5}  {rate:.0} patches/s"));
             if !self.quiet
@@ -447,6 +486,7 @@ impl Trainer {
             best_val_psnr: self.best_val_psnr,
             last_loss,
             patches_per_s: (self.step - first_step) as f64 * self.cfg.batch_size as f64 / elapsed,
+            times,
         })
     }
 
@@ -455,8 +495,9 @@ impl Trainer {
     }
 
     /// One optimisation step on `batch` at learning rate `lr`; returns the loss.
-    fn train_step(&mut self, batch: &Batch, lr: f64) -> Result<f64> {
+    fn train_step(&mut self, batch: &Batch, lr: f64, timer: &mut PhaseTimer) -> Result<f64> {
         let device = self.checked.device;
+        timer.start();
         let dims = [
             batch.n as i64,
             batch.channels as i64,
@@ -484,6 +525,7 @@ impl Trainer {
             }
             (_, false) => None,
         };
+        timer.mark("copy");
         optimisation_step(
             &self.master,
             self.shadow.as_ref(),
@@ -495,6 +537,7 @@ impl Trainer {
             &clean,
             lr,
             self.checked.layout,
+            timer,
         )
     }
 
@@ -688,8 +731,8 @@ pub(crate) fn trainable(model: &Model) -> BTreeMap<String, Tensor> {
 /// fp32 master weights first) and Adam updates the fp32 master. Inputs are laid out in
 /// `layout` here (the weights' layout, see [`master_and_shadow`]). With `ema` = (model, decay),
 /// the moving average is updated after the step ([`ema_decay_at`]). A non-finite loss is returned
-/// without touching the weights, the average or Adam's state. The training loop and the training
-/// bench both call this.
+/// without touching the weights, the average or Adam's state. `timer` marks the phases (see
+/// [`crate::timing`]). The training loop and the training bench both call this.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn optimisation_step(
     master: &Model,
@@ -702,6 +745,7 @@ pub(crate) fn optimisation_step(
     clean: &Tensor,
     lr: f64,
     layout: Layout,
+    timer: &mut PhaseTimer,
 ) -> Result<f64> {
     let net = match shadow {
         Some(shadow) => {
@@ -731,12 +775,16 @@ pub(crate) fn optimisation_step(
             })
             .collect(),
     };
+    timer.mark("prepare");
     let out = net.forward_t(&x, map.as_ref(), true);
     let loss = loss.compute(&out, clean);
+    timer.mark("forward");
     loss.f_backward()?;
+    timer.mark("backward");
     // Read after the backward pass is queued, so a GPU is not left idle waiting for this read;
     // NaN gradients touch no weight until Adam's update below.
     let value = loss.f_double_value(&[])?;
+    timer.mark("read");
     if !value.is_finite() {
         // Applying this step would turn every weight into NaN, and the caller's checkpoint
         // would then overwrite the last good one: leave the weights and moments as they are.
@@ -757,6 +805,7 @@ pub(crate) fn optimisation_step(
         .collect();
     // The gradient norm it returns stays unread: reading it would wait for a GPU.
     let _norm = adam.step(&grads, lr);
+    timer.mark("update");
     if let Some(shadow) = shadow {
         // Batch-norm running statistics are updated in the shadow's forward pass.
         copy_vars(shadow, master, false);
@@ -764,6 +813,7 @@ pub(crate) fn optimisation_step(
     if let Some((ema, decay)) = ema {
         update_ema(master, ema, ema_decay_at(decay, adam.step));
     }
+    timer.mark("average");
     Ok(value)
 }
 
@@ -1047,6 +1097,7 @@ mod tests {
                     &clean,
                     1e-3,
                     layout,
+                    &mut PhaseTimer::off(),
                 )
                 .unwrap()
             };
@@ -1081,10 +1132,19 @@ mod tests {
         let run = dir.path().join("run");
         let mut trainer = Trainer::new(config(data, 200), &run, false)
             .unwrap()
-            .quiet(true);
+            .quiet(true)
+            .profile(true);
         let before = trainer.val.score(trainer.model()).unwrap();
         let outcome = trainer.run(&AtomicBool::new(false), None).unwrap();
         assert!(outcome.finished);
+        assert_eq!(outcome.times.steps, 200);
+        let phases: Vec<&str> = outcome.times.phases.iter().map(|p| p.0.as_str()).collect();
+        assert_eq!(
+            phases,
+            [
+                "copy", "prepare", "forward", "backward", "read", "update", "average"
+            ]
+        );
         let after = trainer.val.score(trainer.model()).unwrap();
         assert!(
             after.psnr > before.psnr + 1.0,
@@ -1100,6 +1160,15 @@ mod tests {
         );
         let log = std::fs::read_to_string(run.join("train.jsonl")).unwrap();
         assert_eq!(log.lines().filter(|l| l.contains("\"loss\"")).count(), 200);
+        let step: serde_json::Value =
+            serde_json::from_str(log.lines().find(|l| l.contains("\"loss\"")).unwrap()).unwrap();
+        for key in ["load_s", "step_s", "cpu_s"] {
+            assert!(
+                step[key].as_f64().is_some_and(|s| s >= 0.0),
+                "{key} in {step}"
+            );
+        }
+        assert!(step["phases"]["backward"].as_f64().is_some(), "{step}");
         for name in [plot::LOSS_PLOT, plot::PSNR_PLOT] {
             assert!(run.join(name).is_file(), "{name} missing");
         }
@@ -1125,8 +1194,11 @@ mod tests {
         let ema = ema_model(model.config(), Device::Cpu, Layout::Nchw).unwrap();
         let mut adam = Adam::new(crate::optim::OptimizerConfig::default(), trainable(&model));
         let clean = Tensor::rand([2, 1, 8, 8], (tch::Kind::Float, Device::Cpu));
-        let step = |adam: &mut Adam, noisy: &Tensor| {
-            optimisation_step(
+        // Profiled, so the phases show where a refused step stops.
+        let mut timer = PhaseTimer::on(Device::Cpu);
+        let mut step = |adam: &mut Adam, noisy: &Tensor| {
+            timer.start();
+            let loss = optimisation_step(
                 &model,
                 None,
                 Some((&ema, 0.5)),
@@ -1137,16 +1209,28 @@ mod tests {
                 &clean,
                 1e-3,
                 Layout::Nchw,
+                &mut timer,
             )
-            .unwrap()
+            .unwrap();
+            let phases: Vec<_> = timer.phases().iter().map(|p| p.0).collect();
+            (loss, phases)
         };
-        assert!(step(&mut adam, &(&clean + 0.1)).is_finite());
+        let (loss, phases) = step(&mut adam, &(&clean + 0.1));
+        assert!(loss.is_finite());
+        assert_eq!(
+            phases,
+            [
+                "prepare", "forward", "backward", "read", "update", "average"
+            ]
+        );
         let before = frozen(weights(&model));
         let average = frozen(weights(&ema));
         let moments = frozen(adam.state());
         let bad = &clean + 0.1;
         let _ = bad.get(0).get(0).get(3).get(3).fill_(f64::NAN);
-        assert!(step(&mut adam, &bad).is_nan());
+        let (loss, phases) = step(&mut adam, &bad);
+        assert!(loss.is_nan());
+        assert_eq!(phases, ["prepare", "forward", "backward", "read"]);
         for (name, w) in weights(&model) {
             assert!(w.equal(&before[&name]), "{name} changed");
         }

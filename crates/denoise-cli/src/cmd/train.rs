@@ -73,6 +73,11 @@ pub struct Args {
     /// resume: equal budgets compare models by PSNR per CPU second (see `denoise-cli runs`).
     #[arg(long, value_name = "MINUTES")]
     cpu_budget: Option<f64>,
+    /// Time each phase of every step (copy to the device, forward, backward, loss read, update,
+    /// moving average), waiting for the device after each: train.jsonl gets the phases and the
+    /// closing line their means. Costs some speed on a GPU; for finding what bounds a run.
+    #[arg(long)]
+    profile: bool,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -172,7 +177,8 @@ pub fn run(args: &Args) -> Result<()> {
         _ => None,
     };
     let mut trainer = Trainer::new(cfg, &args.out, args.resume)?
-        .cpu_budget(args.cpu_budget.map(|minutes| minutes * 60.0));
+        .cpu_budget(args.cpu_budget.map(|minutes| minutes * 60.0))
+        .profile(args.profile);
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // SIGINT (Ctrl-C), SIGTERM (`kill`, a service manager, `docker stop`) and SIGHUP (a closed
@@ -246,6 +252,9 @@ pub fn run(args: &Args) -> Result<()> {
         cost.cpu_seconds / 60.0,
         cost.seconds / 60.0
     );
+    if outcome.times.steps > 0 {
+        eprintln!("time: {}", outcome.times.summary());
+    }
     let best = trainer.run_dir().join(denoise_models::artefact::FILE_NAME);
     if best.is_file() {
         eprintln!(
