@@ -139,6 +139,18 @@ impl Image {
         }
     }
 
+    /// Whether no pixel's channels differ by more than `tolerance` (always for one channel): a
+    /// gray picture stored as RGB. Stops at the first pixel that differs more.
+    pub fn is_gray_within(&self, tolerance: f32) -> bool {
+        let n = self.height * self.width;
+        (0..n).all(|i| {
+            let mut channel = (0..self.channels).map(|c| self.data[c * n + i]);
+            let first = channel.next().unwrap_or(0.0);
+            let (lo, hi) = channel.fold((first, first), |(lo, hi), v| (lo.min(v), hi.max(v)));
+            hi - lo <= tolerance
+        })
+    }
+
     /// Gray from RGB with ITU-R BT.601 luma weights (as PIL's `convert("L")` and MATLAB's
     /// `rgb2gray`); a gray image is returned unchanged. Explicit: nothing converts silently.
     pub fn to_gray(&self) -> Image {
@@ -205,6 +217,19 @@ impl Image {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gray_within_a_tolerance() {
+        let gray = Image::from_fn(1, 3, 4, |_, y, x| (y * 4 + x) as f32 / 12.0);
+        assert!(gray.is_gray_within(0.0));
+        assert!(gray.to_rgb().is_gray_within(0.0));
+        let mut tinted = gray.to_rgb();
+        tinted.plane_mut(2)[5] += 0.25;
+        tinted.plane_mut(0)[7] -= 0.125;
+        assert!(tinted.is_gray_within(0.25));
+        assert!(!tinted.is_gray_within(0.24));
+        assert!(!Image::from_fn(3, 2, 2, |c, _, _| c as f32).is_gray_within(0.5));
+    }
 
     #[test]
     fn crop_takes_the_window() {

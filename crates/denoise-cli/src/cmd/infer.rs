@@ -13,8 +13,9 @@ pub struct Args {
     #[arg(long)]
     model: Option<String>,
     /// Noise level on the 0-255 scale, for models that take one. Without it (or with 'auto',
-    /// the same) the level is estimated from each image (the covariance of its patches) and
-    /// reported.
+    /// the same) the level is estimated from each image (the covariance of its patches in
+    /// colour, Immerkaer's filter in gray) and reported. For a gray picture and a colour model
+    /// the model is told this level times sqrt(3): its noise is alike in the three channels.
     #[arg(long, allow_negative_numbers = true)]
     sigma: Option<Sigma>,
     /// auto (CUDA when available), cpu, cuda or cuda:N.
