@@ -615,6 +615,53 @@ fn eval_records_the_bf16_loss_in_the_model_metadata() {
 }
 
 #[test]
+fn eval_takes_a_gray_set_through_a_colour_model_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("gray");
+    std::fs::create_dir_all(&data).unwrap();
+    io::save(
+        data.join("1.png"),
+        &picture(24, 20).to_gray(),
+        None,
+        BitDepth::Eight,
+    )
+    .unwrap();
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--noise",
+            "gaussian:25",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    assert_clean_failure(&eval(&[]), "--gray-through-colour evaluates a gray set");
+    let out = eval(&["--gray-through-colour"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["gray_through_colour"], true);
+    assert_eq!(report["results"][0]["images"], 1);
+    assert!(
+        report["results"][0]["mean_psnr"]
+            .as_f64()
+            .unwrap()
+            .is_finite()
+    );
+    // A colour set is not what the flag takes.
+    io::save(data.join("2.png"), &picture(24, 20), None, BitDepth::Eight).unwrap();
+    assert_clean_failure(
+        &eval(&["--gray-through-colour"]),
+        "--gray-through-colour takes gray images",
+    );
+}
+
+#[test]
 fn plot_redraws_a_runs_curves() {
     let dir = tempfile::tempdir().unwrap();
     let log: String = (1..=50)

@@ -48,9 +48,14 @@ pub struct Args {
     /// Also report every image (with --blind, also the noise level estimated for it).
     #[arg(long)]
     per_image: bool,
+    /// Let a colour model evaluate a gray set, as `infer` runs it on a gray picture: each noisy
+    /// image repeated into RGB, the model told the level times sqrt(3) (the noise is alike in
+    /// the three channels), the result turned back to gray and scored against the gray image.
+    #[arg(long)]
+    gray_through_colour: bool,
     /// Evaluate at fp32 and at bf16 and record bf16's PSNR loss (the largest over the noise
     /// levels) in the model file's metadata, where `--precision auto` reads it.
-    #[arg(long, conflicts_with_all = ["precision", "blind", "per_image", "ensemble"])]
+    #[arg(long, conflicts_with_all = ["precision", "blind", "per_image", "ensemble", "gray_through_colour"])]
     record_bf16: bool,
 }
 
@@ -68,11 +73,15 @@ pub fn run(args: &Args) -> Result<()> {
         return record_bf16(args, &files, &specs);
     }
     let runner = load(args, args.precision)?;
-    check_files(&files, runner.model.config().channels() as usize)?;
+    let want = Channels::of(&runner, args.gray_through_colour)?;
+    check_files(&files, want)?;
     if !args.json {
         println!("{}", runner.describe());
+        if want == Channels::GrayThroughColour {
+            println!("gray images through the colour model (the level times sqrt(3))");
+        }
     }
-    let results = evaluate(args, &runner, &files, &specs)?;
+    let results = evaluate(args, &runner, &files, &specs, want)?;
     if args.json {
         let model = runner.path.display().to_string();
         println!(
@@ -80,6 +89,7 @@ pub fn run(args: &Args) -> Result<()> {
             serde_json::to_string_pretty(&serde_json::json!({
                 "model": model,
                 "ensemble": args.ensemble,
+                "gray_through_colour": want == Channels::GrayThroughColour,
                 "results": results
             }))?
         );
@@ -99,18 +109,58 @@ fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
     .map(|runner| runner.ensemble(args.ensemble))
 }
 
+/// The images a run evaluates: the model's own channel count, or gray images through a colour
+/// model (`--gray-through-colour`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Channels {
+    Model(usize),
+    GrayThroughColour,
+}
+
+impl Channels {
+    fn of(runner: &Runner, gray_through_colour: bool) -> Result<Self> {
+        let model = runner.model.config().channels() as usize;
+        match (gray_through_colour, model) {
+            (false, _) => Ok(Self::Model(model)),
+            (true, 3) => Ok(Self::GrayThroughColour),
+            (true, _) => bail!("--gray-through-colour needs a colour model; this one is gray"),
+        }
+    }
+
+    /// The channel count the clean images must have.
+    fn images(self) -> usize {
+        match self {
+            Self::Model(c) => c,
+            Self::GrayThroughColour => 1,
+        }
+    }
+}
+
 /// Decodes every file before any work, so that a set which cannot be evaluated fails at once,
 /// naming all of its problem files: an unreadable or truncated file, or a gray image for a colour model
-/// (or the reverse; converting would change what the PSNR measures). A mean over a set that
-/// silently skipped files would not be comparable with the literature's, so nothing is skipped.
-fn check_files(files: &[PathBuf], channels: usize) -> Result<()> {
+/// (or the reverse; converting would change what the PSNR measures, so a gray set goes through a
+/// colour model only when asked, `--gray-through-colour`). A mean over a set that silently skipped
+/// files would not be comparable with the literature's, so nothing is skipped.
+fn check_files(files: &[PathBuf], want: Channels) -> Result<()> {
+    let channels = want.images();
     let mut problems = Vec::new();
     for file in files {
         match io::load(file) {
             Ok(loaded) if loaded.image.channels() != channels => problems.push(format!(
-                "'{}' has {} channel(s) but the model takes {channels}",
+                "'{}' has {} channel(s) but {}",
                 file.display(),
-                loaded.image.channels()
+                loaded.image.channels(),
+                match want {
+                    Channels::Model(c) => format!(
+                        "the model takes {c}{}",
+                        if c == 3 && loaded.image.channels() == 1 {
+                            " (--gray-through-colour evaluates a gray set with it)"
+                        } else {
+                            ""
+                        }
+                    ),
+                    Channels::GrayThroughColour => "--gray-through-colour takes gray images".into(),
+                }
             )),
             Ok(_) => {}
             Err(err) => problems.push(err.to_string()),
@@ -131,11 +181,12 @@ fn check_files(files: &[PathBuf], channels: usize) -> Result<()> {
 /// Measures bf16's PSNR loss against fp32 and writes it into the model's metadata.
 fn record_bf16(args: &Args, files: &[PathBuf], specs: &[(String, NoiseSpec)]) -> Result<()> {
     let fp32 = load(args, PrecisionArg::Fp32)?;
-    check_files(files, fp32.model.config().channels() as usize)?;
+    let want = Channels::Model(fp32.model.config().channels() as usize);
+    check_files(files, want)?;
     let bf16 = load(args, PrecisionArg::Bf16)?;
     eprintln!("{}", fp32.describe());
-    let a = evaluate(args, &fp32, files, specs)?;
-    let b = evaluate(args, &bf16, files, specs)?;
+    let a = evaluate(args, &fp32, files, specs, want)?;
+    let b = evaluate(args, &bf16, files, specs, want)?;
     let mut loss = f64::MIN;
     for (ra, rb) in a.iter().zip(&b) {
         let (pa, pb) = (ra["mean_psnr"].as_f64(), rb["mean_psnr"].as_f64());
@@ -176,8 +227,9 @@ fn evaluate(
     runner: &Runner,
     files: &[PathBuf],
     specs: &[(String, NoiseSpec)],
+    want: Channels,
 ) -> Result<Vec<serde_json::Value>> {
-    let want = runner.model.config().channels() as usize;
+    let want = want.images();
     // One untimed run first, so that the first noise level's time does not include the
     // allocator's and libtorch's first-call costs.
     let first = io::load(&files[0])?.image;
@@ -199,7 +251,7 @@ fn evaluate(
             let clean = io::load(file)?.image;
             if clean.channels() != want {
                 bail!(
-                    "'{}' has {} channel(s) but the model takes {want}: evaluate on a matching set",
+                    "'{}' has {} channel(s) where the set's others have {want}: evaluate on a matching set",
                     file.display(),
                     clean.channels()
                 );
