@@ -463,16 +463,7 @@ fn eval_prints_the_documented_json() {
     std::fs::create_dir_all(&data).unwrap();
     io::save(data.join("1.png"), &picture(32, 40), None, BitDepth::Eight).unwrap();
     io::save(data.join("2.png"), &picture(36, 28), None, BitDepth::Eight).unwrap();
-    let out = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--noise",
-        "gaussian:15,method2",
-        "--json",
-    ]);
+    let out = eval_json(&model, &data, "gaussian:15,method2", &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(v["model"].as_str().unwrap().ends_with("tiny.safetensors"));
@@ -493,6 +484,22 @@ fn eval_prints_the_documented_json() {
     );
 }
 
+/// `eval --json` of `model` on `data` with `noise`, and `extra` flags.
+fn eval_json(model: &Path, data: &Path, noise: &str, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--noise",
+        noise,
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    run(&args)
+}
+
 #[test]
 fn blind_eval_reports_each_images_estimated_sigma() {
     let dir = tempfile::tempdir().unwrap();
@@ -505,19 +512,12 @@ fn blind_eval_reports_each_images_estimated_sigma() {
     std::fs::create_dir_all(&data).unwrap();
     io::save(data.join("1.png"), &picture(48, 64), None, BitDepth::Eight).unwrap();
     let eval = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            path.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--noise",
+        let out = eval_json(
+            &path,
+            &data,
             "gaussian:25",
-            "--per-image",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        let out = run(&args);
+            &[&["--per-image"], extra].concat(),
+        );
         assert!(out.status.success(), "{}", stderr(&out));
         let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         v["results"][0]["per_image"][0].clone()
@@ -627,20 +627,7 @@ fn eval_takes_a_gray_set_through_a_colour_model_only_when_asked() {
         BitDepth::Eight,
     )
     .unwrap();
-    let eval = |extra: &[&str]| {
-        let mut args = vec![
-            "eval",
-            "--model",
-            model.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--noise",
-            "gaussian:25",
-            "--json",
-        ];
-        args.extend_from_slice(extra);
-        run(&args)
-    };
+    let eval = |extra: &[&str]| eval_json(&model, &data, "gaussian:25", extra);
     assert_clean_failure(&eval(&[]), "--gray-through-colour evaluates a gray set");
     let out = eval(&["--gray-through-colour"]);
     assert!(out.status.success(), "{}", stderr(&out));
