@@ -668,12 +668,18 @@ fn plot_redraws_a_runs_curves() {
 
 /// `n` colour pictures of slightly different sizes, `0.png`..., in `dir/images`.
 fn training_images(dir: &Path, n: usize) -> PathBuf {
+    training_pictures(dir, n, 3)
+}
+
+/// `n` pictures with `channels` channels, `0.png`..., in `dir/images`.
+fn training_pictures(dir: &Path, n: usize, channels: usize) -> PathBuf {
     let images = dir.join("images");
     std::fs::create_dir_all(&images).unwrap();
     for i in 0..n {
+        let picture = picture(40 + 4 * i, 48).to_channels(channels).unwrap();
         io::save(
             images.join(format!("{i}.png")),
-            &picture(40 + 4 * i, 48),
+            &picture,
             None,
             BitDepth::Eight,
         )
@@ -682,13 +688,11 @@ fn training_images(dir: &Path, n: usize) -> PathBuf {
     images
 }
 
-#[test]
-fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
-    use std::io::{BufRead, BufReader};
-    use std::process::Stdio;
-    let dir = tempfile::tempdir().unwrap();
-    let images = training_images(dir.path(), 6);
-    let data = dir.path().join("data");
+/// A manifest (`dir/data/manifest.json`) of `n` training pictures with `channels` channels,
+/// `val_fraction` of them held out.
+fn prepared(dir: &Path, n: usize, channels: usize, val_fraction: &str) -> PathBuf {
+    let images = training_pictures(dir, n, channels);
+    let data = dir.join("data");
     let out = run(&[
         "prepare-data",
         "--src",
@@ -696,10 +700,60 @@ fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
         "--out",
         data.to_str().unwrap(),
         "--val-fraction",
-        "0.34",
+        val_fraction,
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
-    let manifest = data.join("manifest.json");
+    data.join("manifest.json")
+}
+
+#[test]
+fn a_gray_model_trains_from_a_colour_ffdnet() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = prepared(dir.path(), 4, 1, "0.25");
+    tch::manual_seed(0);
+    let cfg = serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
+    let colour = Model::new(&cfg, tch::Device::Cpu).unwrap();
+    let init = dir.path().join("colour.safetensors");
+    artefact::save(&colour, &artefact::Metadata::new(colour.config()), &init).unwrap();
+    let train = |init: &Path, out: &str| {
+        run(&[
+            "--threads",
+            "1",
+            "train",
+            "--init",
+            init.to_str().unwrap(),
+            "--channels",
+            "1",
+            "--data",
+            manifest.to_str().unwrap(),
+            "--out",
+            dir.path().join(out).to_str().unwrap(),
+            "--noise",
+            "gaussian:25",
+            "--batch",
+            "2",
+            "--patch",
+            "16",
+            "--steps",
+            "2",
+        ])
+    };
+    let out = train(&init, "gray");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let meta = artefact::read_metadata(&dir.path().join("gray")).unwrap();
+    assert_eq!(meta.model.kind().to_string(), "ffdnet");
+    assert_eq!(meta.model.channels(), 1);
+    // Only a colour FFDNet has a gray twin.
+    let out = train(&tiny_model(dir.path()), "dncnn");
+    assert_clean_failure(&out, "only a colour ffdnet turns into a gray one");
+}
+
+#[test]
+fn sigterm_stops_training_with_a_checkpoint_that_resumes() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = prepared(dir.path(), 6, 3, "0.34");
     let run_dir = dir.path().join("run");
     let train = |extra: &[&str]| {
         let mut cmd = cli();

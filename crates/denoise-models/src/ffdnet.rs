@@ -45,6 +45,15 @@ impl FfdnetConfig {
         }
     }
 
+    /// The gray twin of a colour config (what [`gray_from_colour`] builds), `None` for one that
+    /// is not colour.
+    pub fn gray_twin(&self) -> Option<Self> {
+        (self.channels == 3).then(|| Self {
+            channels: 1,
+            ..self.clone()
+        })
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         ensure(self.depth >= 3, || {
             format!("ffdnet depth must be at least 3, got {}", self.depth)
@@ -133,5 +142,96 @@ impl Net for Ffdnet {
         let out = self.last.forward(&h);
         let out = if self.residual { sub - out } else { out };
         out.pixel_shuffle(2)
+    }
+}
+
+/// A gray FFDNet that computes what `colour` computes on a gray picture repeated into RGB with
+/// its noise level times sqrt(3) (see `tile::conversion_noise_gain`), its three outputs turned
+/// back to gray with BT.601 luma weights: a starting point for training a gray model from a
+/// colour one.
+///
+/// The first layer sums the weights of the three channels' sub-images and scales the map's by
+/// sqrt(3); the last combines the channels' outputs (and biases) with the luma weights, which
+/// sum to 1, so the residual `sub - out` passes through. The middle layers are copied.
+pub fn gray_from_colour(colour: &crate::Model) -> Result<crate::Model> {
+    let crate::ModelConfig::Ffdnet(cfg) = colour.config() else {
+        return Err(crate::ModelError::Config(format!(
+            "only an ffdnet turns into a gray model, not a {}",
+            colour.config().kind()
+        )));
+    };
+    let gray_cfg = cfg.gray_twin().ok_or_else(|| {
+        crate::ModelError::Config(format!(
+            "a gray model comes from a colour one, not from {} channel(s)",
+            cfg.channels
+        ))
+    })?;
+    let gray = crate::Model::new(&crate::ModelConfig::Ffdnet(gray_cfg), colour.device())?;
+    let src = colour.var_store().variables();
+    let last = format!("body.{}.", cfg.depth - 1);
+    let luma = [0.299f64, 0.587, 0.114];
+    tch::no_grad(|| -> Result<()> {
+        for (name, mut dst) in gray.var_store().variables() {
+            let s = src.get(&name).ok_or_else(|| {
+                crate::ModelError::Config(format!("the colour model has no '{name}'"))
+            })?;
+            let value = if name == "body.0.weight" {
+                // Inputs: 4 sub-images per channel (R, G, B), then the map.
+                let sum = s.f_narrow(1, 0, 4)? + s.f_narrow(1, 4, 4)? + s.f_narrow(1, 8, 4)?;
+                let map = s.f_narrow(1, 12, 1)? * 3f64.sqrt();
+                Tensor::f_cat(&[sum, map], 1)?
+            } else if name.starts_with(&last) {
+                // Outputs (weight rows or biases): 4 sub-images per channel.
+                let mut acc = s.f_narrow(0, 0, 4)? * luma[0];
+                for (c, w) in luma.iter().enumerate().skip(1) {
+                    acc += s.f_narrow(0, 4 * c as i64, 4)? * *w;
+                }
+                acc
+            } else {
+                s.shallow_clone()
+            };
+            dst.f_copy_(&value)?;
+        }
+        Ok(())
+    })?;
+    Ok(gray)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tile::{NoiseLevel, TileConfig, denoise_image};
+    use denoise_data::Image;
+    use tch::Device;
+
+    #[test]
+    fn a_gray_model_from_a_colour_one_computes_what_the_colour_one_does_on_gray() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(3);
+        let cfg: crate::ModelConfig =
+            serde_json::from_str(r#"{"kind":"ffdnet","depth":4,"features":8}"#).unwrap();
+        let colour = crate::Model::new(&cfg, Device::Cpu).unwrap();
+        let gray = gray_from_colour(&colour).unwrap();
+        assert_eq!(gray.config().channels(), 1);
+        let img = Image::from_fn(1, 18, 22, |_, y, x| ((3 * y + 5 * x) % 11) as f32 / 11.0);
+        let whole = TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 1,
+        };
+        let run = |m: &crate::Model| {
+            denoise_image(m, &img, NoiseLevel::Uniform(20.0), whole, &mut |_, _| {})
+                .unwrap()
+                .0
+        };
+        let (a, b) = (run(&colour), run(&gray));
+        let gap = a
+            .data()
+            .iter()
+            .zip(b.data())
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0f32, f32::max);
+        assert!(gap < 1e-5, "{gap}");
+        assert!(gray_from_colour(&gray).is_err(), "already gray");
     }
 }

@@ -974,6 +974,10 @@ fn load_init(cfg: &mut TrainConfig, path: &Path) -> Result<Model> {
     let art = artefact::load(path, Device::Cpu)?;
     match &cfg.model {
         None => cfg.model = Some(art.metadata.model.clone()),
+        // A gray model started from a colour one of the same architecture.
+        Some(ModelConfig::Ffdnet(want)) if gray_of(&art.metadata.model).as_ref() == Some(want) => {
+            return Ok(denoise_models::ffdnet::gray_from_colour(&art.model)?);
+        }
         Some(model) if *model != art.metadata.model => {
             let show = |m: &ModelConfig| serde_json::to_string(m).unwrap_or_default();
             return Err(TrainError::Config(format!(
@@ -987,6 +991,15 @@ fn load_init(cfg: &mut TrainConfig, path: &Path) -> Result<Model> {
         Some(_) => {}
     }
     Ok(art.model)
+}
+
+/// The gray twin of a colour FFDNet config, what [`denoise_models::ffdnet::gray_from_colour`]
+/// makes of it.
+fn gray_of(model: &ModelConfig) -> Option<denoise_models::ffdnet::FfdnetConfig> {
+    match model {
+        ModelConfig::Ffdnet(c) => c.gray_twin(),
+        _ => None,
+    }
 }
 
 /// The training and validation files of a manifest, as absolute paths.

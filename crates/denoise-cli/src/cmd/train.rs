@@ -1,7 +1,7 @@
 //! `denoise-cli train`: run or resume a training run (`cargo xtask train` calls this).
 
 use anyhow::{Context, Result};
-use denoise_models::{ModelKind, Precision};
+use denoise_models::{ModelConfig, ModelKind, Precision};
 use denoise_train::{TrainConfig, Trainer};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -28,9 +28,11 @@ pub struct Args {
     /// say otherwise. The starting model is validated first and kept unless beaten.
     #[arg(long, value_name = "MODEL", conflicts_with = "resume")]
     init: Option<String>,
-    /// Image channels for --model (3 colour, 1 gray).
-    #[arg(long, default_value_t = 3)]
-    channels: i64,
+    /// Image channels for --model (3 colour, the default; 1 gray). With --init, 1 turns a
+    /// colour FFDNet into a gray one that starts out computing what the colour one does on a
+    /// gray picture (a gray model trained from the colour default: --init default --channels 1).
+    #[arg(long)]
+    channels: Option<i64>,
     /// Training noise spec (e.g. gaussian:0-55, method2).
     #[arg(long)]
     noise: Option<String>,
@@ -110,7 +112,10 @@ pub fn run(args: &Args) -> Result<()> {
         cfg.init = Some(spec.into());
     }
     if let Some(m) = &args.model {
-        cfg.model = Some(m.parse::<ModelKind>()?.default_config(args.channels));
+        cfg.model = Some(
+            m.parse::<ModelKind>()?
+                .default_config(args.channels.unwrap_or(3)),
+        );
     }
     if let Some(n) = &args.noise {
         cfg.noise = n.clone();
@@ -148,6 +153,23 @@ pub fn run(args: &Args) -> Result<()> {
         // absolute file path, like the manifest.
         let path = crate::common::resolve_model(Some(&spec.to_string_lossy()))?;
         let path = denoise_models::artefact::resolve(&path)?;
+        if let (Some(channels), None) = (args.channels, &args.model) {
+            let meta = denoise_models::artefact::read_metadata(&path)?;
+            let own = meta.model.channels();
+            match (&meta.model, channels) {
+                (_, c) if c == own => {}
+                (ModelConfig::Ffdnet(colour), 1) if colour.gray_twin().is_some() => {
+                    cfg.model = colour.gray_twin().map(ModelConfig::Ffdnet);
+                }
+                _ => anyhow::bail!(
+                    "--channels {channels} with --init: '{}' is a {}-channel {}, and only a \
+                     colour ffdnet turns into a gray one (--channels 1)",
+                    path.display(),
+                    own,
+                    meta.model.kind()
+                ),
+            }
+        }
         if args.init.is_some() && args.config.is_none() {
             // A fine-tune from the flag alone: the artefact's noise, and a tenth of the
             // from-scratch learning rate, unless told otherwise.
