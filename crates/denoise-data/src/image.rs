@@ -14,6 +14,9 @@ pub struct Image {
     data: Vec<f32>,
 }
 
+/// ITU-R BT.601 luma weights of R, G and B (they sum to 1): [`Image::to_gray`]'s.
+pub const LUMA: [f32; 3] = [0.299, 0.587, 0.114];
+
 impl Image {
     /// Wraps CHW data, checking that its length is `channels * height * width`.
     pub fn new(channels: usize, height: usize, width: usize, data: Vec<f32>) -> Result<Self> {
@@ -162,7 +165,7 @@ impl Image {
             .iter()
             .zip(g)
             .zip(b)
-            .map(|((r, g), b)| 0.299 * r + 0.587 * g + 0.114 * b)
+            .map(|((r, g), b)| LUMA[0] * r + LUMA[1] * g + LUMA[2] * b)
             .collect();
         Image {
             channels: 1,

@@ -169,7 +169,7 @@ pub fn gray_from_colour(colour: &crate::Model) -> Result<crate::Model> {
     let gray = crate::Model::new(&crate::ModelConfig::Ffdnet(gray_cfg), colour.device())?;
     let src = colour.var_store().variables();
     let last = format!("body.{}.", cfg.depth - 1);
-    let luma = [0.299f64, 0.587, 0.114];
+    let luma = denoise_data::image::LUMA.map(f64::from);
     tch::no_grad(|| -> Result<()> {
         for (name, mut dst) in gray.var_store().variables() {
             let s = src.get(&name).ok_or_else(|| {

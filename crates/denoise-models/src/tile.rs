@@ -93,7 +93,11 @@ pub const GRAY_SPREAD: f32 = 2.0 / 255.0;
 pub fn conversion_noise_gain(from: usize, to: usize) -> f32 {
     match (from, to) {
         (1, 3) => 3f32.sqrt(),
-        (3, 1) => (0.299f32 * 0.299 + 0.587 * 0.587 + 0.114 * 0.114).sqrt(),
+        (3, 1) => denoise_data::image::LUMA
+            .iter()
+            .map(|w| w * w)
+            .sum::<f32>()
+            .sqrt(),
         _ => 1.0,
     }
 }
