@@ -707,6 +707,43 @@ fn prepared(dir: &Path, n: usize, channels: usize, val_fraction: &str) -> PathBu
 }
 
 #[test]
+fn a_gray_model_says_that_a_colour_picture_comes_back_gray() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(0);
+    let cfg =
+        serde_json::from_str(r#"{"kind":"dncnn","channels":1,"depth":3,"features":8}"#).unwrap();
+    let gray = Model::new(&cfg, tch::Device::Cpu).unwrap();
+    let model = dir.path().join("gray.safetensors");
+    artefact::save(&gray, &artefact::Metadata::new(gray.config()), &model).unwrap();
+    let colour = dir.path().join("colour.png");
+    io::save(&colour, &picture(24, 20), None, BitDepth::Eight).unwrap();
+    let flat = dir.path().join("flat.png");
+    io::save(
+        &flat,
+        &picture(24, 20).to_gray().to_rgb(),
+        None,
+        BitDepth::Eight,
+    )
+    .unwrap();
+    let infer = |input: &Path| {
+        let output = dir.path().join("out.png");
+        let out = run(&[
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    assert!(infer(&colour).contains("a gray model: the result is gray"));
+    // A gray picture stored as RGB loses nothing.
+    assert!(!infer(&flat).contains("the result is gray"));
+}
+
+#[test]
 fn a_gray_model_trains_from_a_colour_ffdnet() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = prepared(dir.path(), 4, 1, "0.25");

@@ -6,6 +6,9 @@ use denoise_data::{dataset, io};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The shipped gray model's name.
+const GRAY_MODEL: &str = "gray";
+
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("destination").required(true).args(["output", "out_dir"]))]
 pub struct Args {
@@ -85,6 +88,12 @@ pub fn run(args: &Args) -> Result<()> {
             runner.model.config().kind().name()
         );
     }
+    // The default is a colour model; gray pictures are told of the shipped gray one.
+    let gray_hint = args.model.is_none()
+        && runner.model.config().channels() == 3
+        && crate::common::models_dir()
+            .join(format!("{GRAY_MODEL}.safetensors"))
+            .is_file();
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} files {msg}")
@@ -100,6 +109,7 @@ pub fn run(args: &Args) -> Result<()> {
             output,
             args.sigma.unwrap_or(Sigma::Blind),
             &bar,
+            gray_hint,
         ) {
             Ok(notes) => {
                 for note in notes {
@@ -196,6 +206,7 @@ fn denoise_one(
     output: &Path,
     sigma: Sigma,
     bar: &indicatif::ProgressBar,
+    gray_hint: bool,
 ) -> Result<Vec<String>> {
     let loaded = io::load(input)?;
     let depth = io::ImageFormat::from_path(output)
@@ -234,6 +245,22 @@ fn denoise_one(
     // Its errors name the file.
     io::save(output, &out, loaded.alpha.as_deref(), depth)?;
     let mut notes = Vec::new();
+    let gray_model = runner.model.config().channels() == 1;
+    let gray_picture = loaded
+        .image
+        .is_gray_within(denoise_models::tile::GRAY_SPREAD);
+    if gray_model && !gray_picture {
+        notes.push(format!(
+            "{}: a gray model: the result is gray (the default model keeps colour)",
+            output.display()
+        ));
+    }
+    if gray_hint && gray_picture {
+        notes.push(format!(
+            "{}: a gray picture: `--model {GRAY_MODEL}` (trained on gray images) denoises it better",
+            input.display()
+        ));
+    }
     if loaded.bit_depth == io::BitDepth::Sixteen && depth == io::BitDepth::Eight {
         notes.push(format!(
             "{}: its format holds 8 bits, so the 16-bit input was written at 8 (.png or .tif \
