@@ -57,7 +57,8 @@ pub struct TrainConfig {
     /// Memory layout while training: `channels-last` or `nchw`; unset, the faster one measured
     /// for the model and device ([`Layout::for_training`]).
     pub layout: Option<Layout>,
-    /// libtorch threads (0 = all cores).
+    /// libtorch threads (0 = all cores on a CPU; on a GPU one, unless `--threads` set others:
+    /// the host there only fills and copies batches).
     pub threads: usize,
     /// Patch loader threads (0 = one per core).
     pub workers: usize,
