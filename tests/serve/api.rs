@@ -468,7 +468,7 @@ async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
     for (query, needle) in [
         (
             "?model=nope",
-            "unknown model 'nope' (known: default, method2)",
+            "unknown model 'nope' (known: default, gray, method2)",
         ),
         ("?sigma=loud", "not a number"),
         ("?sigma=300", "0-255"),
