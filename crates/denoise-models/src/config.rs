@@ -122,6 +122,15 @@ impl ModelConfig {
         }
     }
 
+    /// The gray twin of a colour FFDNet (what [`crate::ffdnet::gray_from_colour`] builds);
+    /// `None` for any other model.
+    pub fn gray_twin(&self) -> Option<ModelConfig> {
+        match self {
+            ModelConfig::Ffdnet(c) => c.gray_twin().map(ModelConfig::Ffdnet),
+            _ => None,
+        }
+    }
+
     /// Image channels (1 gray, 3 RGB).
     pub fn channels(&self) -> i64 {
         match self {

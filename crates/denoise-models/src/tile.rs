@@ -42,7 +42,9 @@ pub fn denoise_image(
     let (c, h, w) = input.shape();
     // A gray picture stored as RGB (a scan, a black-and-white photo) has its noise in every
     // channel alike, as a gray image shown to a colour model: read it as gray.
-    let gray_rgb = image.channels() == 3 && c == 3 && image.is_gray_within(GRAY_SPREAD);
+    // Only a model given a noise level needs to know (the scan is the image's size).
+    let gray_rgb =
+        config.noise_map() && image.channels() == 3 && c == 3 && image.is_gray_within(GRAY_SPREAD);
     let gain = if gray_rgb {
         conversion_noise_gain(1, 3)
     } else {

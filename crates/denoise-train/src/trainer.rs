@@ -989,7 +989,7 @@ fn load_init(cfg: &mut TrainConfig, path: &Path) -> Result<Model> {
     match &cfg.model {
         None => cfg.model = Some(art.metadata.model.clone()),
         // A gray model started from a colour one of the same architecture.
-        Some(ModelConfig::Ffdnet(want)) if gray_of(&art.metadata.model).as_ref() == Some(want) => {
+        Some(want) if art.metadata.model.gray_twin().as_ref() == Some(want) => {
             return Ok(denoise_models::ffdnet::gray_from_colour(&art.model)?);
         }
         Some(model) if *model != art.metadata.model => {
@@ -1005,15 +1005,6 @@ fn load_init(cfg: &mut TrainConfig, path: &Path) -> Result<Model> {
         Some(_) => {}
     }
     Ok(art.model)
-}
-
-/// The gray twin of a colour FFDNet config, what [`denoise_models::ffdnet::gray_from_colour`]
-/// makes of it.
-fn gray_of(model: &ModelConfig) -> Option<denoise_models::ffdnet::FfdnetConfig> {
-    match model {
-        ModelConfig::Ffdnet(c) => c.gray_twin(),
-        _ => None,
-    }
 }
 
 /// The training and validation files of a manifest, as absolute paths.

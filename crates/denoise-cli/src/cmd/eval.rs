@@ -127,6 +127,17 @@ impl Channels {
         }
     }
 
+    /// Why an image with `got` channels does not fit.
+    fn mismatch(self, got: usize) -> String {
+        match self {
+            Self::Model(3) if got == 1 => {
+                "the model takes 3 (--gray-through-colour evaluates a gray set with it)".into()
+            }
+            Self::Model(c) => format!("the model takes {c}"),
+            Self::GrayThroughColour => "--gray-through-colour takes gray images".into(),
+        }
+    }
+
     /// The channel count the clean images must have.
     fn images(self) -> usize {
         match self {
@@ -150,17 +161,7 @@ fn check_files(files: &[PathBuf], want: Channels) -> Result<()> {
                 "'{}' has {} channel(s) but {}",
                 file.display(),
                 loaded.image.channels(),
-                match want {
-                    Channels::Model(c) => format!(
-                        "the model takes {c}{}",
-                        if c == 3 && loaded.image.channels() == 1 {
-                            " (--gray-through-colour evaluates a gray set with it)"
-                        } else {
-                            ""
-                        }
-                    ),
-                    Channels::GrayThroughColour => "--gray-through-colour takes gray images".into(),
-                }
+                want.mismatch(loaded.image.channels())
             )),
             Ok(_) => {}
             Err(err) => problems.push(err.to_string()),

@@ -246,9 +246,11 @@ fn denoise_one(
     io::save(output, &out, loaded.alpha.as_deref(), depth)?;
     let mut notes = Vec::new();
     let gray_model = runner.model.config().channels() == 1;
-    let gray_picture = loaded
-        .image
-        .is_gray_within(denoise_models::tile::GRAY_SPREAD);
+    // Scanned only when a note could follow.
+    let gray_picture = (gray_model || gray_hint)
+        && loaded
+            .image
+            .is_gray_within(denoise_models::tile::GRAY_SPREAD);
     if gray_model && !gray_picture {
         notes.push(format!(
             "{}: a gray model: the result is gray (the default model keeps colour)",

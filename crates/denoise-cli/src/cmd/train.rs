@@ -1,7 +1,7 @@
 //! `denoise-cli train`: run or resume a training run (`cargo xtask train` calls this).
 
 use anyhow::{Context, Result};
-use denoise_models::{ModelConfig, ModelKind, Precision};
+use denoise_models::{ModelKind, Precision};
 use denoise_train::{TrainConfig, Trainer};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -156,11 +156,9 @@ pub fn run(args: &Args) -> Result<()> {
         if let (Some(channels), None) = (args.channels, &args.model) {
             let meta = denoise_models::artefact::read_metadata(&path)?;
             let own = meta.model.channels();
-            match (&meta.model, channels) {
+            match (meta.model.gray_twin(), channels) {
                 (_, c) if c == own => {}
-                (ModelConfig::Ffdnet(colour), 1) if colour.gray_twin().is_some() => {
-                    cfg.model = colour.gray_twin().map(ModelConfig::Ffdnet);
-                }
+                (Some(gray), 1) => cfg.model = Some(gray),
                 _ => anyhow::bail!(
                     "--channels {channels} with --init: '{}' is a {}-channel {}, and only a \
                      colour ffdnet turns into a gray one (--channels 1)",
