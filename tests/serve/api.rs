@@ -93,6 +93,10 @@ async fn every_route_answers() {
     let psnr_in: f64 = header(&r, "x-denoise-psnr-input").unwrap().parse().unwrap();
     let psnr_out: f64 = header(&r, "x-denoise-psnr").unwrap().parse().unwrap();
     assert_eq!(header(&r, "x-denoise-sigma").unwrap(), "25.0");
+    assert!(
+        header(&r, "x-denoise-sigma-range").is_none(),
+        "a given level is one level"
+    );
     assert_eq!(header(&r, "x-denoise-size").unwrap(), "451x300");
     let result = decode(&r.bytes().await.unwrap());
     assert!(
@@ -115,6 +119,14 @@ async fn every_route_answers() {
     assert!(ms > 0.0);
     let estimated: f32 = header(&r, "x-denoise-sigma").unwrap().parse().unwrap();
     assert!((15.0..35.0).contains(&estimated), "{estimated}");
+    // A colour photo's estimate follows its brightness; the header gives its range.
+    let range = header(&r, "x-denoise-sigma-range").unwrap();
+    let (lo, hi) = range.split_once('-').unwrap();
+    let (lo, hi): (f32, f32) = (lo.parse().unwrap(), hi.parse().unwrap());
+    assert!(
+        lo <= estimated && estimated <= hi && hi - lo < 15.0,
+        "{range}"
+    );
     assert_eq!(header(&r, "x-denoise-model").unwrap(), "default");
     assert!(
         header(&r, "x-denoise-psnr").is_none(),

@@ -208,14 +208,14 @@ impl Runner {
     }
 
     /// Denoises `image`, converting gray <-> colour explicitly when the model wants the other
-    /// (and back). Returns the result and the sigma used, if any.
+    /// (and back). Returns the result and the level used, if any.
     pub fn denoise(
         &self,
         image: &denoise_data::Image,
         sigma: Sigma,
         progress: &mut dyn FnMut(usize, usize),
         sigma_map: Option<&denoise_data::Image>,
-    ) -> Result<(denoise_data::Image, Option<f32>)> {
+    ) -> Result<(denoise_data::Image, Option<denoise_models::tile::LevelUsed>)> {
         let level = match (sigma_map, sigma) {
             (Some(map), _) => NoiseLevel::Map(map.data()),
             (None, Sigma::Fixed(s)) => NoiseLevel::Uniform(s),

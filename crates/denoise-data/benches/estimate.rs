@@ -1,12 +1,13 @@
 //! Cost of the blind noise-level estimates on a CBSD68-sized colour image (481x321) and on a
-//! 2000x1500 one (sampled on a grid: the patch method's cost stops growing at 20,000 patches).
+//! 2000x1500 one (sampled on a grid: the patch method's cost stops growing at 20,000 patches,
+//! the brightness function's at 60,000; its per-pixel map grows with the image).
 //! Synthetic content, so no data set is needed.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use denoise_data::Image;
-use denoise_data::estimate::{estimate_sigma, immerkaer_sigma};
+use denoise_data::estimate::{estimate_noise, estimate_sigma, immerkaer_sigma};
 use denoise_data::noise::NoiseSpec;
 
 fn noisy(h: usize, w: usize) -> Image {
@@ -24,6 +25,16 @@ fn estimates(c: &mut Criterion) {
         let img = noisy(h, w);
         c.bench_function(&format!("patch covariance {w}x{h}"), |b| {
             b.iter(|| estimate_sigma(black_box(&img)))
+        });
+        c.bench_function(&format!("estimate_noise (by brightness) {w}x{h}"), |b| {
+            b.iter(|| estimate_noise(black_box(&img)))
+        });
+        c.bench_function(&format!("brightness map {w}x{h}"), |b| {
+            let denoise_data::estimate::NoiseEstimate::Brightness(nlf) = estimate_noise(&img)
+            else {
+                panic!("white colour noise gives a brightness estimate");
+            };
+            b.iter(|| nlf.map(black_box(&img)))
         });
         c.bench_function(&format!("immerkaer {w}x{h}"), |b| {
             b.iter(|| immerkaer_sigma(black_box(&img)))

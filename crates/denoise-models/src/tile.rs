@@ -4,13 +4,15 @@
 
 use crate::{Model, ModelError, Result};
 use denoise_data::Image;
+use denoise_data::estimate::{self, NoiseEstimate};
 use tch::Tensor;
 
 /// The noise level given to a model that takes a noise-level map (others ignore it).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum NoiseLevel<'a> {
-    /// Estimate a uniform level from the image (`denoise_data::estimate::estimate_sigma`):
-    /// blind use.
+    /// Estimate the level from the image (`denoise_data::estimate::estimate_noise`): blind use.
+    /// A colour image whose noise reads as independent across channels gets a map that follows
+    /// its brightness; others one level.
     Estimate,
     /// A uniform level on the 0-255 scale.
     Uniform(f32),
@@ -18,10 +20,52 @@ pub enum NoiseLevel<'a> {
     Map(&'a [f32]),
 }
 
+/// The noise level a model that takes one was given, when it was not given a map (0-255 scale).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LevelUsed {
+    /// The level given or estimated; for a map estimated from brightness, its root mean square
+    /// over the pixels.
+    pub sigma: f32,
+    /// The least and the greatest level of a map estimated from brightness; `None` for one
+    /// level.
+    pub range: Option<(f32, f32)>,
+}
+
+impl LevelUsed {
+    fn uniform(sigma: f32) -> Self {
+        Self { sigma, range: None }
+    }
+
+    /// The summary of a map on the [0, 1] scale.
+    fn of_map(map: &[f32]) -> Self {
+        let mean_square = map
+            .iter()
+            .map(|&s| f64::from(s) * f64::from(s))
+            .sum::<f64>()
+            / map.len().max(1) as f64;
+        let (lo, hi) = map.iter().fold((f32::INFINITY, 0.0f32), |(lo, hi), &s| {
+            (lo.min(s), hi.max(s))
+        });
+        Self {
+            sigma: (mean_square.sqrt() * 255.0) as f32,
+            range: Some((lo.min(hi) * 255.0, hi * 255.0)),
+        }
+    }
+}
+
+impl std::fmt::Display for LevelUsed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.1}", self.sigma)?;
+        if let Some((lo, hi)) = self.range {
+            write!(f, " (from {lo:.1} to {hi:.1} with brightness)")?;
+        }
+        Ok(())
+    }
+}
+
 /// Denoises an image with `model`: converts gray <-> colour explicitly when the model wants the
 /// other (and back), builds the noise-level map, and runs [`denoise_tiled`]. Returns the result
-/// (not clipped) and the uniform level used (0-255 scale), for models that take one and were not
-/// given a map.
+/// (not clipped) and the level used, for models that take one and were not given a map.
 ///
 /// Noise levels, given or estimated, are the image's own (per channel, as it comes in). The map
 /// a model gets is that level times [`conversion_noise_gain`] when the image is converted: a
@@ -36,7 +80,7 @@ pub fn denoise_image(
     level: NoiseLevel<'_>,
     cfg: TileConfig,
     progress: &mut dyn FnMut(usize, usize),
-) -> Result<(Image, Option<f32>)> {
+) -> Result<(Image, Option<LevelUsed>)> {
     let config = model.config();
     let input = image.to_channels(config.channels() as usize)?;
     let (c, h, w) = input.shape();
@@ -53,14 +97,28 @@ pub fn denoise_image(
     let (map, used) = match (config.noise_map(), level) {
         (false, _) => (None, None),
         (true, NoiseLevel::Map(map)) => (Some(map.iter().map(|s| s * gain).collect()), None),
-        (true, NoiseLevel::Uniform(s)) => (Some(vec![s / 255.0 * gain; h * w]), Some(s)),
+        (true, NoiseLevel::Uniform(s)) => (
+            Some(vec![s / 255.0 * gain; h * w]),
+            Some(LevelUsed::uniform(s)),
+        ),
         (true, NoiseLevel::Estimate) => {
-            let s = if gray_rgb {
-                denoise_data::estimate::estimate_sigma(&image.to_gray())
+            let estimate = if gray_rgb {
+                NoiseEstimate::Uniform(estimate::estimate_sigma(&image.to_gray()))
             } else {
-                denoise_data::estimate::estimate_sigma(image)
+                estimate::estimate_noise(image)
             };
-            (Some(vec![s / 255.0 * gain; h * w]), Some(s))
+            match estimate {
+                NoiseEstimate::Uniform(s) => (
+                    Some(vec![s / 255.0 * gain; h * w]),
+                    Some(LevelUsed::uniform(s)),
+                ),
+                NoiseEstimate::Brightness(nlf) => {
+                    let mut map = nlf.map(image);
+                    let used = LevelUsed::of_map(&map);
+                    map.iter_mut().for_each(|s| *s *= gain);
+                    (Some(map), Some(used))
+                }
+            }
         }
     };
     let out = denoise_tiled(
@@ -421,7 +479,7 @@ mod tests {
             (1, 20, 30),
             "gray in, gray out from a colour model"
         );
-        assert_eq!(used, Some(25.0));
+        assert_eq!(used, Some(LevelUsed::uniform(25.0)));
         let map = vec![25.0 / 255.0; 600];
         let (from_map, used) = run(NoiseLevel::Map(&map));
         assert_eq!(used, None, "a map is not a uniform level");
@@ -431,7 +489,10 @@ mod tests {
             "a constant map is the uniform level"
         );
         let (_, used) = run(NoiseLevel::Estimate);
-        assert!(used.is_some_and(|s| s > 0.0), "{used:?}");
+        assert!(
+            used.is_some_and(|u| u.sigma > 0.0 && u.range.is_none()),
+            "{used:?}"
+        );
         // The colour model is told the gray level times sqrt(3) (the noise is alike in its
         // three channels), and so is a gray picture stored as RGB, which is read as gray.
         let rgb_with_map = |img: &Image, level: f32| {
@@ -456,7 +517,7 @@ mod tests {
         );
         let as_rgb = |level| denoise_image(&model, &gray.to_rgb(), level, whole, &mut |_, _| {});
         let (as_rgb, used) = as_rgb(NoiseLevel::Uniform(25.0)).unwrap();
-        assert_eq!(used, Some(25.0));
+        assert_eq!(used, Some(LevelUsed::uniform(25.0)));
         assert_eq!(as_rgb.to_gray().data(), out.data());
         // A colour picture is not: its map is the level as given.
         let colour = Image::from_fn(3, 20, 30, |c, y, x| ((c + 2 * y + x) % 5) as f32 / 5.0);
@@ -472,6 +533,56 @@ mod tests {
         let (_, used) =
             denoise_image(&plain, &gray, NoiseLevel::Estimate, whole, &mut |_, _| {}).unwrap();
         assert_eq!(used, None, "dncnn takes no noise level");
+    }
+
+    #[test]
+    fn a_blind_colour_picture_gets_a_map_that_follows_its_brightness() {
+        let _rng = crate::test_rng_lock();
+        let model = tiny_ffdnet();
+        // Texture over a left-to-right ramp, with Poisson-Gaussian noise: the level grows with
+        // brightness, which the estimate must give the model pixel by pixel.
+        let (h, w) = (96, 160);
+        let clean = Image::from_fn(3, h, w, |c, y, x| {
+            let (yf, xf) = (y as f32, x as f32);
+            0.1 + 0.75 * xf / w as f32
+                + 0.05 * (1.9 * xf + 0.4 * yf + c as f32).sin()
+                + 0.03 * (0.7 * xf - 2.3 * yf).cos()
+        });
+        let noisy = denoise_data::noise::NoiseSpec::PoissonGaussian {
+            peak: 40.0,
+            sigma: 2.0,
+        }
+        .apply(&clean, 3)
+        .image;
+        let whole = TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 1,
+        };
+        let (out, used) =
+            denoise_image(&model, &noisy, NoiseLevel::Estimate, whole, &mut |_, _| {}).unwrap();
+        let used = used.unwrap();
+        let (lo, hi) = used.range.expect("a map that follows brightness");
+        // sqrt(m / 40 + (2/255)^2) * 255 is 13 at m = 0.1 and 37 at m = 0.85.
+        assert!(
+            lo < 20.0 && hi > 30.0 && (lo..hi).contains(&used.sigma),
+            "{used:?}"
+        );
+        assert!(used.to_string().contains("with brightness"), "{used}");
+        // The model got exactly the estimated map.
+        let NoiseEstimate::Brightness(nlf) = estimate::estimate_noise(&noisy) else {
+            panic!("white noise in colour: a brightness estimate");
+        };
+        let direct = denoise_tiled(
+            &model,
+            noisy.data(),
+            Some(&nlf.map(&noisy)),
+            (3, h, w),
+            whole,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(out.data(), direct.as_slice());
     }
 
     #[test]

@@ -140,8 +140,9 @@ pub(crate) fn valid_name(name: &str) -> bool {
 /// The denoising strength a request asks for (`sigma`).
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub enum Strength {
-    /// Estimate the noise level (`denoise_data::estimate::estimate_sigma`) for models that take
-    /// one: `blind`, `auto` or absent.
+    /// Estimate the noise level (`denoise_data::estimate::estimate_noise`: a map that follows
+    /// brightness for colour, one level otherwise) for models that take one: `blind`, `auto`
+    /// or absent.
     #[default]
     Blind,
     /// A fixed noise level on the 0-255 scale.

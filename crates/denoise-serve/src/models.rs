@@ -4,7 +4,7 @@
 use crate::config::{ModelEntry, Strength};
 use crate::{Result, ServeError};
 use denoise_data::Image;
-use denoise_models::tile::{NoiseLevel, TileConfig, denoise_image};
+use denoise_models::tile::{LevelUsed, NoiseLevel, TileConfig, denoise_image};
 use denoise_models::{Model, Precision, artefact};
 use serde::Serialize;
 
@@ -76,8 +76,7 @@ impl Denoiser {
     /// Denoises `image`, converting gray <-> colour when the model wants the other (and back),
     /// averaging `ensemble` flipped and turned passes per tile, and calling
     /// `progress(tiles_done, tiles_total)` as it goes. Returns the result (not
-    /// clipped) and the sigma used (0-255 scale; estimated when `strength` is blind) for models
-    /// that take one.
+    /// clipped) and the level used (estimated when `strength` is blind) for models that take one.
     ///
     /// # Shapes
     /// `image`: C x H x W with C = 1 or 3; the result has the same shape.
@@ -87,7 +86,7 @@ impl Denoiser {
         strength: Strength,
         ensemble: usize,
         progress: &mut dyn FnMut(usize, usize),
-    ) -> Result<(Image, Option<f32>)> {
+    ) -> Result<(Image, Option<LevelUsed>)> {
         let level = match strength {
             Strength::Fixed(s) => NoiseLevel::Uniform(s),
             Strength::Blind => NoiseLevel::Estimate,

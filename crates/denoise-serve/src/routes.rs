@@ -767,8 +767,12 @@ fn denoised_response(d: Denoised) -> Response {
     set("x-denoise-model", d.model);
     set("x-denoise-size", format!("{}x{}", d.width, d.height));
     set("x-denoise-ensemble", d.ensemble.to_string());
-    if let Some(sigma) = d.sigma {
-        set("x-denoise-sigma", format!("{sigma:.1}"));
+    if let Some(used) = d.sigma {
+        set("x-denoise-sigma", format!("{:.1}", used.sigma));
+        // An estimate that follows brightness: its least and greatest level.
+        if let Some((lo, hi)) = used.range {
+            set("x-denoise-sigma-range", format!("{lo:.1}-{hi:.1}"));
+        }
     }
     if let Some((input, output)) = d.psnr {
         set("x-denoise-psnr-input", format!("{input:.2}"));

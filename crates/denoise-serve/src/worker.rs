@@ -11,6 +11,7 @@ use crate::samples::{self, SampleInfo};
 use crate::{Result, ServeError};
 use crossbeam_channel::{Sender, TrySendError};
 use denoise_data::{Image, io};
+use denoise_models::tile::LevelUsed;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
@@ -172,8 +173,8 @@ pub struct Denoised {
     pub width: usize,
     pub height: usize,
     pub model: String,
-    /// The sigma used (0-255), for models that take one.
-    pub sigma: Option<f32>,
+    /// The level used, for models that take one.
+    pub sigma: Option<LevelUsed>,
     /// Self-ensemble passes.
     pub ensemble: usize,
     /// PSNR (dB) of the input and of the result against the clean reference.

@@ -337,8 +337,15 @@ function showResult(blob, headers, roundTripMs, fixed, input) {
   $('stat-time').textContent = `${ms.toLocaleString()} ms`;
   $('stat-time').title = `server ${ms} ms, round trip ${Math.round(roundTripMs)} ms`;
   const sigma = headers.get('X-Denoise-Sigma');
-  $('stat-sigma').textContent = sigma ? `${sigma}${fixed ? '' : ' (est.)'}` : 'n/a (blind model)';
-  $('stat-sigma').title = sigma && !fixed ? 'estimated from the image (patch covariance, Chen et al. 2015)' : '';
+  const range = headers.get('X-Denoise-Sigma-Range');
+  $('stat-sigma').textContent = sigma
+    ? `${range && !fixed ? range.replace('-', '–') : sigma}${fixed ? '' : ' (est.)'}`
+    : 'n/a (blind model)';
+  $('stat-sigma').title = !sigma || fixed
+    ? ''
+    : range
+      ? `estimated from the image, higher where it is brighter (patch covariance by brightness, Chen et al. 2015); root mean square ${sigma}`
+      : 'estimated from the image (patch covariance, Chen et al. 2015)';
   $('stat-size').textContent = (headers.get('X-Denoise-Size') || '').replace('x', ' × ');
   const psnr = headers.get('X-Denoise-Psnr');
   const psnrIn = headers.get('X-Denoise-Psnr-Input');

@@ -292,8 +292,12 @@ fn evaluate(
                     .to_string();
                 let mut r = serde_json::json!({"name": rel, "psnr": p, "ssim": s, "noisy_psnr": n});
                 // The level the model was given where it estimated one (--blind).
-                if let Some(sigma) = used.filter(|_| map.is_none()) {
-                    r["sigma_estimate"] = sigma.into();
+                if let Some(used) = used.filter(|_| map.is_none()) {
+                    r["sigma_estimate"] = used.sigma.into();
+                    // A level that follows brightness: its least and greatest values.
+                    if let Some((lo, hi)) = used.range {
+                        r["sigma_range"] = serde_json::json!([lo, hi]);
+                    }
                 }
                 per_image.push(r);
             }
@@ -332,9 +336,17 @@ fn print_row(name: &str, row: &serde_json::Value) {
         row["images"].as_u64().unwrap_or(0)
     );
     for r in row["per_image"].as_array().into_iter().flatten() {
-        let estimate = r["sigma_estimate"]
-            .as_f64()
-            .map_or(String::new(), |s| format!("  sigma estimated {s:.2}"));
+        let range = match r["sigma_range"].as_array().map(|v| v.as_slice()) {
+            Some([lo, hi]) => format!(
+                " ({:.1} to {:.1} with brightness)",
+                lo.as_f64().unwrap_or(f64::NAN),
+                hi.as_f64().unwrap_or(f64::NAN)
+            ),
+            _ => String::new(),
+        };
+        let estimate = r["sigma_estimate"].as_f64().map_or(String::new(), |s| {
+            format!("  sigma estimated {s:.2}{range}")
+        });
         println!(
             "    {:<28} {:>6.2} dB  SSIM {:.4}{estimate}",
             r["name"].as_str().unwrap_or(""),

@@ -16,9 +16,12 @@ pub struct Args {
     #[arg(long)]
     model: Option<String>,
     /// Noise level on the 0-255 scale, for models that take one. Without it (or with 'auto',
-    /// the same) the level is estimated from each image (the covariance of its patches in
-    /// colour, Immerkaer's filter in gray) and reported. For a gray picture and a colour model
-    /// the model is told this level times sqrt(3): its noise is alike in the three channels.
+    /// the same) the level is estimated from each image and reported: in colour from the
+    /// covariance of its patches, group by group of brightness, so that a photo's shot noise
+    /// (stronger where it is brighter) gets a map that follows it; in gray, and where the
+    /// channels share their noise, one level by Immerkaer's filter. For a gray picture and a
+    /// colour model the model is told this level times sqrt(3): its noise is alike in the three
+    /// channels.
     #[arg(long, allow_negative_numbers = true)]
     sigma: Option<Sigma>,
     /// auto (CUDA when available), cpu, cuda or cuda:N.
@@ -271,7 +274,7 @@ fn denoise_one(
         ));
     }
     if let (Sigma::Auto | Sigma::Blind, Some(s)) = (sigma, used) {
-        notes.push(format!("{}: estimated sigma {s:.1}", input.display()));
+        notes.push(format!("{}: estimated sigma {s}", input.display()));
         let (_, h, w) = loaded.image.shape();
         if h < 3 || w < 3 {
             notes.push(format!(
