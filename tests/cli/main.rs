@@ -744,6 +744,47 @@ fn a_gray_model_says_that_a_colour_picture_comes_back_gray() {
 }
 
 #[test]
+fn blind_infer_says_how_it_read_the_noise() {
+    let dir = tempfile::tempdir().unwrap();
+    tch::manual_seed(0);
+    let cfg = serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
+    let model = Model::new(&cfg, tch::Device::Cpu).unwrap();
+    let path = dir.path().join("ffdnet.safetensors");
+    artefact::save(&model, &artefact::Metadata::new(model.config()), &path).unwrap();
+    let (h, w) = (96, 128);
+    let clean = picture(h, w);
+    let field = denoise_data::noise::NoiseSpec::Gaussian { lo: 20.0, hi: 20.0 };
+    // Independent noise in each channel, and one noise field added to all three (as a JPEG
+    // with subsampled colour leaves it, in part).
+    let white = field.apply(&clean, 1).image;
+    let common = field.apply(&Image::zeros(1, h, w), 2).image;
+    let shared = Image::from_fn(3, h, w, |c, y, x| {
+        clean.plane(c)[y * w + x] + common.plane(0)[y * w + x]
+    });
+    let infer = |name: &str, image: &Image| {
+        let input = dir.path().join(name);
+        io::save(&input, image, None, BitDepth::Sixteen).unwrap();
+        let output = dir.path().join(format!("out-{name}"));
+        let out = run(&[
+            "infer",
+            "--model",
+            path.to_str().unwrap(),
+            input.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ]);
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let said = infer("white.png", &white);
+    assert!(said.contains("with brightness"), "{said}");
+    assert!(!said.contains("share their noise"), "{said}");
+    let said = infer("shared.png", &shared);
+    assert!(said.contains("share their noise"), "{said}");
+    assert!(!said.contains("with brightness"), "{said}");
+}
+
+#[test]
 fn a_gray_model_trains_from_a_colour_ffdnet() {
     let dir = tempfile::tempdir().unwrap();
     let manifest = prepared(dir.path(), 4, 1, "0.25");

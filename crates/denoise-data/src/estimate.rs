@@ -80,6 +80,11 @@ pub fn estimate_sigma(img: &Image) -> f32 {
 pub enum NoiseEstimate {
     /// One level for the whole image (0-255 scale).
     Uniform(f32),
+    /// One level for a colour image whose channels share their noise, or whose noise is too
+    /// faint beside its texture for the patch estimate's check: Immerkær's level times
+    /// [`SHARED_NOISE_GAIN`] (0-255 scale). The least sure of the estimates: the filter reads
+    /// texture as noise, so a clean, busy photo gets a level it does not have.
+    Shared(f32),
     /// A level read from each pixel's neighbourhood brightness ([`NoiseLevelFunction::map`]).
     Brightness(NoiseLevelFunction),
 }
@@ -108,7 +113,7 @@ pub fn estimate_noise(img: &Image) -> NoiseEstimate {
             Some(nlf) => NoiseEstimate::Brightness(nlf),
             None => NoiseEstimate::Uniform(patch),
         },
-        _ => NoiseEstimate::Uniform(filter * SHARED_NOISE_GAIN),
+        _ => NoiseEstimate::Shared(filter * SHARED_NOISE_GAIN),
     }
 }
 
@@ -749,7 +754,7 @@ mod tests {
         let shared = gray.to_channels(3).unwrap();
         assert_eq!(
             estimate_noise(&shared),
-            NoiseEstimate::Uniform(immerkaer_sigma(&shared) * SHARED_NOISE_GAIN)
+            NoiseEstimate::Shared(immerkaer_sigma(&shared) * SHARED_NOISE_GAIN)
         );
         // Too few patches for two groups of brightness: the one patch estimate.
         let small = NoiseSpec::Gaussian { lo: 15.0, hi: 15.0 }

@@ -29,11 +29,18 @@ pub struct LevelUsed {
     /// The least and the greatest level of a map estimated from brightness; `None` for one
     /// level.
     pub range: Option<(f32, f32)>,
+    /// Estimated for noise the colour channels share (`NoiseEstimate::Shared`): Immerkær's
+    /// filter, which also reads texture, so the level is least sure.
+    pub shared: bool,
 }
 
 impl LevelUsed {
     fn uniform(sigma: f32) -> Self {
-        Self { sigma, range: None }
+        Self {
+            sigma,
+            range: None,
+            shared: false,
+        }
     }
 
     /// The summary of a map on the [0, 1] scale.
@@ -49,6 +56,7 @@ impl LevelUsed {
         Self {
             sigma: (mean_square.sqrt() * 255.0) as f32,
             range: Some((lo.min(hi) * 255.0, hi * 255.0)),
+            shared: false,
         }
     }
 }
@@ -111,6 +119,13 @@ pub fn denoise_image(
                 NoiseEstimate::Uniform(s) => (
                     Some(vec![s / 255.0 * gain; h * w]),
                     Some(LevelUsed::uniform(s)),
+                ),
+                NoiseEstimate::Shared(s) => (
+                    Some(vec![s / 255.0 * gain; h * w]),
+                    Some(LevelUsed {
+                        shared: true,
+                        ..LevelUsed::uniform(s)
+                    }),
                 ),
                 NoiseEstimate::Brightness(nlf) => {
                     let mut map = nlf.map(image);

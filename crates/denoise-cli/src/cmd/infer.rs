@@ -275,6 +275,15 @@ fn denoise_one(
     }
     if let (Sigma::Auto | Sigma::Blind, Some(s)) = (sigma, used) {
         notes.push(format!("{}: estimated sigma {s}", input.display()));
+        if s.shared {
+            notes.push(format!(
+                "{}: its colour channels share their noise (a JPEG with subsampled colour, say), \
+                 so the level is Immerkaer's filter's times {}, and the filter also counts \
+                 texture: if a clean, busy photo comes out smoothed, give a small --sigma (2, say)",
+                input.display(),
+                denoise_data::estimate::SHARED_NOISE_GAIN
+            ));
+        }
         let (_, h, w) = loaded.image.shape();
         if h < 3 || w < 3 {
             notes.push(format!(
