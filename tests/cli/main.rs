@@ -19,6 +19,20 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `infer --model MODEL INPUT -o OUTPUT`, which must succeed; its stderr (the notes).
+fn infer_ok(model: &Path, input: &Path, output: &Path) -> String {
+    let out = run(&[
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        input.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    stderr(&out)
+}
+
 /// A smooth colour test image with some texture, in [0, 1].
 fn picture(h: usize, w: usize) -> Image {
     Image::from_fn(3, h, w, |c, y, x| {
@@ -725,19 +739,7 @@ fn a_gray_model_says_that_a_colour_picture_comes_back_gray() {
         BitDepth::Eight,
     )
     .unwrap();
-    let infer = |input: &Path| {
-        let output = dir.path().join("out.png");
-        let out = run(&[
-            "infer",
-            "--model",
-            model.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            output.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        stderr(&out)
-    };
+    let infer = |input: &Path| infer_ok(&model, input, &dir.path().join("out.png"));
     assert!(infer(&colour).contains("a gray model: the result is gray"));
     // A gray picture stored as RGB loses nothing.
     assert!(!infer(&flat).contains("the result is gray"));
@@ -764,17 +766,7 @@ fn blind_infer_says_how_it_read_the_noise() {
     let infer = |name: &str, image: &Image| {
         let input = dir.path().join(name);
         io::save(&input, image, None, BitDepth::Sixteen).unwrap();
-        let output = dir.path().join(format!("out-{name}"));
-        let out = run(&[
-            "infer",
-            "--model",
-            path.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            output.to_str().unwrap(),
-        ]);
-        assert!(out.status.success(), "{}", stderr(&out));
-        stderr(&out)
+        infer_ok(&path, &input, &dir.path().join(format!("out-{name}")))
     };
     let said = infer("white.png", &white);
     assert!(said.contains("with brightness"), "{said}");
