@@ -344,7 +344,7 @@ function showResult(blob, headers, roundTripMs, fixed, input) {
   $('stat-sigma').title = !sigma || fixed
     ? ''
     : range
-      ? `estimated from the image, higher where it is brighter (patch covariance by brightness, Chen et al. 2015); root mean square ${sigma}`
+      ? `estimated from the image, by brightness (patch covariance per brightness group, Chen et al. 2015); root mean square ${sigma}`
       : 'estimated from the image (patch covariance, Chen et al. 2015)';
   $('stat-size').textContent = (headers.get('X-Denoise-Size') || '').replace('x', ' × ');
   const psnr = headers.get('X-Denoise-Psnr');
