@@ -114,7 +114,9 @@ pub fn estimate_noise(img: &Image) -> NoiseEstimate {
             Some(nlf) => NoiseEstimate::Brightness(nlf.with_mean_level(patch)),
             None => NoiseEstimate::Uniform(patch),
         },
-        _ => NoiseEstimate::Shared(filter * SHARED_NOISE_GAIN),
+        Some(_) => NoiseEstimate::Shared(filter * SHARED_NOISE_GAIN),
+        // Too few patches (under about 27x27) or values that are not finite: the filter alone.
+        None => NoiseEstimate::Uniform(filter),
     }
 }
 
@@ -279,7 +281,8 @@ impl NoiseLevelFunction {
     }
 
     /// A per-pixel map of levels on the [0, 1] scale (H x W): each pixel's level at the mean
-    /// intensity of the [`PATCH`]-sided box around it (all channels).
+    /// intensity of the 7x7 box around it (all channels; cut at the borders), about the 6x6
+    /// patches the groups were sorted by.
     pub fn map(&self, img: &Image) -> Vec<f32> {
         let (channels, h, w) = img.shape();
         let mut mean = vec![0.0f32; h * w];
@@ -773,6 +776,15 @@ mod tests {
         assert_eq!(
             estimate_noise(&shared),
             NoiseEstimate::Shared(immerkaer_sigma(&shared) * SHARED_NOISE_GAIN)
+        );
+        // Too few patches for the patch estimate at all: the filter's level, not raised.
+        let tiny = NoiseSpec::Gaussian { lo: 15.0, hi: 15.0 }
+            .apply(&ramp(3, 20, 20), 6)
+            .image;
+        assert!(patch_covariance_sigma(&tiny).is_none());
+        assert_eq!(
+            estimate_noise(&tiny),
+            NoiseEstimate::Uniform(immerkaer_sigma(&tiny))
         );
         // Too few patches for two groups of brightness: the one patch estimate.
         let small = NoiseSpec::Gaussian { lo: 15.0, hi: 15.0 }

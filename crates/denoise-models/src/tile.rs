@@ -110,6 +110,9 @@ pub fn denoise_image(
             Some(LevelUsed::uniform(s)),
         ),
         (true, NoiseLevel::Estimate) => {
+            // A colour picture shown to a gray model gets 0.669 times the estimate; for noise
+            // the channels share (`NoiseEstimate::Shared`, already 1.4 times the filter) that
+            // is about the filter's level, which is what fully shared noise keeps in gray.
             let estimate = if gray_rgb {
                 NoiseEstimate::Uniform(estimate::estimate_sigma(&image.to_gray()))
             } else {

@@ -345,7 +345,7 @@ function showResult(blob, headers, roundTripMs, fixed, input) {
     ? ''
     : range
       ? `estimated from the image, by brightness (patch covariance per brightness group, Chen et al. 2015); root mean square ${sigma}`
-      : 'estimated from the image (patch covariance, Chen et al. 2015)';
+      : 'estimated from the image';
   $('stat-size').textContent = (headers.get('X-Denoise-Size') || '').replace('x', ' × ');
   const psnr = headers.get('X-Denoise-Psnr');
   const psnrIn = headers.get('X-Denoise-Psnr-Input');
