@@ -19,6 +19,16 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// A tiny (untrained) FFDNet artefact in `dir`: a model that takes a noise level.
+fn tiny_ffdnet(dir: &Path) -> PathBuf {
+    tch::manual_seed(0);
+    let cfg = serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
+    let model = Model::new(&cfg, tch::Device::Cpu).unwrap();
+    let path = dir.join("ffdnet.safetensors");
+    artefact::save(&model, &artefact::Metadata::new(model.config()), &path).unwrap();
+    path
+}
+
 /// `infer --model MODEL INPUT -o OUTPUT`, which must succeed; its stderr (the notes).
 fn infer_ok(model: &Path, input: &Path, output: &Path) -> String {
     let out = run(&[
@@ -517,11 +527,7 @@ fn eval_json(model: &Path, data: &Path, noise: &str, extra: &[&str]) -> Output {
 #[test]
 fn blind_eval_reports_each_images_estimated_sigma() {
     let dir = tempfile::tempdir().unwrap();
-    tch::manual_seed(0);
-    let cfg = serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
-    let model = Model::new(&cfg, tch::Device::Cpu).unwrap();
-    let path = dir.path().join("ffdnet.safetensors");
-    artefact::save(&model, &artefact::Metadata::new(model.config()), &path).unwrap();
+    let path = tiny_ffdnet(dir.path());
     let data = dir.path().join("clean");
     std::fs::create_dir_all(&data).unwrap();
     io::save(data.join("1.png"), &picture(48, 64), None, BitDepth::Eight).unwrap();
@@ -748,11 +754,7 @@ fn a_gray_model_says_that_a_colour_picture_comes_back_gray() {
 #[test]
 fn blind_infer_says_how_it_read_the_noise() {
     let dir = tempfile::tempdir().unwrap();
-    tch::manual_seed(0);
-    let cfg = serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
-    let model = Model::new(&cfg, tch::Device::Cpu).unwrap();
-    let path = dir.path().join("ffdnet.safetensors");
-    artefact::save(&model, &artefact::Metadata::new(model.config()), &path).unwrap();
+    let path = tiny_ffdnet(dir.path());
     let (h, w) = (96, 128);
     let clean = picture(h, w);
     let field = denoise_data::noise::NoiseSpec::Gaussian { lo: 20.0, hi: 20.0 };
