@@ -99,34 +99,65 @@ impl Schedule {
 
 /// Adam/AdamW over named fp32 parameters. State: first and second moments per parameter and
 /// the step count, all exportable for checkpoints.
+///
+/// The moments of all parameters live in two flat buffers, one parameter after another in name
+/// order, so that an update is a handful of kernels over every weight at once rather than a
+/// dozen per parameter: for FFDNet's 26 parameters that was some 400 kernels a step, 3.8 ms of a
+/// 16 ms step on an H200 (session 12's profile), where the GPU waits on each launch.
 #[derive(Debug)]
 pub struct Adam {
     pub config: OptimizerConfig,
-    params: BTreeMap<String, Tensor>,
-    m: BTreeMap<String, Tensor>,
-    v: BTreeMap<String, Tensor>,
+    params: Vec<Param>,
+    m: Tensor,
+    v: Tensor,
     pub step: u64,
+}
+
+/// A parameter and its place in [`Adam`]'s flat moment buffers.
+#[derive(Debug)]
+struct Param {
+    name: String,
+    tensor: Tensor,
+    offset: i64,
+    numel: i64,
 }
 
 impl Adam {
     /// Optimises `params` (trainable variables by name, e.g. from `VarStore::variables`).
     pub fn new(config: OptimizerConfig, params: BTreeMap<String, Tensor>) -> Self {
-        let zeros = |t: &Tensor| t.zeros_like().set_requires_grad(false);
-        let m = params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect();
-        let v = params.iter().map(|(k, t)| (k.clone(), zeros(t))).collect();
+        let device = params
+            .values()
+            .next()
+            .map_or(tch::Device::Cpu, Tensor::device);
+        let mut offset = 0;
+        let params: Vec<Param> = params
+            .into_iter()
+            .map(|(name, tensor)| {
+                let numel = tensor.numel() as i64;
+                offset += numel;
+                Param {
+                    name,
+                    tensor,
+                    offset: offset - numel,
+                    numel,
+                }
+            })
+            .collect();
+        let zeros = || Tensor::zeros([offset], (Kind::Float, device));
         Self {
             config,
             params,
-            m,
-            v,
+            m: zeros(),
+            v: zeros(),
             step: 0,
         }
     }
 
     /// One update with the gradients in `grads` (by parameter name, any float kind) at rate `lr`.
-    /// Returns the global gradient norm before clipping as a 0-dim fp32 tensor on the gradients'
-    /// device (on the CPU, and 0, when there are none). Nothing here reads a value back to the
-    /// host, so on a GPU the update is queued without waiting for the device.
+    /// A parameter without a gradient is left alone, its moments too. Returns the global
+    /// gradient norm before clipping as a 0-dim fp32 tensor on the gradients' device (on the
+    /// CPU, and 0, when there are none). Nothing here reads a value back to the host, so on a GPU
+    /// the update is queued without waiting for the device.
     pub fn step(&mut self, grads: &BTreeMap<String, Tensor>, lr: f64) -> Tensor {
         let c = self.config.clone();
         self.step += 1;
@@ -134,63 +165,96 @@ impl Adam {
         let bc1 = 1.0 - c.beta1.powi(t);
         let bc2 = 1.0 - c.beta2.powi(t);
         tch::no_grad(|| {
-            let grads: BTreeMap<&String, Tensor> = grads
-                .iter()
-                .map(|(k, g)| (k, g.to_kind(Kind::Float)))
+            // Runs of consecutive parameters that have a gradient (one run, all of them, in a
+            // training step), each with its gradients flattened into one tensor.
+            let mut runs: Vec<(std::ops::Range<usize>, Vec<Tensor>)> = Vec::new();
+            for (i, p) in self.params.iter().enumerate() {
+                let Some(g) = grads.get(&p.name) else {
+                    continue;
+                };
+                let g = g.to_kind(Kind::Float).reshape([-1]);
+                match runs.last_mut() {
+                    Some((range, gs)) if range.end == i => {
+                        range.end = i + 1;
+                        gs.push(g);
+                    }
+                    _ => runs.push((i..i + 1, vec![g])),
+                }
+            }
+            let runs: Vec<(std::ops::Range<usize>, Tensor)> = runs
+                .into_iter()
+                .map(|(range, gs)| (range, Tensor::cat(&gs, 0)))
                 .collect();
-            let squares: Vec<Tensor> = grads
-                .values()
-                .map(|g| g.square().sum(Kind::Float))
-                .collect();
-            let norm = if squares.is_empty() {
-                Tensor::zeros([], (Kind::Float, tch::Device::Cpu))
-            } else {
-                Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
+            let norm = match runs.as_slice() {
+                [] => Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
+                [(_, g)] => g.square().sum(Kind::Float).sqrt(),
+                runs => {
+                    let squares: Vec<Tensor> = runs
+                        .iter()
+                        .map(|(_, g)| g.square().sum(Kind::Float))
+                        .collect();
+                    Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
+                }
             };
             // min(1, max_norm / norm): the gradients are scaled down only when the norm exceeds
             // the limit.
             let clip = (c.clip_grad_norm > 0.0)
                 .then(|| ((&norm + 1e-12).reciprocal() * c.clip_grad_norm).clamp_max(1.0));
-            for (name, p) in self.params.iter_mut() {
-                let Some(g) = grads.get(name) else { continue };
+            for (range, g) in runs {
+                let params = &mut self.params[range];
+                let (start, end) = (params[0].offset, params[params.len() - 1].offset);
+                let len = end + params[params.len() - 1].numel - start;
                 let mut g = match &clip {
                     Some(factor) => g * factor,
-                    None => g.shallow_clone(),
+                    None => g,
                 };
                 if c.weight_decay > 0.0 {
                     match c.kind {
-                        // Not `+=`: unclipped, `g` shares the caller's gradient storage.
-                        OptimizerKind::Adam => g = &g + &*p * c.weight_decay,
+                        OptimizerKind::Adam => {
+                            let flat: Vec<Tensor> =
+                                params.iter().map(|p| p.tensor.reshape([-1])).collect();
+                            g = &g + Tensor::cat(&flat, 0) * c.weight_decay;
+                        }
                         OptimizerKind::Adamw => {
-                            let _ = p.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                            for p in params.iter_mut() {
+                                let _ = p.tensor.g_mul_scalar_(1.0 - lr * c.weight_decay);
+                            }
                         }
                     }
                 }
-                let m = self.m.get_mut(name).expect("moment for every param");
+                let mut m = self.m.narrow(0, start, len);
                 let _ = m.g_mul_scalar_(c.beta1);
                 let _ = m.g_add_(&(&g * (1.0 - c.beta1)));
-                let v = self.v.get_mut(name).expect("moment for every param");
+                let mut v = self.v.narrow(0, start, len);
                 let _ = v.g_mul_scalar_(c.beta2);
                 let _ = v.g_add_(&(g.square() * (1.0 - c.beta2)));
-                let denom = (&*v / bc2).sqrt() + c.eps;
-                let update = &*m / denom * (lr / bc1);
-                let _ = p.g_sub_(&update);
+                let denom = (&v / bc2).sqrt() + c.eps;
+                let update = &m / denom * (lr / bc1);
+                for p in params.iter_mut() {
+                    let step = update
+                        .narrow(0, p.offset - start, p.numel)
+                        .view(p.tensor.size().as_slice());
+                    let _ = p.tensor.g_sub_(&step);
+                }
             }
             norm
         })
     }
 
-    /// The moments as named tensors (`m.NAME`, `v.NAME`) for a checkpoint.
+    /// The moments as named tensors (`m.NAME`, `v.NAME`, each of its parameter's shape) for a
+    /// checkpoint; views of the optimizer's buffers.
     pub fn state(&self) -> Vec<(String, Tensor)> {
-        let m = self
-            .m
-            .iter()
-            .map(|(k, t)| (format!("m.{k}"), t.shallow_clone()));
-        let v = self
-            .v
-            .iter()
-            .map(|(k, t)| (format!("v.{k}"), t.shallow_clone()));
-        m.chain(v).collect()
+        [("m", &self.m), ("v", &self.v)]
+            .into_iter()
+            .flat_map(|(prefix, flat)| {
+                self.params.iter().map(move |p| {
+                    let t = flat
+                        .narrow(0, p.offset, p.numel)
+                        .view(p.tensor.size().as_slice());
+                    (format!("{prefix}.{}", p.name), t)
+                })
+            })
+            .collect()
     }
 
     /// Restores the moments saved by [`Adam::state`]; every parameter's moments must be there.
@@ -200,17 +264,14 @@ impl Adam {
         step: u64,
     ) -> Result<(), String> {
         tch::no_grad(|| {
-            for (prefix, moments) in [("m", &mut self.m), ("v", &mut self.v)] {
-                for (name, t) in moments.iter_mut() {
-                    let key = format!("{prefix}.{name}");
-                    let src = state
-                        .get(&key)
-                        .ok_or_else(|| format!("missing optimizer state '{key}'"))?;
-                    if src.size() != t.size() {
-                        return Err(format!("optimizer state '{key}' has the wrong shape"));
-                    }
-                    t.copy_(src);
+            for (key, mut t) in self.state() {
+                let src = state
+                    .get(&key)
+                    .ok_or_else(|| format!("missing optimizer state '{key}'"))?;
+                if src.size() != t.size() {
+                    return Err(format!("optimizer state '{key}' has the wrong shape"));
                 }
+                t.copy_(src);
             }
             Ok(())
         })?;
@@ -283,6 +344,132 @@ mod tests {
                 (m[0] - 0.3).abs() < 1e-7 && (m[1] - 0.4).abs() < 1e-7,
                 "{m:?}"
             );
+        }
+    }
+
+    /// Adam written out per number in f64, as the reference for the flat-buffer update.
+    #[allow(clippy::too_many_arguments)]
+    fn reference_step(
+        c: &OptimizerConfig,
+        t: i32,
+        lr: f64,
+        params: &mut [Vec<f64>],
+        m: &mut [Vec<f64>],
+        v: &mut [Vec<f64>],
+        grads: &[Option<Vec<f64>>],
+    ) {
+        let norm = grads
+            .iter()
+            .flatten()
+            .flatten()
+            .map(|g| g * g)
+            .sum::<f64>()
+            .sqrt();
+        let clip = if c.clip_grad_norm > 0.0 {
+            (c.clip_grad_norm / (norm + 1e-12)).min(1.0)
+        } else {
+            1.0
+        };
+        for (i, g) in grads.iter().enumerate() {
+            let Some(g) = g else { continue };
+            for j in 0..g.len() {
+                let mut gj = g[j] * clip;
+                match c.kind {
+                    OptimizerKind::Adam => gj += params[i][j] * c.weight_decay,
+                    OptimizerKind::Adamw => params[i][j] *= 1.0 - lr * c.weight_decay,
+                }
+                m[i][j] = c.beta1 * m[i][j] + (1.0 - c.beta1) * gj;
+                v[i][j] = c.beta2 * v[i][j] + (1.0 - c.beta2) * gj * gj;
+                let m_hat = m[i][j] / (1.0 - c.beta1.powi(t));
+                let denom = (v[i][j] / (1.0 - c.beta2.powi(t))).sqrt() + c.eps;
+                params[i][j] -= lr * m_hat / denom;
+            }
+        }
+    }
+
+    #[test]
+    fn the_flat_update_matches_adam_written_out_per_number() {
+        let shapes: [&[i64]; 3] = [&[2, 3], &[4], &[2, 2, 2, 1]];
+        let names = ["a", "b", "c"];
+        let values = |seed: usize, n: usize| -> Vec<f64> {
+            (0..n)
+                .map(|j| (((seed * 31 + j * 17) % 13) as f64 - 6.0) * 0.15)
+                .collect()
+        };
+        for kind in [OptimizerKind::Adam, OptimizerKind::Adamw] {
+            let config = OptimizerConfig {
+                kind,
+                weight_decay: 0.05,
+                clip_grad_norm: 1.5,
+                ..Default::default()
+            };
+            let mut want: Vec<Vec<f64>> = shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| values(i, s.iter().product::<i64>() as usize))
+                .collect();
+            let tensor = |v: &[f64], shape: &[i64]| {
+                let f: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+                Tensor::from_slice(&f).view(shape)
+            };
+            // One parameter laid out channels-last, as on the CPU and CUDA training paths.
+            let params: Vec<Tensor> = (0..3)
+                .map(|i| {
+                    let t = tensor(&want[i], shapes[i]);
+                    if shapes[i].len() == 4 {
+                        t.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2])
+                    } else {
+                        t
+                    }
+                })
+                .collect();
+            assert!(!params[2].is_contiguous(), "a channels-last parameter");
+            let mut adam = Adam::new(
+                config.clone(),
+                names
+                    .iter()
+                    .zip(&params)
+                    .map(|(n, p)| (n.to_string(), p.shallow_clone()))
+                    .collect(),
+            );
+            let mut m: Vec<Vec<f64>> = want.iter().map(|p| vec![0.0; p.len()]).collect();
+            let mut v = m.clone();
+            // "b" gets no gradient in the second step: two runs of parameters then.
+            for step in 1..=4 {
+                let grads: Vec<Option<Vec<f64>>> = (0..3)
+                    .map(|i| (step != 2 || i != 1).then(|| values(step * 7 + i, want[i].len())))
+                    .collect();
+                let lr = 0.01 * step as f64;
+                reference_step(&config, step as i32, lr, &mut want, &mut m, &mut v, &grads);
+                let by_name: BTreeMap<String, Tensor> = grads
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, g)| {
+                        g.as_ref()
+                            .map(|g| (names[i].to_owned(), tensor(g, shapes[i])))
+                    })
+                    .collect();
+                let _ = adam.step(&by_name, lr);
+                for (i, p) in params.iter().enumerate() {
+                    let got: Vec<f32> = Vec::try_from(&p.reshape([-1])).unwrap();
+                    for (g, w) in got.iter().zip(&want[i]) {
+                        assert!(
+                            (f64::from(*g) - w).abs() < 1e-6,
+                            "{kind:?} step {step} {}: {got:?} vs {:?}",
+                            names[i],
+                            want[i]
+                        );
+                    }
+                }
+            }
+            // The moments are exported per parameter, in its shape.
+            let state = adam.state();
+            assert_eq!(state[2].0, "m.c");
+            assert_eq!(state[2].1.size(), vec![2, 2, 2, 1]);
+            let m_c: Vec<f32> = Vec::try_from(&state[2].1.reshape([-1])).unwrap();
+            for (g, w) in m_c.iter().zip(&m[2]) {
+                assert!((f64::from(*g) - w).abs() < 1e-6, "{m_c:?} vs {:?}", m[2]);
+            }
         }
     }
 
