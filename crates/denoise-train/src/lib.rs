@@ -10,6 +10,7 @@ pub mod error;
 pub mod loss;
 pub mod optim;
 pub mod plot;
+mod staging;
 pub mod timing;
 pub mod trainer;
 pub mod validate;

@@ -8,10 +8,11 @@ use crate::config::{Checked, TrainConfig};
 use crate::loss::Loss;
 use crate::optim::Adam;
 use crate::plot::{self, History, ValPoint};
+use crate::staging::{Prefetcher, Staged};
 use crate::timing::{PhaseTimer, StepTimes};
 use crate::validate::{ValScores, ValidationSet};
 use crate::{Result, TrainError};
-use denoise_data::loader::{Batch, LoaderConfig, PatchLoader};
+use denoise_data::loader::{LoaderConfig, PatchLoader};
 use denoise_models::artefact::{self, Metadata};
 use denoise_models::{Layout, Model, ModelConfig, Precision};
 use std::collections::BTreeMap;
@@ -19,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The JSONL log of a run directory: one line per step, one per validation.
 pub const LOG_FILE: &str = "train.jsonl";
@@ -391,8 +392,10 @@ impl Trainer {
     /// writes a checkpoint so nothing is lost.
     pub fn run(&mut self, stop: &AtomicBool, stop_at: Option<u64>) -> Result<TrainOutcome> {
         let end = stop_at.map_or(self.cfg.steps, |s| s.min(self.cfg.steps));
-        let mut loader =
-            PatchLoader::resume(self.train_files.clone(), self.loader_config(), self.step)?;
+        let mut batches = Prefetcher::start(
+            PatchLoader::resume(self.train_files.clone(), self.loader_config(), self.step)?,
+            self.checked.device,
+        )?;
         let bar = self.progress_bar(end);
         let mut log = std::fs::OpenOptions::new()
             .create(true)
@@ -424,7 +427,7 @@ impl Trainer {
                 .is_none_or(|budget| self.cost.cpu_seconds < budget)
         {
             let (step_start, step_cpu) = (Instant::now(), cpu_seconds());
-            let batch = loader.next_batch()?;
+            let batch = batches.next()?;
             let loaded = step_start.elapsed().as_secs_f64();
             let lr = self.cfg.optimizer.lr * self.cfg.schedule.factor(self.step, self.cfg.steps);
             let loss = self.train_step(&batch, lr, &mut timer)?;
@@ -502,27 +505,15 @@ impl Trainer {
     }
 
     /// One optimisation step on `batch` at learning rate `lr`; returns the loss.
-    fn train_step(&mut self, batch: &Batch, lr: f64, timer: &mut PhaseTimer) -> Result<f64> {
+    fn train_step(&mut self, batch: &Staged, lr: f64, timer: &mut PhaseTimer) -> Result<f64> {
         let device = self.checked.device;
         timer.start();
-        let dims = [
-            batch.n as i64,
-            batch.channels as i64,
-            batch.size as i64,
-            batch.size as i64,
-        ];
-        let clean = Tensor::from_slice(&batch.clean)
-            .view(dims)
-            .to_device(device);
-        let noisy = Tensor::from_slice(&batch.noisy)
-            .view(dims)
-            .to_device(device);
+        // Queued without waiting where the batch is page-locked (CUDA); the same tensor on a CPU.
+        let to_device = |t: &Tensor| t.f_to_device_(device, Kind::Float, true, false);
+        let clean = to_device(&batch.clean)?;
+        let noisy = to_device(&batch.noisy)?;
         let sigma = match (&batch.sigma, self.checked.model.noise_map()) {
-            (Some(s), true) => Some(
-                Tensor::from_slice(s)
-                    .view([dims[0], 1, dims[2], dims[3]])
-                    .to_device(device),
-            ),
+            (Some(s), true) => Some(to_device(s)?),
             (None, true) => {
                 return Err(TrainError::Config(format!(
                     "the {} model needs a noise-level map but noise '{}' gives none",
