@@ -41,6 +41,7 @@ P=$!
 sleep 35
 kill -INT $P; wait $P; rc=$?
 log "probe rc=$rc"; tail -5 "$OUT/train1.log"; grep '^time:' "$OUT/train1.log"
+echo "libtorch warnings in the probe's log: $(grep -c 'Warning:' "$OUT/train1.log")"
 [ -f $R/checkpoint.safetensors ] || { log "no checkpoint after the probe"; cp -r $R "$OUT/run" 2>/dev/null; exit 5; }
 STEP=$(grep -o '"step":[0-9]*' $R/train.jsonl | tail -1 | cut -d: -f2)
 RATE=$(grep -o '"patches_per_s":[0-9.]*' $R/train.jsonl | tail -1 | cut -d: -f2)

@@ -23,22 +23,40 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
-    /// Makes `batch`'s tensors, page-locked for `device` when it is a CUDA device (or in
-    /// ordinary memory if that fails: slower, but the same values).
-    pub(crate) fn new(batch: &Batch, device: Device) -> Self {
+    /// Makes `batch`'s tensors (the noise map only `with_sigma`), page-locked for `device` when
+    /// it is a CUDA device, or in ordinary memory if that fails (slower, the same values; said
+    /// once on stderr).
+    pub(crate) fn new(batch: &Batch, device: Device, with_sigma: bool) -> Self {
         let (n, c, s) = (batch.n as i64, batch.channels as i64, batch.size as i64);
         let make = |v: &[f32], channels: i64| {
             let t = Tensor::from_slice(v).view([n, channels, s, s]);
-            if device.is_cuda() {
-                t.f_pin_memory(device).unwrap_or(t)
-            } else {
-                t
+            if !device.is_cuda() {
+                return t;
+            }
+            // `_pin_memory`: the public `pin_memory` warns on every call that its device
+            // argument is deprecated, and tch always passes one.
+            match t.f_internal_pin_memory(device) {
+                Ok(pinned) => pinned,
+                Err(e) => {
+                    static SAID: std::sync::Once = std::sync::Once::new();
+                    SAID.call_once(|| {
+                        eprintln!(
+                            "warning: cannot page-lock the batches ({e}); their copies to the \
+                             GPU will wait for it"
+                        );
+                    });
+                    t
+                }
             }
         };
         Self {
             clean: make(&batch.clean, c),
             noisy: make(&batch.noisy, c),
-            sigma: batch.sigma.as_deref().map(|v| make(v, 1)),
+            sigma: batch
+                .sigma
+                .as_deref()
+                .filter(|_| with_sigma)
+                .map(|v| make(v, 1)),
         }
     }
 }
@@ -50,14 +68,21 @@ pub(crate) struct Prefetcher {
 }
 
 impl Prefetcher {
-    /// Starts staging `loader`'s batches for `device`; at most two wait beyond the one in use.
-    pub(crate) fn start(mut loader: PatchLoader, device: Device) -> Result<Self, TrainError> {
+    /// Starts staging `loader`'s batches for `device` (their noise maps only `with_sigma`); at
+    /// most two wait beyond the one in use.
+    pub(crate) fn start(
+        mut loader: PatchLoader,
+        device: Device,
+        with_sigma: bool,
+    ) -> Result<Self, TrainError> {
         let (tx, rx) = sync_channel(1);
         let thread = std::thread::Builder::new()
             .name("batch-staging".to_owned())
             .spawn(move || {
                 loop {
-                    let item = loader.next_batch().map(|b| Staged::new(&b, device));
+                    let item = loader
+                        .next_batch()
+                        .map(|b| Staged::new(&b, device, with_sigma));
                     let failed = item.is_err();
                     // A closed channel means the training loop is done with us.
                     if tx.send(item).is_err() || failed {
@@ -110,7 +135,8 @@ mod tests {
             noisy: (0..96).map(|i| -(i as f32)).collect(),
             sigma: Some(vec![0.1; 32]),
         };
-        let staged = Staged::new(&batch, Device::Cpu);
+        assert!(Staged::new(&batch, Device::Cpu, false).sigma.is_none());
+        let staged = Staged::new(&batch, Device::Cpu, true);
         assert_eq!(staged.clean.size(), [2, 3, 4, 4]);
         assert_eq!(staged.noisy.double_value(&[1, 2, 3, 3]), -95.0);
         assert_eq!(staged.clean.double_value(&[0, 1, 0, 2]), 18.0);

@@ -395,6 +395,7 @@ impl Trainer {
         let mut batches = Prefetcher::start(
             PatchLoader::resume(self.train_files.clone(), self.loader_config(), self.step)?,
             self.checked.device,
+            self.checked.model.noise_map(),
         )?;
         let bar = self.progress_bar(end);
         let mut log = std::fs::OpenOptions::new()
