@@ -25,6 +25,11 @@ use tch::{Device, Kind, Tensor};
 /// The JSONL log of a run directory: one line per step, one per validation.
 pub const LOG_FILE: &str = "train.jsonl";
 
+/// The latest validated weights of a run directory, a model artefact like `model.safetensors`
+/// (the best): for a run whose validation does not measure what it trains for (a bf16
+/// fine-tune for bf16 inference, say), or to compare the two.
+pub const LAST_MODEL_FILE: &str = "last.safetensors";
+
 /// How a run ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOutcome {
@@ -39,7 +44,8 @@ pub struct TrainOutcome {
 }
 
 /// A training run in a run directory: `config.toml`, `train.jsonl`, `checkpoint.safetensors`
-/// (latest, resumable) and `model.safetensors` (best validation PSNR, a model artefact).
+/// (latest, resumable), `model.safetensors` (best validation PSNR, a model artefact) and
+/// [`LAST_MODEL_FILE`] (the latest validated weights, also an artefact).
 pub struct Trainer {
     cfg: TrainConfig,
     checked: Checked,
@@ -147,6 +153,7 @@ impl Trainer {
                 checkpoint::FILE_NAME,
                 checkpoint::PREVIOUS_FILE_NAME,
                 artefact::FILE_NAME,
+                LAST_MODEL_FILE,
                 LOG_FILE,
             ]
             .into_iter()
@@ -582,10 +589,15 @@ impl Trainer {
         Ok(())
     }
 
+    /// Validates the shipped weights, writes them as [`LAST_MODEL_FILE`], and as
+    /// `model.safetensors` too when they score best so far.
     fn validate_and_keep_best(&mut self) -> Result<ValScores> {
         let scores = self.val.score(self.shipped())?;
-        if self.best_val_psnr.is_none_or(|best| scores.psnr > best) {
+        let best = self.best_val_psnr.is_none_or(|best| scores.psnr > best);
+        if best {
             self.best_val_psnr = Some(scores.psnr);
+        }
+        {
             let mut meta = Metadata::new(self.shipped().config());
             meta.noise = Some(self.cfg.noise.clone());
             meta.val_psnr = Some(scores.psnr);
@@ -606,11 +618,14 @@ impl Trainer {
             {
                 training.insert("init".into(), serde_json::json!(init));
             }
-            artefact::save(
-                self.shipped(),
-                &meta,
-                &self.run_dir.join(artefact::FILE_NAME),
-            )?;
+            artefact::save(self.shipped(), &meta, &self.run_dir.join(LAST_MODEL_FILE))?;
+            if best {
+                artefact::save(
+                    self.shipped(),
+                    &meta,
+                    &self.run_dir.join(artefact::FILE_NAME),
+                )?;
+            }
         }
         Ok(scores)
     }
@@ -1184,6 +1199,19 @@ mod tests {
         }
         let best = artefact::load(&run, tch::Device::Cpu).unwrap();
         assert_eq!(best.metadata.val_psnr, outcome.best_val_psnr);
+        // The last validation's weights are kept as well, with its score and step.
+        let last = artefact::load(&run.join(LAST_MODEL_FILE), tch::Device::Cpu).unwrap();
+        let val_lines: Vec<serde_json::Value> = log
+            .lines()
+            .filter(|l| l.contains("\"val_psnr\""))
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let final_val = val_lines.last().expect("validated");
+        assert_eq!(last.metadata.val_psnr, final_val["val_psnr"].as_f64());
+        assert_eq!(
+            last.metadata.training.as_ref().unwrap()["steps"],
+            final_val["step"]
+        );
         // A second run into the same directory must not clobber it.
         assert!(Trainer::new(config(trainer.cfg.data.clone(), 60), &run, false).is_err());
     }

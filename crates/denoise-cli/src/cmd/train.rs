@@ -282,6 +282,15 @@ pub fn run(args: &Args) -> Result<()> {
             best.display()
         );
     }
+    let last = trainer
+        .run_dir()
+        .join(denoise_train::trainer::LAST_MODEL_FILE);
+    if last.is_file() {
+        eprintln!(
+            "latest validated weights: {} (--model takes this file too)",
+            last.display()
+        );
+    }
     if !outcome.finished {
         eprintln!(
             "resume with: denoise-cli train --out {} --resume (or cargo xtask train ...)",
