@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU machine (see README.md here): fine-tunes INIT (default: the shipped default) with
-# CONFIG for about TRAIN_S seconds and leaves in $OUT the best model, the checkpoint, the run's
-# config, its validation lines and the logs (6 files: the device tool brings back 8 at most).
+# CONFIG for about TRAIN_S seconds and leaves in $OUT the best and the last validated model, the
+# checkpoint, the run's config, its validation lines and the logs (7 files: the device tool
+# brings back 8 at most). EXTRA adds train options to the first start (EXTRA="--precision bf16").
 # Fails fast (doctor, then a 35 s probe) so that a failed start leaves device time to rerun.
 # A probe measures the step rate first, and the run is resumed with the step count that ends its
 # cosine schedule in time. The probe's closing 'time:' line says whether the run waits for patches
@@ -35,7 +36,7 @@ rm -rf $R
 # Phase 1: a probe of about 35 s (step-0 validation of the start included), stopped by SIGINT.
 log "probe"
 $B train --init "$INIT" --config "$CONFIG" \
-  --data /tmp/dn/data/manifest.json --out $R --device "$DEVICE" --steps 200000 ${PROFILE:+--profile} \
+  --data /tmp/dn/data/manifest.json --out $R --device "$DEVICE" --steps 200000 ${PROFILE:+--profile} ${EXTRA:-} \
   > "$OUT/train1.log" 2>&1 &
 P=$!
 sleep 35
@@ -56,5 +57,6 @@ grep '"val' $R/train.jsonl > "$OUT/val.jsonl"
 cat "$OUT/train1.log" "$OUT/train2.log" > "$OUT/train.log" && rm "$OUT/train1.log" "$OUT/train2.log"
 rm -f "$OUT/manifest.json" "$OUT/prepare.log"
 cp $R/model.safetensors $R/checkpoint.safetensors $R/config.toml "$OUT/"
+cp $R/last.safetensors "$OUT/" 2>/dev/null || true
 if [ "$DEVICE" = cuda ]; then timeout 40 $B bench --model $R/model.safetensors --device cuda --size 512 --json 2>&1 | tail -3; fi
 log "done"; ls -la "$OUT"
