@@ -29,16 +29,18 @@ fn tiny_ffdnet(dir: &Path) -> PathBuf {
     path
 }
 
-/// `infer --model MODEL INPUT -o OUTPUT`, which must succeed; its stderr (the notes).
-fn infer_ok(model: &Path, input: &Path, output: &Path) -> String {
-    let out = run(&[
+/// `infer --model MODEL INPUT -o OUTPUT EXTRA...`, which must succeed; its stderr (the notes).
+fn infer_ok(model: &Path, input: &Path, output: &Path, extra: &[&str]) -> String {
+    let mut args = vec![
         "infer",
         "--model",
         model.to_str().unwrap(),
         input.to_str().unwrap(),
         "-o",
         output.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let out = run(&args);
     assert!(out.status.success(), "{}", stderr(&out));
     stderr(&out)
 }
@@ -446,17 +448,7 @@ fn tiled_inference_matches_untiled_within_a_hundredth_of_a_db() {
     io::save(&input, &noisy, None, BitDepth::Sixteen).unwrap();
     let denoise = |name: &str, extra: &[&str]| {
         let path = dir.path().join(name);
-        let mut args = vec![
-            "infer",
-            "--model",
-            model.to_str().unwrap(),
-            input.to_str().unwrap(),
-            "-o",
-            path.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let out = run(&args);
-        assert!(out.status.success(), "{}", stderr(&out));
+        infer_ok(&model, &input, &path, extra);
         let img = io::load(&path).unwrap().image;
         denoise_metrics::psnr(clean.data(), img.data(), 1.0).unwrap()
     };
@@ -745,7 +737,7 @@ fn a_gray_model_says_that_a_colour_picture_comes_back_gray() {
         BitDepth::Eight,
     )
     .unwrap();
-    let infer = |input: &Path| infer_ok(&model, input, &dir.path().join("out.png"));
+    let infer = |input: &Path| infer_ok(&model, input, &dir.path().join("out.png"), &[]);
     assert!(infer(&colour).contains("a gray model: the result is gray"));
     // A gray picture stored as RGB loses nothing.
     assert!(!infer(&flat).contains("the result is gray"));
@@ -768,7 +760,7 @@ fn blind_infer_says_how_it_read_the_noise() {
     let infer = |name: &str, image: &Image| {
         let input = dir.path().join(name);
         io::save(&input, image, None, BitDepth::Sixteen).unwrap();
-        infer_ok(&path, &input, &dir.path().join(format!("out-{name}")))
+        infer_ok(&path, &input, &dir.path().join(format!("out-{name}")), &[])
     };
     let said = infer("white.png", &white);
     assert!(said.contains("with brightness"), "{said}");

@@ -185,16 +185,14 @@ impl Adam {
                 .into_iter()
                 .map(|(range, gs)| (range, Tensor::cat(&gs, 0)))
                 .collect();
-            let norm = match runs.as_slice() {
-                [] => Tensor::zeros([], (Kind::Float, tch::Device::Cpu)),
-                [(_, g)] => g.square().sum(Kind::Float).sqrt(),
-                runs => {
-                    let squares: Vec<Tensor> = runs
-                        .iter()
-                        .map(|(_, g)| g.square().sum(Kind::Float))
-                        .collect();
-                    Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
-                }
+            let norm = if runs.is_empty() {
+                Tensor::zeros([], (Kind::Float, tch::Device::Cpu))
+            } else {
+                let squares: Vec<Tensor> = runs
+                    .iter()
+                    .map(|(_, g)| g.square().sum(Kind::Float))
+                    .collect();
+                Tensor::stack(&squares, 0).sum(Kind::Float).sqrt()
             };
             // min(1, max_norm / norm): the gradients are scaled down only when the norm exceeds
             // the limit.

@@ -597,35 +597,33 @@ impl Trainer {
         if best {
             self.best_val_psnr = Some(scores.psnr);
         }
+        let mut meta = Metadata::new(self.shipped().config());
+        meta.noise = Some(self.cfg.noise.clone());
+        meta.val_psnr = Some(scores.psnr);
+        meta.training = Some(serde_json::json!({
+            "manifest": self.cfg.data,
+            "train_images": self.train_files.len(),
+            "steps": self.step,
+            "batch_size": self.cfg.batch_size,
+            "patch_size": self.cfg.patch_size,
+            "val_noise": self.checked.val_noise.to_string(),
+            "precision": self.cfg.precision,
+            "train_seconds": self.cost.seconds,
+            "train_cpu_seconds": self.cost.cpu_seconds,
+            "ema_decay": self.cfg.ema_decay,
+        }));
+        if let (Some(init), Some(serde_json::Value::Object(training))) =
+            (&self.cfg.init, meta.training.as_mut())
         {
-            let mut meta = Metadata::new(self.shipped().config());
-            meta.noise = Some(self.cfg.noise.clone());
-            meta.val_psnr = Some(scores.psnr);
-            meta.training = Some(serde_json::json!({
-                "manifest": self.cfg.data,
-                "train_images": self.train_files.len(),
-                "steps": self.step,
-                "batch_size": self.cfg.batch_size,
-                "patch_size": self.cfg.patch_size,
-                "val_noise": self.checked.val_noise.to_string(),
-                "precision": self.cfg.precision,
-                "train_seconds": self.cost.seconds,
-                "train_cpu_seconds": self.cost.cpu_seconds,
-                "ema_decay": self.cfg.ema_decay,
-            }));
-            if let (Some(init), Some(serde_json::Value::Object(training))) =
-                (&self.cfg.init, meta.training.as_mut())
-            {
-                training.insert("init".into(), serde_json::json!(init));
-            }
-            artefact::save(self.shipped(), &meta, &self.run_dir.join(LAST_MODEL_FILE))?;
-            if best {
-                artefact::save(
-                    self.shipped(),
-                    &meta,
-                    &self.run_dir.join(artefact::FILE_NAME),
-                )?;
-            }
+            training.insert("init".into(), serde_json::json!(init));
+        }
+        artefact::save(self.shipped(), &meta, &self.run_dir.join(LAST_MODEL_FILE))?;
+        if best {
+            artefact::save(
+                self.shipped(),
+                &meta,
+                &self.run_dir.join(artefact::FILE_NAME),
+            )?;
         }
         Ok(scores)
     }
