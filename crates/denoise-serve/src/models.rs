@@ -74,7 +74,8 @@ impl Denoiser {
     }
 
     /// Denoises `image`, converting gray <-> colour when the model wants the other (and back),
-    /// averaging `ensemble` flipped and turned passes per tile, and calling
+    /// averaging `ensemble` passes per tile (flipped, turned and shifted; see
+    /// `denoise_models::tile::VIEWS`), and calling
     /// `progress(tiles_done, tiles_total)` as it goes. Returns the result (not
     /// clipped) and the level used (estimated when `strength` is blind) for models that take one.
     ///

@@ -187,6 +187,18 @@ impl TrainConfig {
                 }
             }
         }
+        if let Loss::MseLevel { floor } = self.loss {
+            if !model.noise_map() {
+                return bad(format!(
+                    "the mse-level loss weighs patches by the noise-level map, which the {} \
+                     model does not take (use it with ffdnet)",
+                    model.kind()
+                ));
+            }
+            if !(floor > 0.0 && floor.is_finite()) {
+                return bad(format!("the mse-level loss needs floor > 0, got {floor}"));
+            }
+        }
         if self.patch_size < 8 || self.patch_size % model.multiple() as usize != 0 {
             return bad(format!(
                 "patch_size {} must be at least 8 and a multiple of {} for {}",
@@ -375,9 +387,29 @@ mod tests {
         assert!(e.contains("noise 'jpeg:30' gives none"), "{e}");
         let e = err(TrainConfig {
             val_noise: Some("salt-pepper:0.1".into()),
-            ..ffdnet
+            ..ffdnet.clone()
         });
         assert!(e.contains("val_noise"), "{e}");
+        // The level-balanced loss reads the noise-level map: only for models that take one.
+        let level = Loss::MseLevel { floor: 5.0 };
+        assert!(
+            TrainConfig {
+                loss: level,
+                ..ffdnet.clone()
+            }
+            .validate()
+            .is_ok()
+        );
+        let e = err(TrainConfig {
+            loss: level,
+            ..good.clone()
+        });
+        assert!(e.contains("mse-level") && e.contains("dncnn"), "{e}");
+        let e = err(TrainConfig {
+            loss: Loss::MseLevel { floor: 0.0 },
+            ..ffdnet.clone()
+        });
+        assert!(e.contains("floor"), "{e}");
         assert!(toml::from_str::<TrainConfig>("[model]\nkind = \"resnet\"\n").is_err());
         assert!(
             err(TrainConfig {

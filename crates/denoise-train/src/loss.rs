@@ -1,5 +1,6 @@
 //! Training losses on tensors: MSE, L1 (MAE), Charbonnier and KL divergence, each agreeing with
-//! the `denoise-metrics` definition on the same data (tested below).
+//! the `denoise-metrics` definition on the same data (tested below), and an MSE that weighs each
+//! patch by its noise level.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -18,17 +19,49 @@ pub enum Loss {
     /// image becomes a distribution `p = (max(x, 0) + 1e-7) / sum`, and the loss is
     /// `sum p_clean ln(p_clean / p_output)` per image, averaged over the batch.
     Kld,
+    /// MSE with each patch weighted by `(25 + floor) / (sigma + floor)`, `sigma` being the
+    /// patch's mean noise level on the 0-255 scale (from the noise-level map). A denoiser's error
+    /// grows about linearly with sigma, so plain MSE over a blind range lets the noisiest patches
+    /// drive training; this weight makes a dB gained count about the same at every level. The
+    /// weight is 1 at sigma 25, and `floor` bounds it for nearly clean patches.
+    #[serde(rename = "mse-level")]
+    MseLevel { floor: f64 },
 }
 
 impl Loss {
+    /// Whether [`Loss::compute`] needs the noise-level map.
+    pub fn needs_sigma(self) -> bool {
+        matches!(self, Loss::MseLevel { .. })
+    }
+
     /// The mean loss of `output` against `target`, as an fp32 scalar.
     ///
+    /// # Panics
+    /// When [`Loss::needs_sigma`] and `sigma` is `None` (the trainer's config check refuses that).
+    ///
     /// # Shapes
-    /// `output`, `target`: N x C x H x W (any kind; computed in fp32).
-    pub fn compute(self, output: &Tensor, target: &Tensor) -> Tensor {
+    /// `output`, `target`: N x C x H x W (any kind; computed in fp32); `sigma`: N x 1 x H x W on
+    /// the [0, 1] scale.
+    pub fn compute(self, output: &Tensor, target: &Tensor, sigma: Option<&Tensor>) -> Tensor {
         let (x, y) = (output.to_kind(Kind::Float), target.to_kind(Kind::Float));
         match self {
             Loss::Mse => (&x - &y).square().mean(Kind::Float),
+            Loss::MseLevel { floor } => {
+                let sigma = sigma.expect("the mse-level loss needs the noise-level map");
+                let n = x.size()[0];
+                let level =
+                    sigma
+                        .to_kind(Kind::Float)
+                        .view([n, -1])
+                        .mean_dim(1, false, Kind::Float)
+                        * 255.0;
+                let weight = (level + floor).reciprocal() * (25.0 + floor);
+                let per_patch = (&x - &y)
+                    .square()
+                    .view([n, -1])
+                    .mean_dim(1, false, Kind::Float);
+                (per_patch * weight).mean(Kind::Float)
+            }
             Loss::L1 => (&x - &y).abs().mean(Kind::Float),
             Loss::Charbonnier { eps } => ((&x - &y).square() + eps * eps).sqrt().mean(Kind::Float),
             Loss::Kld => {
@@ -67,20 +100,57 @@ mod tests {
     #[test]
     fn losses_agree_with_the_metrics_crate() {
         let (a, b) = pair();
-        let mse = Loss::Mse.compute(&t(&a), &t(&b)).double_value(&[]);
+        let mse = Loss::Mse.compute(&t(&a), &t(&b), None).double_value(&[]);
         assert!((mse - denoise_metrics::mse(&b, &a).unwrap()).abs() < 1e-6);
-        let l1 = Loss::L1.compute(&t(&a), &t(&b)).double_value(&[]);
+        let l1 = Loss::L1.compute(&t(&a), &t(&b), None).double_value(&[]);
         assert!((l1 - denoise_metrics::mae(&b, &a).unwrap()).abs() < 1e-6);
         let ch = Loss::Charbonnier { eps: 1e-3 }
-            .compute(&t(&a), &t(&b))
+            .compute(&t(&a), &t(&b), None)
             .double_value(&[]);
         assert!(ch >= l1 && ch - l1 < 1e-3);
-        let kld = Loss::Kld.compute(&t(&a), &t(&b)).double_value(&[]);
+        let kld = Loss::Kld.compute(&t(&a), &t(&b), None).double_value(&[]);
         let reference = denoise_metrics::kld(&b, &a).unwrap();
         assert!(
             (kld - reference).abs() < 1e-5 * reference.max(1.0),
             "{kld} vs {reference}"
         );
-        assert_eq!(Loss::Kld.compute(&t(&a), &t(&a)).double_value(&[]), 0.0);
+        assert_eq!(
+            Loss::Kld.compute(&t(&a), &t(&a), None).double_value(&[]),
+            0.0
+        );
+    }
+
+    #[test]
+    fn the_level_loss_weighs_each_patch_by_its_noise_level() {
+        // Two patches with squared errors 0.01 and 0.04 at sigma 5 and 45 (0-255 scale); with
+        // floor 5 the weights are 30/10 = 3 and 30/50 = 0.6: (3 * 0.01 + 0.6 * 0.04) / 2.
+        let output = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        let target = Tensor::cat(
+            &[
+                Tensor::full([1, 3, 4, 4], 0.1, (Kind::Float, Device::Cpu)),
+                Tensor::full([1, 3, 4, 4], 0.2, (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        let sigma = Tensor::cat(
+            &[
+                Tensor::full([1, 1, 4, 4], 5.0 / 255.0, (Kind::Float, Device::Cpu)),
+                Tensor::full([1, 1, 4, 4], 45.0 / 255.0, (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        let loss = Loss::MseLevel { floor: 5.0 }
+            .compute(&output, &target, Some(&sigma))
+            .double_value(&[]);
+        assert!((loss - 0.027).abs() < 1e-6, "{loss}");
+        // At sigma 25 the weight is 1: plain MSE.
+        let at25 = Tensor::full([2, 1, 4, 4], 25.0 / 255.0, (Kind::Float, Device::Cpu));
+        let plain = Loss::Mse.compute(&output, &target, None).double_value(&[]);
+        let level = Loss::MseLevel { floor: 5.0 }
+            .compute(&output, &target, Some(&at25))
+            .double_value(&[]);
+        assert!((plain - level).abs() < 1e-7, "{plain} vs {level}");
+        let parsed: Loss = toml::from_str("kind = \"mse-level\"\nfloor = 5.0").unwrap();
+        assert_eq!(parsed, Loss::MseLevel { floor: 5.0 });
     }
 }

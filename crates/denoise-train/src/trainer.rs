@@ -796,7 +796,7 @@ pub(crate) fn optimisation_step(
     };
     timer.mark("prepare");
     let out = net.forward_t(&x, map.as_ref(), true);
-    let loss = loss.compute(&out, clean);
+    let loss = loss.compute(&out, clean, map.as_ref());
     timer.mark("forward");
     loss.f_backward()?;
     timer.mark("backward");
