@@ -72,7 +72,8 @@ pub fn shipped_models() -> Result<Vec<String>> {
 }
 
 /// `--precision`. `auto` runs bf16 only where the hardware does bf16 natively and the model's
-/// metadata records a bf16 PSNR loss under 0.05 dB (`eval --record-bf16` measures it); see
+/// metadata records a bf16 PSNR loss that, divided by the self-ensemble's passes, is under
+/// 0.05 dB (`eval --record-bf16` measures it); see
 /// `denoise_models::artefact::Metadata::auto_precision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrecisionArg {
@@ -82,16 +83,17 @@ pub enum PrecisionArg {
 }
 
 impl PrecisionArg {
-    /// The precision to run `metadata`'s model at on `device`.
+    /// The precision to run `metadata`'s model at on `device`, `passes` times per tile.
     pub fn resolve(
         self,
         metadata: &denoise_models::artefact::Metadata,
         device: tch::Device,
+        passes: usize,
     ) -> denoise_models::Precision {
         match self {
             PrecisionArg::Bf16 => denoise_models::Precision::Bf16,
             PrecisionArg::Fp32 => denoise_models::Precision::Fp32,
-            PrecisionArg::Auto => metadata.auto_precision(device),
+            PrecisionArg::Auto => metadata.auto_precision(device, passes),
         }
     }
 }
@@ -141,20 +143,34 @@ impl std::str::FromStr for Sigma {
     }
 }
 
+/// How a [`Runner`] cuts images and runs each tile.
+pub struct Tiling {
+    /// Tile side (`--tile`); `None` sizes it from `max_mem_mb`.
+    pub tile: Option<usize>,
+    pub overlap: usize,
+    pub max_mem_mb: usize,
+    /// Self-ensemble passes per tile (`--ensemble`); `--precision auto` takes them into account.
+    pub ensemble: usize,
+}
+
 impl Runner {
     pub fn load(
         spec: Option<&str>,
         device: &str,
         precision: PrecisionArg,
-        tile: Option<usize>,
-        overlap: usize,
-        max_mem_mb: usize,
+        tiling: Tiling,
     ) -> Result<Self> {
+        let Tiling {
+            tile,
+            overlap,
+            max_mem_mb,
+            ensemble,
+        } = tiling;
         let path = resolve_model(spec)?;
         let device = parse_device(device)?;
         let artefact = denoise_models::artefact::load(&path, device)?;
         let mut model = artefact.model;
-        model.set_precision(precision.resolve(&artefact.metadata, device));
+        model.set_precision(precision.resolve(&artefact.metadata, device, ensemble));
         let tile =
             tile.unwrap_or_else(|| denoise_models::tile::tile_for_budget(&model, max_mem_mb));
         Ok(Self {
@@ -164,15 +180,9 @@ impl Runner {
             tile: denoise_models::tile::TileConfig {
                 tile,
                 overlap,
-                ensemble: 1,
+                ensemble,
             },
         })
-    }
-
-    /// Sets the self-ensemble size (see `--ensemble`).
-    pub fn ensemble(mut self, n: usize) -> Self {
-        self.tile.ensemble = n;
-        self
     }
 
     /// One line describing the model and what it was trained on.

@@ -65,19 +65,26 @@ impl Metadata {
 pub const BF16_MAX_PSNR_LOSS_DB: f64 = 0.05;
 
 impl Metadata {
-    /// The precision `--precision auto` runs this model at on `device`: bf16 where it is native
-    /// (CUDA, or a CPU with AMX or AVX512-BF16) and its measured PSNR loss is under
-    /// [`BF16_MAX_PSNR_LOSS_DB`]; fp32 otherwise (emulated bf16 is slower than fp32).
-    pub fn auto_precision(&self, device: Device) -> Precision {
+    /// The precision `--precision auto` runs this model at on `device` for a self-ensemble of
+    /// `passes`: bf16 where it is native (CUDA, or a CPU with AMX or AVX512-BF16) and
+    /// [`Metadata::bf16_is_cheap`]; fp32 otherwise (emulated bf16 is slower than fp32).
+    pub fn auto_precision(&self, device: Device, passes: usize) -> Precision {
         let native = device.is_cuda() || CpuFeatures::detect().fast_bf16();
-        let cheap = self
-            .bf16_psnr_loss_db
-            .is_some_and(|loss| loss < BF16_MAX_PSNR_LOSS_DB);
-        if native && cheap {
+        if native && self.bf16_is_cheap(passes) {
             Precision::Bf16
         } else {
             Precision::Fp32
         }
+    }
+
+    /// Whether bf16 is expected to cost under [`BF16_MAX_PSNR_LOSS_DB`] over a self-ensemble of
+    /// `passes`: the recorded single-pass loss divided by the passes. Each pass rounds
+    /// differently, so the errors average out like noise; for the default measured on CBSD68
+    /// (blind, sigma 15 / 25 / 50) one pass lost 0.036 / 0.041 / 0.060 dB, 2 passes 0.013 /
+    /// 0.017 / 0.028 and 4 passes 0.007 / 0.008 / 0.014. Unrecorded means not cheap.
+    pub fn bf16_is_cheap(&self, passes: usize) -> bool {
+        self.bf16_psnr_loss_db
+            .is_some_and(|loss| loss / (passes.max(1) as f64) < BF16_MAX_PSNR_LOSS_DB)
     }
 }
 
@@ -282,6 +289,23 @@ mod tests {
 
     fn tiny() -> ModelConfig {
         serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":4}"#).unwrap()
+    }
+
+    #[test]
+    fn bf16_counts_as_cheap_when_its_loss_shared_over_the_passes_is_small() {
+        let cfg: ModelConfig =
+            serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":4}"#).unwrap();
+        let mut meta = Metadata::new(&cfg);
+        assert!(
+            !meta.bf16_is_cheap(1) && !meta.bf16_is_cheap(8),
+            "unrecorded"
+        );
+        meta.bf16_psnr_loss_db = Some(0.06);
+        assert!(!meta.bf16_is_cheap(1));
+        assert!(meta.bf16_is_cheap(2) && meta.bf16_is_cheap(4));
+        assert!(!meta.bf16_is_cheap(0), "0 passes count as 1");
+        meta.bf16_psnr_loss_db = Some(0.2);
+        assert!(!meta.bf16_is_cheap(2) && meta.bf16_is_cheap(8));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! clean + N(0, sigma/255) unclipped, the seed reset for every image, the output rounded to 8
 //! bits, RGB PSNR with no border crop; mean PSNR / SSIM per noise, beside the noisy input's.
 
-use crate::common::{PrecisionArg, Runner, Sigma};
+use crate::common::{PrecisionArg, Runner, Sigma, Tiling};
 use anyhow::{Result, bail};
 use denoise_data::noise::NoiseSpec;
 use denoise_data::{dataset, io};
@@ -103,11 +103,13 @@ fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
         args.model.as_deref(),
         &args.device,
         precision,
-        None,
-        32,
-        args.max_mem_mb,
+        Tiling {
+            tile: None,
+            overlap: 32,
+            max_mem_mb: args.max_mem_mb,
+            ensemble: args.ensemble,
+        },
     )
-    .map(|runner| runner.ensemble(args.ensemble))
 }
 
 /// The images a run evaluates: the model's own channel count, or gray images through a colour
@@ -211,10 +213,16 @@ fn record_bf16(args: &Args, files: &[PathBuf], specs: &[(String, NoiseSpec)]) ->
         args.noise.join(",")
     ));
     denoise_models::artefact::save(&fp32.model, &meta, &fp32.path)?;
-    let verdict = if loss < denoise_models::artefact::BF16_MAX_PSNR_LOSS_DB {
-        "--precision auto will use bf16 where it is native"
-    } else {
-        "--precision auto will keep fp32"
+    let from = denoise_models::tile::ENSEMBLE_SIZES
+        .into_iter()
+        .find(|&n| meta.bf16_is_cheap(n));
+    let verdict = match from {
+        Some(1) => "--precision auto will use bf16 where it is native".to_owned(),
+        Some(n) => format!(
+            "--precision auto will keep fp32 for a single pass and use bf16 where it is native \
+             from --ensemble {n} (the passes average bf16's errors out)"
+        ),
+        None => "--precision auto will keep fp32".to_owned(),
     };
     println!(
         "recorded bf16 PSNR loss {loss:.3} dB in '{}': {verdict}",

@@ -1,6 +1,6 @@
 //! `denoise-cli infer`: denoise files or directories, keeping format, bit depth and alpha.
 
-use crate::common::{PrecisionArg, Runner, Sigma, canonical, describe};
+use crate::common::{PrecisionArg, Runner, Sigma, Tiling, canonical, describe};
 use anyhow::{Context, Result, bail};
 use denoise_data::{dataset, io};
 use std::collections::HashMap;
@@ -27,8 +27,9 @@ pub struct Args {
     /// auto (CUDA when available), cpu, cuda or cuda:N.
     #[arg(long, default_value = "auto")]
     device: String,
-    /// auto: bf16 only on hardware with native bf16 (AMX, recent GPUs) and for a model whose
-    /// recorded bf16 PSNR loss is under 0.05 dB (`eval --record-bf16`), else fp32.
+    /// auto: bf16 only on hardware with native bf16 (AMX, AVX512-BF16, recent GPUs) and for a
+    /// model whose recorded bf16 PSNR loss (`eval --record-bf16`), divided by the self-ensemble's
+    /// passes (their rounding errors average out), is under 0.05 dB; else fp32.
     #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     precision: PrecisionArg,
     /// Tile side in pixels, at least 32; 0 = the whole image at once (default: from
@@ -80,11 +81,13 @@ pub fn run(args: &Args) -> Result<()> {
         args.model.as_deref(),
         &args.device,
         args.precision,
-        args.tile,
-        args.overlap,
-        args.max_mem_mb,
-    )?
-    .ensemble(args.ensemble);
+        Tiling {
+            tile: args.tile,
+            overlap: args.overlap,
+            max_mem_mb: args.max_mem_mb,
+            ensemble: args.ensemble,
+        },
+    )?;
     eprintln!("{}", runner.describe());
     if args.sigma.is_some() && !runner.model.config().noise_map() {
         eprintln!(
