@@ -34,8 +34,9 @@ pub struct Metadata {
     pub val_psnr: Option<f64>,
     /// How much PSNR (dB) bf16 inference loses against fp32, as measured on a test set by
     /// `denoise-cli eval --record-bf16` (the largest loss over the noise levels tried), with
-    /// what it was measured on. `--precision auto` picks bf16 only when this is recorded and
-    /// under [`BF16_MAX_PSNR_LOSS_DB`] (see [`Metadata::auto_precision`]).
+    /// what it was measured on, for a single pass. `--precision auto` picks bf16 only when this
+    /// is recorded and, divided by the self-ensemble's passes, under [`BF16_MAX_PSNR_LOSS_DB`]
+    /// (see [`Metadata::auto_precision`]).
     #[serde(default)]
     pub bf16_psnr_loss_db: Option<f64>,
     #[serde(default)]

@@ -187,9 +187,10 @@ pub struct TileConfig {
     pub tile: usize,
     /// Pixels shared by neighbouring tiles, blended linearly.
     pub overlap: usize,
-    /// Self-ensemble: each tile is denoised this many times (one of [`ENSEMBLE_SIZES`]), each
-    /// time flipped or turned and shifted by a pixel (see [`VIEWS`]), and the results, put back,
-    /// are averaged. 1 is a single pass; N passes cost N times the time.
+    /// Self-ensemble: each tile is denoised this many times (one of [`ENSEMBLE_SIZES`]), the
+    /// first as it is and the others flipped or turned and on other phases of the model's 2x2
+    /// grid (see [`VIEWS`]), and the results, put back, are averaged. 1 is a single pass; N
+    /// passes cost N times the time.
     pub ensemble: usize,
 }
 
@@ -207,46 +208,72 @@ pub fn ensemble_size(text: &str) -> Option<usize> {
 }
 
 /// One pass of the self-ensemble: the tile flipped left-right (`flip`), then turned `turns`
-/// quarter turns, then shifted down by `dy` and right by `dx` pixels (the rows and columns
-/// that come in mirrored from the edge, and cropped off the output).
+/// quarter turns, and cut by the model's 2x2 grid (pixel-unshuffle, stride-2 layers) on
+/// `phase`: the blocks pair the tile's rows `2k + phase.0, 2k + 1 + phase.0` and its columns
+/// `2k + phase.1, 2k + 1 + phase.1`. Phase 1 on an axis takes a one-pixel pad at the start of
+/// that axis as the model sees it (mirrored in, or repeated for a 1-pixel tile) and cropped
+/// off the output; a flip or turn that reverses an odd-length axis moves its phase by itself,
+/// which the pad accounts for.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct View {
     pub turns: i64,
     pub flip: bool,
-    pub dy: i64,
-    pub dx: i64,
+    pub phase: (i64, i64),
 }
 
-const fn view(turns: i64, flip: bool, dy: i64, dx: i64) -> View {
-    View {
-        turns,
-        flip,
-        dy,
-        dx,
-    }
+const fn view(turns: i64, flip: bool, phase: (i64, i64)) -> View {
+    View { turns, flip, phase }
 }
 
-/// The self-ensemble's passes, in the order the sizes take them. All eight flips and quarter
-/// turns of the square, each with a one-pixel shift that puts the image on another phase of the
-/// 2x2 grid a pixel-unshuffle (FFDNet) or a stride-2 layer cuts (each phase used twice, and the
-/// first 2 and 4 views on different phases). The shifts decorrelate the passes' errors more than
-/// turns alone: on the 22 validation photos of BSD432 the shipped default gained 0.100 dB at
-/// sigma 15 from 2 passes (0.087 with a plain flip) and 0.152 from 4 (0.135 with flips and half
-/// turns).
+/// The self-ensemble's passes, in the order the sizes take them: all eight flips and quarter
+/// turns of the square, with each phase of the 2x2 grid used twice and the first 2 and the
+/// first 4 views on different phases, so that the passes' errors are less alike than with
+/// turns alone. Measured on the 22 validation photos of BSD432 (481x321) with the shipped
+/// default, sigma 15: see the README's quality section.
 pub const VIEWS: [View; 8] = [
-    view(0, false, 0, 0),
-    view(0, true, 1, 1),
-    view(1, false, 1, 0),
-    view(3, true, 0, 1),
-    view(2, false, 0, 1),
-    view(2, true, 1, 0),
-    view(1, true, 0, 0),
-    view(3, false, 1, 1),
+    view(0, false, (0, 0)),
+    view(0, true, (1, 1)),
+    view(1, false, (1, 0)),
+    view(3, true, (0, 1)),
+    view(2, false, (0, 1)),
+    view(2, true, (1, 0)),
+    view(1, true, (0, 0)),
+    view(3, false, (1, 1)),
 ];
 
 impl View {
+    /// Which axis of the tile (0 rows, 1 columns) each axis of the turned tile runs along,
+    /// and whether reversed: `[rows, columns]` as the model sees them.
+    fn axes(self) -> [(usize, bool); 2] {
+        let mut axes = [(0, false), (1, self.flip)];
+        for _ in 0..self.turns.rem_euclid(4) {
+            // A quarter turn (torch.rot90): new rows run along the old columns, reversed; new
+            // columns along the old rows.
+            let [rows, cols] = axes;
+            axes = [(cols.0, !cols.1), rows];
+        }
+        axes
+    }
+
+    /// The (top, left) pad, in the turned frame, that puts an `h x w` tile on `phase`.
+    fn pads(self, (h, w): (i64, i64)) -> (i64, i64) {
+        let len = [h, w];
+        let phase = [self.phase.0, self.phase.1];
+        let [top, left] = self.axes().map(|(axis, reversed)| {
+            // Reversing an axis of length L moves row r to L - 1 - r: a pad d then pairs the
+            // rows from (L + d) mod 2 on.
+            if reversed {
+                (phase[axis] + len[axis]).rem_euclid(2)
+            } else {
+                phase[axis]
+            }
+        });
+        (top, left)
+    }
+
     /// `t` (N x C x H x W) as this pass sees it.
     fn apply(self, t: &Tensor) -> Result<Tensor> {
+        let (dy, dx) = self.pads((t.size()[2], t.size()[3]));
         let t = if self.flip {
             t.f_flip([3])?
         } else {
@@ -254,23 +281,22 @@ impl View {
         };
         let t = t.f_rot90(self.turns, [2, 3])?;
         let (h, w) = (t.size()[2], t.size()[3]);
-        if self.dy == 0 && self.dx == 0 {
+        if dy == 0 && dx == 0 {
             return Ok(t);
         }
-        // Mirroring needs a row or column to spare: replicate the edge of a 1-pixel tile.
-        Ok(if h > self.dy && w > self.dx {
-            t.f_reflection_pad2d([self.dx, 0, self.dy, 0])?
+        // Mirroring needs a row or column to spare: repeat the edge of a 1-pixel tile.
+        Ok(if h > dy && w > dx {
+            t.f_reflection_pad2d([dx, 0, dy, 0])?
         } else {
-            t.f_replication_pad2d([self.dx, 0, self.dy, 0])?
+            t.f_replication_pad2d([dx, 0, dy, 0])?
         })
     }
 
-    /// The output of a pass over [`View::apply`]'s tensor, put back where the input was.
-    fn undo(self, t: &Tensor) -> Result<Tensor> {
-        let (h, w) = (t.size()[2], t.size()[3]);
-        let t = t
-            .f_narrow(2, self.dy, h - self.dy)?
-            .f_narrow(3, self.dx, w - self.dx)?;
+    /// The output of a pass over [`View::apply`]'s tensor, put back where an `h x w` input was.
+    fn undo(self, t: &Tensor, (h, w): (i64, i64)) -> Result<Tensor> {
+        let (dy, dx) = self.pads((h, w));
+        let (th, tw) = (t.size()[2], t.size()[3]);
+        let t = t.f_narrow(2, dy, th - dy)?.f_narrow(3, dx, tw - dx)?;
         let t = t.f_rot90(-self.turns, [2, 3])?;
         Ok(if self.flip { t.f_flip([3])? } else { t })
     }
@@ -445,10 +471,11 @@ fn average_views(
         on_pass();
         return Ok(out);
     }
+    let size = (x.size()[2], x.size()[3]);
     let mut sum: Option<Tensor> = None;
     for &view in &VIEWS[..n] {
         let map = map.map(|m| view.apply(m)).transpose()?;
-        let out = view.undo(&run(&view.apply(x)?, map.as_ref())?)?;
+        let out = view.undo(&run(&view.apply(x)?, map.as_ref())?, size)?;
         on_pass();
         sum = Some(match sum {
             Some(s) => s.f_add(&out)?,
@@ -667,25 +694,55 @@ mod tests {
             VIEWS.iter().map(|v| (v.turns, v.flip)).collect();
         assert_eq!(turns.len(), 8);
         for phase in [(0, 0), (0, 1), (1, 0), (1, 1)] {
-            assert_eq!(VIEWS.iter().filter(|v| (v.dy, v.dx) == phase).count(), 2);
+            assert_eq!(VIEWS.iter().filter(|v| v.phase == phase).count(), 2);
         }
         let phases = |n: usize| {
             VIEWS[..n]
                 .iter()
-                .map(|v| (v.dy, v.dx))
+                .map(|v| v.phase)
                 .collect::<std::collections::BTreeSet<_>>()
                 .len()
         };
         assert_eq!((phases(2), phases(4)), (2, 4));
+        // The phase the model really cuts, read off a tile whose pixels hold their own row and
+        // column: rows 2 and 3 (and columns 2 and 3) of what the model sees share a 2x2 block,
+        // whatever the flip, turn and tile size (odd sides move the phase of a reversed axis).
+        for (h, w) in [(6, 8), (7, 5), (5, 9), (9, 9), (8, 7)] {
+            let rows = Tensor::arange(h, opts)
+                .view([1, 1, h, 1])
+                .expand([1, 1, h, w], false);
+            let cols = Tensor::arange(w, opts)
+                .view([1, 1, 1, w])
+                .expand([1, 1, h, w], false);
+            let coords = Tensor::cat(&[rows, cols], 1);
+            for view in VIEWS {
+                let seen = view.apply(&coords).unwrap();
+                let at = |y: i64, x: i64| -> [i64; 2] {
+                    [0, 1].map(|c| seen.double_value(&[0, c, y, x]) as i64)
+                };
+                let mut cut = [None, None];
+                for (a, b) in [(at(2, 2), at(3, 2)), (at(2, 2), at(2, 3))] {
+                    let axis = if a[0] != b[0] { 0 } else { 1 };
+                    assert_eq!((a[axis] - b[axis]).abs(), 1, "{view:?} on {h}x{w}");
+                    cut[axis] = Some(a[axis].min(b[axis]) % 2);
+                }
+                assert_eq!(
+                    cut,
+                    [Some(view.phase.0), Some(view.phase.1)],
+                    "{view:?} on {h}x{w}"
+                );
+            }
+        }
         for (h, w) in [(12, 16), (7, 5), (1, 1), (1, 4)] {
             let x = Tensor::rand([1, 3, h, w], opts);
             let map = Tensor::rand([1, 1, h, w], opts);
             for view in VIEWS {
                 let seen = view.apply(&x).unwrap();
-                // A quarter turn swaps the sides; the shift adds the rows and columns it mirrors in.
+                // A quarter turn swaps the sides; the pad adds at most a row and a column.
                 let (sh, sw) = if view.turns % 2 == 1 { (w, h) } else { (h, w) };
-                assert_eq!(seen.size(), [1, 3, sh + view.dy, sw + view.dx], "{view:?}");
-                assert_eq!(view.undo(&seen).unwrap(), x, "{view:?} on {h}x{w}");
+                let (dy, dx) = view.pads((h, w));
+                assert_eq!(seen.size(), [1, 3, sh + dy, sw + dx], "{view:?}");
+                assert_eq!(view.undo(&seen, (h, w)).unwrap(), x, "{view:?} on {h}x{w}");
             }
             // A per-pixel function of the image and map gives the same result through any views
             // when each is put back rightly, the map moved with the image.

@@ -796,7 +796,8 @@ pub(crate) fn optimisation_step(
     };
     timer.mark("prepare");
     let out = net.forward_t(&x, map.as_ref(), true);
-    let loss = loss.compute(&out, clean, map.as_ref());
+    // The loss weighs with the fp32 map (the model's copy may be bf16).
+    let loss = loss.compute(&out, clean, sigma);
     timer.mark("forward");
     loss.f_backward()?;
     timer.mark("backward");

@@ -18,8 +18,9 @@ pub struct Args {
     /// Side of the square input.
     #[arg(long, default_value_t = 512)]
     size: i64,
-    /// fp32, bf16, or auto: the precision `infer` would pick for this model here (bf16 only on
-    /// hardware with native bf16, for a model whose recorded bf16 loss is under 0.05 dB).
+    /// fp32, bf16, or auto: the precision `infer` would pick for this model here for a single
+    /// pass (bf16 only on hardware with native bf16, for a model whose recorded bf16 loss is
+    /// under 0.05 dB).
     #[arg(long, value_enum, default_value_t = PrecisionArg::Auto)]
     precision: PrecisionArg,
     /// auto (CUDA when available), cpu, cuda or cuda:N.
