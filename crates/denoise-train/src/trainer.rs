@@ -611,6 +611,7 @@ impl Trainer {
             "train_seconds": self.cost.seconds,
             "train_cpu_seconds": self.cost.cpu_seconds,
             "ema_decay": self.cfg.ema_decay,
+            "loss": self.cfg.loss,
         }));
         if let (Some(init), Some(serde_json::Value::Object(training))) =
             (&self.cfg.init, meta.training.as_mut())
