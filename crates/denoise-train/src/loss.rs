@@ -31,15 +31,11 @@ pub enum Loss {
 }
 
 impl Loss {
-    /// Whether [`Loss::compute`] needs the noise-level map.
-    pub fn needs_sigma(self) -> bool {
-        matches!(self, Loss::MseLevel { .. })
-    }
-
     /// The mean loss of `output` against `target`, as an fp32 scalar.
     ///
     /// # Panics
-    /// When [`Loss::needs_sigma`] and `sigma` is `None` (the trainer's config check refuses that).
+    /// For [`Loss::MseLevel`] without `sigma` (the trainer's config check refuses that loss for
+    /// models without a noise-level map).
     ///
     /// # Shapes
     /// `output`, `target`: N x C x H x W (any kind; computed in fp32); `sigma`: N x 1 x H x W on
