@@ -32,6 +32,8 @@ pub fn default_model_path() -> PathBuf {
 /// Resolves `--model`: a path (file or run directory), a shipped model name (`NAME` ->
 /// `assets/models/NAME.safetensors`), or the default when `None`.
 pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
+    // The default is the photo model; `photo` names it too.
+    let spec = spec.filter(|s| *s != "photo" || Path::new(s).exists());
     let Some(spec) = spec else {
         let path = default_model_path();
         if !path.is_file() {

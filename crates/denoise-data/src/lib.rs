@@ -2,6 +2,7 @@
 //! augmentation, noise injection and patch streaming. Pure Rust: no libtorch here.
 
 pub mod augment;
+pub mod camera;
 pub mod dataset;
 pub mod error;
 pub mod estimate;

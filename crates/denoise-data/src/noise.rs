@@ -14,6 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, Poisson, StandardNormal};
 use serde::{Deserialize, Serialize};
 
+use crate::camera::{self, CameraSpec};
 use crate::{DataError, Image, Result};
 
 /// What `method1` stands for: blind additive white Gaussian noise with sigma drawn uniformly
@@ -44,8 +45,19 @@ unless the spec says `+clip`):
   jpeg:Q                  JPEG compression at quality Q (1-100); clips its input to [0, 1]
   method1                 = gaussian:0-55
   method2                 = gaussian:0-55+located:0-55:0.3+salt-pepper:0.01+impulse:0.01
+  camera                  camera noise: the clean photo taken back to a raw Bayer mosaic, shot and
+                          read noise added there, then demosaiced, white-balanced, colour-
+                          corrected, tone-mapped and saved as 8 bits; fields (any order):
+                          iso=LO-HI (default 100-12800, drawn log-uniformly), jpeg=LO-HI (JPEG
+                          at a quality drawn from the range; default none), chroma=420|444|any
+                          (the JPEG's chroma subsampling; default any: drawn per image),
+                          e.g. camera:iso=800-6400:jpeg=75-95
   clip                    clamps the image to [0, 1] at that point of a composition
-  A+B                     applies A then B, e.g. gaussian:25+clip or poisson-gaussian:30:5+jpeg:50";
+  round                   clamps to [0, 1] and rounds to 8-bit levels, as saving an 8-bit file
+                          does (e.g. gaussian:25+round)
+  A+B                     applies A then B, e.g. gaussian:25+clip or poisson-gaussian:30:5+jpeg:50
+  A|B                     one of A or B, drawn with equal odds per image (binds looser than +),
+                          e.g. camera|gaussian:0-55+round";
 
 const KINDS: &[&str] = &[
     "gaussian",
@@ -58,7 +70,9 @@ const KINDS: &[&str] = &[
     "jpeg",
     "method1",
     "method2",
+    "camera",
     "clip",
+    "round",
 ];
 
 /// Beyond this many photons the Poisson draw is replaced by its normal approximation: the two
@@ -111,9 +125,17 @@ pub enum NoiseSpec {
     /// Clamps the image to [0, 1] at this point of a composition (the sigma map is left as is,
     /// so after clipping it is the nominal, not the exact, noise level).
     Clip,
+    /// Camera noise through an inverted and re-run camera pipeline (see [`crate::camera`]);
+    /// always 8-bit output.
+    Camera(CameraSpec),
+    /// Clamps to [0, 1] and rounds to the 256 levels of an 8-bit file.
+    Round,
     /// Applies each step in turn, left to right (`A+B`). Parsing produces only flat
     /// compositions of at least two steps.
     Compose(Vec<NoiseSpec>),
+    /// One of the alternatives, drawn with equal odds each time (`A|B`); parsing produces at
+    /// least two, none of them itself a choice.
+    OneOf(Vec<NoiseSpec>),
 }
 
 /// The output of a noise model.
@@ -164,7 +186,7 @@ impl NoiseSpec {
                 let mut variance = None;
                 for step in steps {
                     match step {
-                        NoiseSpec::Clip => {}
+                        NoiseSpec::Clip | NoiseSpec::Round => {}
                         other => {
                             let s = other.nominal_sigma()?;
                             variance = Some(variance.unwrap_or(0.0) + s * s);
@@ -192,6 +214,9 @@ impl NoiseSpec {
                     }
                 }
                 NoiseSpec::Compose(flat)
+            }
+            NoiseSpec::OneOf(options) => {
+                NoiseSpec::OneOf(options.iter().map(NoiseSpec::expanded).collect())
             }
             other => other.clone(),
         }
@@ -226,8 +251,11 @@ impl NoiseSpec {
             }
             NoiseSpec::Speckle { sigma: s } => sigma(*s),
             NoiseSpec::Jpeg { quality } => check_quality(i64::from(*quality)).map_err(err),
-            NoiseSpec::Method1 | NoiseSpec::Method2 | NoiseSpec::Clip => Ok(()),
-            NoiseSpec::Compose(steps) => steps.iter().try_for_each(NoiseSpec::validate),
+            NoiseSpec::Camera(c) => c.check().map_err(err),
+            NoiseSpec::Method1 | NoiseSpec::Method2 | NoiseSpec::Clip | NoiseSpec::Round => Ok(()),
+            NoiseSpec::Compose(steps) | NoiseSpec::OneOf(steps) => {
+                steps.iter().try_for_each(NoiseSpec::validate)
+            }
         }
     }
 
@@ -269,12 +297,29 @@ impl NoiseSpec {
                 img.clamp01();
                 None
             }
+            NoiseSpec::Camera(ref spec) => {
+                let params = spec.draw(rng);
+                let clean = img.clone();
+                *img = params.apply(&clean, rng);
+                Some(camera::local_rms(img, &clean))
+            }
+            NoiseSpec::Round => {
+                camera::round_to_8_bits(img.data_mut());
+                None
+            }
             NoiseSpec::Compose(ref steps) => {
                 let mut map = None;
                 for step in steps {
                     map = combine_maps(map, step.apply_in_place(img, rng));
                 }
                 map
+            }
+            NoiseSpec::OneOf(ref options) => {
+                if options.is_empty() {
+                    return None;
+                }
+                let pick = rng.random_range(0..options.len());
+                options[pick].apply_in_place(img, rng)
             }
         }
     }
@@ -562,15 +607,32 @@ fn combine_maps(a: Option<Image>, b: Option<Image>) -> Option<Image> {
     }
 }
 
-/// Replaces `img` by its JPEG-compressed version at `quality`.
+/// Replaces `img` by its JPEG-compressed version at `quality` (the `image` crate's encoder).
 fn jpeg_round_trip(img: &mut Image, quality: u8) {
+    jpeg_tiled(img, quality, None);
+}
+
+/// `img` (gray or RGB) through a JPEG at `quality` with chroma subsampled 4:2:0 or kept 4:4:4.
+pub(crate) fn jpeg_with_chroma(img: &Image, quality: u8, sub420: bool) -> Image {
+    let mut out = img.clone();
+    jpeg_tiled(&mut out, quality, Some(sub420));
+    out
+}
+
+/// JPEG round trip in tiles JPEG can hold; `chroma`: `None` for the `image` crate's encoder,
+/// `Some(4:2:0?)` for one whose subsampling is chosen.
+fn jpeg_tiled(img: &mut Image, quality: u8, chroma: Option<bool>) {
     let quality = quality.clamp(1, 100);
     let (channels, h, w) = img.shape();
     if h == 0 || w == 0 {
         return;
     }
+    let one = |tile: &Image| match chroma {
+        None => jpeg_tile(tile, quality),
+        Some(sub420) => jpeg_tile_chroma(tile, quality, sub420),
+    };
     if h <= JPEG_TILE && w <= JPEG_TILE {
-        *img = jpeg_tile(img, quality);
+        *img = one(img);
         return;
     }
     let mut out = img.clone();
@@ -580,7 +642,7 @@ fn jpeg_round_trip(img: &mut Image, quality: u8) {
             let tile = img
                 .crop(y0, x0, th, tw)
                 .expect("tiles lie inside the image");
-            let tile = jpeg_tile(&tile, quality);
+            let tile = one(&tile);
             for c in 0..channels {
                 for y in 0..th {
                     for x in 0..tw {
@@ -593,18 +655,40 @@ fn jpeg_round_trip(img: &mut Image, quality: u8) {
     *img = out;
 }
 
-/// JPEG round trip of an image small enough for one JPEG (gray stays gray, RGB stays RGB).
-fn jpeg_tile(img: &Image, quality: u8) -> Image {
+/// [`jpeg_tile`] with the `jpeg-encoder` crate, whose chroma subsampling can be set (the `image`
+/// crate's encoder always subsamples 4:2:0).
+fn jpeg_tile_chroma(img: &Image, quality: u8, sub420: bool) -> Image {
+    use jpeg_encoder::{ColorType, Encoder, SamplingFactor};
     let (channels, h, w) = img.shape();
+    let (bytes, color) = interleave_u8(img);
+    let mut encoded = Vec::new();
+    let mut encoder = Encoder::new(&mut encoded, quality.clamp(1, 100));
+    encoder.set_sampling_factor(if sub420 {
+        SamplingFactor::R_4_2_0
+    } else {
+        SamplingFactor::R_4_4_4
+    });
+    let color = match color {
+        ExtendedColorType::L8 => ColorType::Luma,
+        _ => ColorType::Rgb,
+    };
+    encoder
+        .encode(&bytes, w as u16, h as u16, color)
+        .expect("jpeg encoding of an in-memory tile within the size limits cannot fail");
+    decode_jpeg(encoded, channels, h, w)
+}
+
+/// 8-bit samples of a gray or RGB image, interleaved as a JPEG encoder takes them.
+fn interleave_u8(img: &Image) -> (Vec<u8>, ExtendedColorType) {
+    let (channels, _, _) = img.shape();
     let n = img.pixels();
     let to_u8 = |v: f32| (v.clamp(0.0, 1.0) * 255.0).round() as u8;
-    let (bytes, color): (Vec<u8>, _) = if channels == 1 {
+    if channels == 1 {
         (
             img.data().iter().map(|&v| to_u8(v)).collect(),
             ExtendedColorType::L8,
         )
     } else {
-        // Interleave whatever is there as RGB: this crate's images are gray or RGB.
         let mut bytes = Vec::with_capacity(3 * n);
         for p in 0..n {
             for c in 0..3 {
@@ -612,11 +696,11 @@ fn jpeg_tile(img: &Image, quality: u8) -> Image {
             }
         }
         (bytes, ExtendedColorType::Rgb8)
-    };
-    let mut encoded = Vec::new();
-    JpegEncoder::new_with_quality(&mut encoded, quality)
-        .encode(&bytes, w as u32, h as u32, color)
-        .expect("jpeg encoding of an in-memory tile within the size limits cannot fail");
+    }
+}
+
+/// Decodes JPEG bytes back into an image of the given shape.
+fn decode_jpeg(encoded: Vec<u8>, channels: usize, h: usize, w: usize) -> Image {
     let decoded = image::load(Cursor::new(encoded), ImageFormat::Jpeg)
         .expect("the jpeg just encoded decodes");
     if channels == 1 {
@@ -636,6 +720,17 @@ fn jpeg_tile(img: &Image, quality: u8) -> Image {
     }
 }
 
+/// JPEG round trip of an image small enough for one JPEG (gray stays gray, RGB stays RGB).
+fn jpeg_tile(img: &Image, quality: u8) -> Image {
+    let (channels, h, w) = img.shape();
+    let (bytes, color) = interleave_u8(img);
+    let mut encoded = Vec::new();
+    JpegEncoder::new_with_quality(&mut encoded, quality)
+        .encode(&bytes, w as u32, h as u32, color)
+        .expect("jpeg encoding of an in-memory tile within the size limits cannot fail");
+    decode_jpeg(encoded, channels, h, w)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Spec strings
 
@@ -653,6 +748,21 @@ impl FromStr for NoiseSpec {
                 "empty noise spec; known kinds: {}",
                 KINDS.join(", ")
             )));
+        }
+        if trimmed.contains('|') {
+            let mut options = Vec::new();
+            for option in trimmed.split('|') {
+                if option.trim().is_empty() {
+                    return Err(err("empty alternative (a stray '|')".into()));
+                }
+                options.push(option.parse::<NoiseSpec>().map_err(|e| match e {
+                    DataError::NoiseSpec { message, .. } => {
+                        err(format!("in '{}': {message}", option.trim()))
+                    }
+                    other => other,
+                })?);
+            }
+            return Ok(NoiseSpec::OneOf(options));
         }
         let parts: Vec<&str> = trimmed.split('+').map(str::trim).collect();
         let several = parts.len() > 1;
@@ -770,11 +880,13 @@ fn parse_step(part: &str) -> std::result::Result<NoiseSpec, String> {
                 quality: quality as u8,
             }
         }
-        "method1" | "method2" | "clip" => {
+        "camera" => NoiseSpec::Camera(CameraSpec::parse(&args)?),
+        "method1" | "method2" | "clip" | "round" => {
             expect(0, kind)?;
             match kind {
                 "method1" => NoiseSpec::Method1,
                 "method2" => NoiseSpec::Method2,
+                "round" => NoiseSpec::Round,
                 _ => NoiseSpec::Clip,
             }
         }
@@ -909,6 +1021,17 @@ impl fmt::Display for NoiseSpec {
             NoiseSpec::Method1 => f.write_str("method1"),
             NoiseSpec::Method2 => f.write_str("method2"),
             NoiseSpec::Clip => f.write_str("clip"),
+            NoiseSpec::Round => f.write_str("round"),
+            NoiseSpec::Camera(spec) => write!(f, "{spec}"),
+            NoiseSpec::OneOf(options) => {
+                for (i, option) in options.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str("|")?;
+                    }
+                    write!(f, "{option}")?;
+                }
+                Ok(())
+            }
             NoiseSpec::Compose(steps) => {
                 for (i, step) in steps.iter().enumerate() {
                     if i > 0 {
@@ -1556,6 +1679,42 @@ mod tests {
         fn different_seeds_differ(s in random_spec(), seed in any::<u64>()) {
             let img = smooth(3, 16, 16);
             prop_assert_ne!(s.apply(&img, seed).image, s.apply(&img, seed ^ 1).image);
+        }
+    }
+
+    #[test]
+    fn a_choice_parses_prints_and_draws_each_alternative() {
+        let s = spec("camera:iso=800 | gaussian:0-55+round");
+        assert_eq!(s.to_string(), "camera:iso=800|gaussian:0-55+round");
+        assert_eq!(spec(&s.to_string()), s);
+        let NoiseSpec::OneOf(options) = &s else {
+            panic!("{s:?}")
+        };
+        assert!(matches!(options[0], NoiseSpec::Camera(_)));
+        assert!(matches!(&options[1], NoiseSpec::Compose(steps) if steps[1] == NoiseSpec::Round));
+        // Over a few seeds both alternatives are drawn: camera noise ends in 8-bit levels and
+        // has no level of its own; the Gaussian map is constant.
+        let clean = smooth(3, 16, 16);
+        let constant_maps = (0..40)
+            .filter(|&seed| {
+                let map = s.apply(&clean, seed).sigma_map.unwrap();
+                map.data().iter().all(|&v| v == map.data()[0])
+            })
+            .count();
+        assert!((5..35).contains(&constant_maps), "{constant_maps}");
+        for bad in ["camera||gaussian:5", "|gaussian:5", "gaussian:5|", "gaussian:5|nope"] {
+            assert!(bad.parse::<NoiseSpec>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn round_leaves_8_bit_levels_and_keeps_the_nominal_sigma() {
+        let s = spec("gaussian:25+round");
+        assert_eq!(s.nominal_sigma(), Some(25.0));
+        let out = s.apply(&smooth(3, 8, 8), 1).image;
+        for &v in out.data() {
+            assert!((0.0..=1.0).contains(&v));
+            assert_eq!((v * 255.0).round() / 255.0, v);
         }
     }
 }

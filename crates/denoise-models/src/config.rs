@@ -153,6 +153,12 @@ impl ModelConfig {
         }
     }
 
+    /// Whether the model reads the noise level itself where it is not given one (an FFDNet with
+    /// an estimator): blind use passes no map, or [`crate::ffdnet::ESTIMATE_HERE`].
+    pub fn estimates_level(&self) -> bool {
+        matches!(self, ModelConfig::Ffdnet(c) if c.estimator.is_some())
+    }
+
     /// Input height and width must be multiples of this (the model pads to it).
     pub fn multiple(&self) -> i64 {
         match self {

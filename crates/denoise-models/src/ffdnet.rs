@@ -24,7 +24,42 @@ pub struct FfdnetConfig {
     /// Predict the noise of the sub-images and subtract it (the paper predicts the clean image;
     /// residual learning converges faster, which matters when training on a CPU).
     pub residual: bool,
+    /// A level-estimation branch (as CBDNet's): where the given map is negative the model reads
+    /// the level from the image itself, so one network serves blind use and a hand-set level.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimator: Option<EstimatorConfig>,
 }
+
+/// The level-estimation branch: a plain conv stack on the half-resolution sub-images, a
+/// softplus (levels are positive), and a box filter that smooths the map, since noise levels
+/// change slowly across a photo while a small stack's reading is noisy.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EstimatorConfig {
+    /// Conv layers.
+    pub depth: usize,
+    /// Feature width.
+    pub features: i64,
+    /// Side of the smoothing box, in half-resolution pixels (1: none).
+    pub smooth: i64,
+}
+
+impl Default for EstimatorConfig {
+    fn default() -> Self {
+        Self {
+            depth: 4,
+            features: 32,
+            smooth: 9,
+        }
+    }
+}
+
+/// What a map holds where the model is to estimate the level itself (any negative value does).
+pub const ESTIMATE_HERE: f32 = -1.0;
+
+/// The estimator's first reading, before training (15 on the 0-255 scale): a level the
+/// Gaussian-trained body handles well, so a fine-tune starts from sensible output.
+const ESTIMATOR_START: f64 = 15.0 / 255.0;
 
 impl Default for FfdnetConfig {
     fn default() -> Self {
@@ -42,13 +77,14 @@ impl FfdnetConfig {
             features,
             batch_norm: false,
             residual: true,
+            estimator: None,
         }
     }
 
     /// The gray twin of a colour config (what [`gray_from_colour`] builds), `None` for one that
     /// is not colour.
     pub fn gray_twin(&self) -> Option<Self> {
-        (self.channels == 3).then(|| Self {
+        (self.channels == 3 && self.estimator.is_none()).then(|| Self {
             channels: 1,
             ..self.clone()
         })
@@ -60,7 +96,68 @@ impl FfdnetConfig {
         })?;
         ensure(self.features > 0, || {
             "ffdnet features must be positive".into()
-        })
+        })?;
+        if let Some(e) = &self.estimator {
+            ensure(e.depth >= 2, || {
+                format!("estimator depth must be at least 2, got {}", e.depth)
+            })?;
+            ensure(e.features > 0, || "estimator features must be positive".into())?;
+            ensure(e.smooth >= 1 && e.smooth % 2 == 1, || {
+                format!("estimator smooth must be an odd number >= 1, got {}", e.smooth)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct Estimator {
+    convs: Vec<nn::Conv2D>,
+    smooth: i64,
+}
+
+impl Estimator {
+    fn new(p: &nn::Path<'_>, cin: i64, cfg: &EstimatorConfig, flops: &mut Flops) -> Self {
+        let quarter = 0.25;
+        let mut convs = Vec::with_capacity(cfg.depth);
+        for i in 0..cfg.depth {
+            let (a, b) = (
+                if i == 0 { cin } else { cfg.features },
+                if i + 1 == cfg.depth { 1 } else { cfg.features },
+            );
+            convs.push(conv(p / i, ConvSpec::new(a, b, 3).scale(quarter), flops));
+        }
+        let last = convs.last_mut().expect("depth >= 2");
+        tch::no_grad(|| {
+            let _ = last.ws.zero_();
+            if let Some(bs) = &mut last.bs {
+                // softplus(b) = start.
+                let _ = bs.fill_(ESTIMATOR_START.exp_m1().ln());
+            }
+        });
+        Self {
+            convs,
+            smooth: cfg.smooth,
+        }
+    }
+
+    /// N x 1 x h x w levels ([0, 1] scale) from the N x 4C x h x w sub-images.
+    fn forward(&self, sub: &Tensor) -> Tensor {
+        let mut h = sub.shallow_clone();
+        let last = self.convs.len() - 1;
+        for (i, c) in self.convs.iter().enumerate() {
+            h = c.forward(&h);
+            if i < last {
+                h = h.relu_();
+            }
+        }
+        let level = h.softplus();
+        if self.smooth > 1 {
+            let k = self.smooth;
+            level.avg_pool2d([k, k], [1, 1], [k / 2, k / 2], false, false, None::<i64>)
+        } else {
+            level
+        }
     }
 }
 
@@ -76,6 +173,7 @@ pub struct Ffdnet {
     last: nn::Conv2D,
     channels: i64,
     residual: bool,
+    estimator: Option<Estimator>,
 }
 
 impl Ffdnet {
@@ -109,11 +207,16 @@ impl Ffdnet {
             ConvSpec::new(f, 4 * c, 3).scale(quarter),
             flops,
         );
+        let estimator = cfg
+            .estimator
+            .as_ref()
+            .map(|e| Estimator::new(&(p / "estimator"), 4 * c, e, flops));
         Self {
             layers,
             last,
             channels: c,
             residual: cfg.residual,
+            estimator,
         }
     }
 }
@@ -131,6 +234,10 @@ impl Net for Ffdnet {
             true,
             None::<i64>,
         );
+        let map = match &self.estimator {
+            Some(e) => map.where_self(&map.ge(0.0), &e.forward(&sub)),
+            None => map,
+        };
         let mut h = Tensor::cat(&[&sub, &map], 1);
         for layer in &self.layers {
             h = layer.conv.forward(&h);
@@ -233,5 +340,35 @@ mod tests {
             .fold(0.0f32, f32::max);
         assert!(gap < 1e-5, "{gap}");
         assert!(gray_from_colour(&gray).is_err(), "already gray");
+    }
+
+    #[test]
+    fn an_estimator_reads_the_level_only_where_none_is_given() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(5);
+        let cfg: crate::ModelConfig = serde_json::from_str(
+            r#"{"kind":"ffdnet","depth":4,"features":8,"estimator":{"depth":3,"features":4}}"#,
+        )
+        .unwrap();
+        assert!(cfg.estimates_level());
+        let model = crate::Model::new(&cfg, Device::Cpu).unwrap();
+        let x = Tensor::rand([1, 3, 20, 24], (tch::Kind::Float, Device::Cpu));
+        let map = |v: f64| Tensor::full([1, 1, 20, 24], v, (tch::Kind::Float, Device::Cpu));
+        let blind = model.denoise(&x, None).unwrap();
+        let sentinel = model.denoise(&x, Some(&map(f64::from(ESTIMATE_HERE)))).unwrap();
+        let start = model.denoise(&x, Some(&map(ESTIMATOR_START))).unwrap();
+        let other = model.denoise(&x, Some(&map(40.0 / 255.0))).unwrap();
+        let gap = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);
+        assert!(gap(&blind, &sentinel) < 1e-6);
+        // Untrained, the estimator reads its starting level everywhere.
+        assert!(gap(&blind, &start) < 1e-5, "{}", gap(&blind, &start));
+        assert!(gap(&blind, &other) > 1e-4);
+        // The estimator's weights are named under `estimator.`, apart from the body's.
+        let names: Vec<String> = model.var_store().variables().into_keys().collect();
+        assert!(names.iter().any(|n| n == "estimator.0.weight"));
+        assert!(names.iter().any(|n| n == "body.0.weight"));
+        // Without an estimator a model serialises as before (no `estimator` key).
+        let plain = serde_json::to_string(&FfdnetConfig::default()).unwrap();
+        assert!(!plain.contains("estimator"), "{plain}");
     }
 }

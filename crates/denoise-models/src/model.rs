@@ -110,6 +110,14 @@ impl Model {
         let (h, w) = (noisy.size()[2], noisy.size()[3]);
         let input = match (self.config.noise_map(), sigma) {
             (true, Some(map)) => Tensor::cat(&[noisy, &map.to_kind(noisy.kind())], 1),
+            (true, None) if self.config.estimates_level() => {
+                let map = Tensor::full(
+                    [noisy.size()[0], 1, h, w],
+                    f64::from(crate::ffdnet::ESTIMATE_HERE),
+                    (noisy.kind(), noisy.device()),
+                );
+                Tensor::cat(&[noisy, &map], 1)
+            }
             (true, None) => panic!("{} takes a noise-level map: pass sigma", self.config.kind()),
             (false, _) => noisy.shallow_clone(),
         };
@@ -140,7 +148,7 @@ impl Model {
                 self.config.kind()
             )));
         }
-        if self.config.noise_map() && sigma.is_none() {
+        if self.config.noise_map() && !self.config.estimates_level() && sigma.is_none() {
             return Err(ModelError::Input(format!(
                 "the {} model takes a noise level: give a sigma (or 'auto')",
                 self.config.kind()

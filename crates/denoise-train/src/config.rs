@@ -188,6 +188,13 @@ impl TrainConfig {
             }
         }
         if let Loss::MseLevel { floor } = self.loss {
+            if model.estimates_level() {
+                return bad(
+                    "the mse-level loss weighs patches by the given noise-level map, which a \
+                     model with an estimator trains without (use mse)"
+                        .into(),
+                );
+            }
             if !model.noise_map() {
                 return bad(format!(
                     "the mse-level loss weighs patches by the noise-level map, which the {} \

@@ -279,8 +279,16 @@ impl Trainer {
             cost = ck.meta.cost;
         }
         if let Some(init) = &init {
-            let weights: BTreeMap<String, Tensor> =
+            let mut weights: BTreeMap<String, Tensor> =
                 init.var_store().variables().into_iter().collect();
+            if !init.config().estimates_level() {
+                // A fresh estimator keeps its own start (see `load_init`).
+                for (name, var) in master.var_store().variables() {
+                    if name.starts_with("estimator.") {
+                        weights.insert(name, var.detach().copy());
+                    }
+                }
+            }
             restore_model(&master, &weights, "").map_err(|message| {
                 TrainError::Config(format!(
                     "init '{}': {message}",
@@ -521,6 +529,9 @@ impl Trainer {
         let clean = to_device(&batch.clean)?;
         let noisy = to_device(&batch.noisy)?;
         let sigma = match (&batch.sigma, self.checked.model.noise_map()) {
+            // A model that reads the level itself trains blind: its estimator learns from the
+            // loss what level the body needs.
+            _ if self.checked.model.estimates_level() => None,
             (Some(s), true) => Some(to_device(s)?),
             (None, true) => {
                 return Err(TrainError::Config(format!(
@@ -988,6 +999,17 @@ fn restore_model(
     })
 }
 
+/// `model` with its level-estimation branch taken off.
+fn without_estimator(model: &ModelConfig) -> ModelConfig {
+    match model {
+        ModelConfig::Ffdnet(c) => ModelConfig::Ffdnet(denoise_models::ffdnet::FfdnetConfig {
+            estimator: None,
+            ..c.clone()
+        }),
+        other => other.clone(),
+    }
+}
+
 /// Loads the `init` artefact (on the CPU; its weights are copied into the run's model). A config
 /// without `[model]` takes the artefact's architecture; one with a different `[model]` is refused,
 /// since the weights would not fit it.
@@ -999,6 +1021,8 @@ fn load_init(cfg: &mut TrainConfig, path: &Path) -> Result<Model> {
         Some(want) if art.metadata.model.gray_twin().as_ref() == Some(want) => {
             return Ok(denoise_models::ffdnet::gray_from_colour(&art.model)?);
         }
+        // An estimator added to a model: the body starts from the artefact, the estimator fresh.
+        Some(want) if without_estimator(want) == art.metadata.model && want.estimates_level() => {}
         Some(model) if *model != art.metadata.model => {
             let show = |m: &ModelConfig| serde_json::to_string(m).unwrap_or_default();
             return Err(TrainError::Config(format!(

@@ -7,7 +7,7 @@ use anyhow::{Result, bail};
 use denoise_data::noise::NoiseSpec;
 use denoise_data::{dataset, io};
 use denoise_metrics::Shape;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(clap::Args)]
@@ -16,11 +16,19 @@ pub struct Args {
     #[arg(long)]
     model: Option<String>,
     /// Folder of clean images.
-    #[arg(long)]
-    data: PathBuf,
+    #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+    data: Option<PathBuf>,
     /// Noise specs separated by commas, e.g. gaussian:15,gaussian:25,gaussian:50,method1,method2.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "pairs", conflicts_with = "pairs")]
     noise: Vec<String>,
+    /// Real noise: a folder holding `noisy/` and `clean/`, files paired by name without the
+    /// extension (any supported format). Blind unless --sigma is given.
+    #[arg(long, value_name = "DIR")]
+    pairs: Option<PathBuf>,
+    /// Give models with a noise-level input this level (0-255 scale) instead of the true or
+    /// estimated one.
+    #[arg(long, value_name = "S", conflicts_with = "blind")]
+    sigma: Option<f32>,
     /// Seed, reset for every image.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -62,17 +70,26 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if let Some(s) = args.sigma {
+        if !(0.0..=255.0).contains(&s) {
+            bail!("--sigma must be in 0-255, got {s}");
+        }
+    }
+    if let Some(dir) = &args.pairs {
+        return run_pairs(args, dir);
+    }
+    let data = args.data.as_deref().expect("clap requires --data without --pairs");
     let specs: Vec<(String, NoiseSpec)> = args
         .noise
         .iter()
         .map(|s| Ok((s.trim().to_owned(), s.trim().parse::<NoiseSpec>()?)))
         .collect::<Result<_>>()?;
-    let files = dataset::scan(&args.data)?;
+    let files = dataset::scan(data)?;
     if files.is_empty() {
-        bail!("no images in '{}'", args.data.display());
+        bail!("no images in '{}'", data.display());
     }
     if args.record_bf16 {
-        return record_bf16(args, &files, &specs);
+        return record_bf16(args, data, &files, &specs);
     }
     let runner = load(args, args.precision)?;
     let want = Channels::of(&runner, args.gray_through_colour)?;
@@ -83,7 +100,7 @@ pub fn run(args: &Args) -> Result<()> {
             println!("gray images through the colour model (the level times sqrt(3))");
         }
     }
-    let results = evaluate(args, &runner, &files, &specs, want)?;
+    let results = evaluate(args, data, &runner, &files, &specs, want)?;
     if args.json {
         let model = runner.path.display().to_string();
         println!(
@@ -152,11 +169,13 @@ impl Channels {
 }
 
 /// Decodes every file before any work, so that a set which cannot be evaluated fails at once,
-/// naming all of its problem files: an unreadable or truncated file, or a gray image for a colour model
+/// naming all of its problem files: an unreadable or truncated file, a gray image for a colour model
 /// (or the reverse; converting would change what the PSNR measures, so a gray set goes through a
-/// colour model only when asked, `--gray-through-colour`). A mean over a set that silently skipped
-/// files would not be comparable with the literature's, so nothing is skipped.
+/// colour model only when asked, `--gray-through-colour`), or an image too small for SSIM's
+/// window. A mean over a set that silently skipped files would not be comparable with the
+/// literature's, so nothing is skipped.
 fn check_files(files: &[PathBuf], want: Channels) -> Result<()> {
+    use denoise_metrics::SSIM_WINDOW;
     let channels = want.images();
     let mut problems = Vec::new();
     for file in files {
@@ -184,14 +203,19 @@ fn check_files(files: &[PathBuf], want: Channels) -> Result<()> {
 }
 
 /// Measures bf16's PSNR loss against fp32 and writes it into the model's metadata.
-fn record_bf16(args: &Args, files: &[PathBuf], specs: &[(String, NoiseSpec)]) -> Result<()> {
+fn record_bf16(
+    args: &Args,
+    data: &Path,
+    files: &[PathBuf],
+    specs: &[(String, NoiseSpec)],
+) -> Result<()> {
     let fp32 = load(args, PrecisionArg::Fp32)?;
     let want = Channels::Model(fp32.model.config().channels() as usize);
     check_files(files, want)?;
     let bf16 = load(args, PrecisionArg::Bf16)?;
     eprintln!("{}", fp32.describe());
-    let a = evaluate(args, &fp32, files, specs, want)?;
-    let b = evaluate(args, &bf16, files, specs, want)?;
+    let a = evaluate(args, data, &fp32, files, specs, want)?;
+    let b = evaluate(args, data, &bf16, files, specs, want)?;
     let mut loss = f64::MIN;
     for (ra, rb) in a.iter().zip(&b) {
         let (pa, pb) = (ra["mean_psnr"].as_f64(), rb["mean_psnr"].as_f64());
@@ -209,7 +233,7 @@ fn record_bf16(args: &Args, files: &[PathBuf], specs: &[(String, NoiseSpec)]) ->
     meta.bf16_psnr_loss_db = Some(loss);
     meta.bf16_measured_on = Some(format!(
         "{} ({} images), {}",
-        args.data.display(),
+        data.display(),
         files.len(),
         args.noise.join(",")
     ));
@@ -235,6 +259,7 @@ fn record_bf16(args: &Args, files: &[PathBuf], specs: &[(String, NoiseSpec)]) ->
 /// Mean PSNR / SSIM per noise spec (one JSON row each), printed as it goes unless `--json`.
 fn evaluate(
     args: &Args,
+    data: &Path,
     runner: &Runner,
     files: &[PathBuf],
     specs: &[(String, NoiseSpec)],
@@ -268,13 +293,15 @@ fn evaluate(
                 );
             }
             let noisy = spec.apply(&clean, args.seed);
-            let map = if args.blind {
+            // A model that reads the level itself records bf16's loss as it is used: blind.
+            let own_level = args.record_bf16 && runner.model.config().estimates_level();
+            let map = if args.blind || args.sigma.is_some() || own_level {
                 None
             } else {
                 noisy.sigma_map.as_ref()
             };
             let start = Instant::now();
-            let (out, used) = runner.denoise(&noisy.image, Sigma::Blind, &mut |_, _| {}, map)?;
+            let (out, used) = runner.denoise(&noisy.image, given(args), &mut |_, _| {}, map)?;
             seconds += start.elapsed().as_secs_f64();
             pixels += clean.pixels() as f64;
             let out = io::quantize_8bit(&out);
@@ -296,7 +323,7 @@ fn evaluate(
             noisy_psnr += n;
             if args.per_image {
                 let rel = file
-                    .strip_prefix(&args.data)
+                    .strip_prefix(data)
                     .unwrap_or(file)
                     .display()
                     .to_string();
@@ -364,4 +391,179 @@ fn print_row(name: &str, row: &serde_json::Value) {
             r["ssim"].as_f64().unwrap_or(0.0)
         );
     }
+}
+
+/// The level `--sigma` gives, or blind.
+fn given(args: &Args) -> Sigma {
+    args.sigma.map_or(Sigma::Blind, Sigma::Fixed)
+}
+
+/// A noisy photo and its clean reference, paired by name.
+struct Pair {
+    name: String,
+    noisy: PathBuf,
+    clean: PathBuf,
+}
+
+/// Pairs `DIR/noisy/*` with `DIR/clean/*` by file name without the extension; every file must
+/// have its partner, and no name may appear twice on one side.
+fn pair_files(dir: &Path) -> Result<Vec<Pair>> {
+    let side = |name: &str| -> Result<std::collections::BTreeMap<String, PathBuf>> {
+        let sub = dir.join(name);
+        if !sub.is_dir() {
+            bail!(
+                "'{}' is not a folder: --pairs DIR needs DIR/noisy and DIR/clean",
+                sub.display()
+            );
+        }
+        let mut map = std::collections::BTreeMap::new();
+        for file in dataset::scan(&sub)? {
+            let rel = file.strip_prefix(&sub).unwrap_or(&file).with_extension("");
+            let key = rel.to_string_lossy().into_owned();
+            if let Some(other) = map.insert(key.clone(), file.clone()) {
+                bail!(
+                    "'{}' and '{}' share the name '{key}': a pair is matched by name",
+                    other.display(),
+                    file.display()
+                );
+            }
+        }
+        Ok(map)
+    };
+    let (noisy, mut clean) = (side("noisy")?, side("clean")?);
+    let mut pairs = Vec::new();
+    let mut unmatched = Vec::new();
+    for (name, noisy) in noisy {
+        match clean.remove(&name) {
+            Some(clean) => pairs.push(Pair { name, noisy, clean }),
+            None => unmatched.push(format!("'{}' has no clean partner", noisy.display())),
+        }
+    }
+    unmatched.extend(
+        clean
+            .values()
+            .map(|c| format!("'{}' has no noisy partner", c.display())),
+    );
+    if !unmatched.is_empty() {
+        bail!(
+            "{} unmatched file(s) in '{}': {}",
+            unmatched.len(),
+            dir.display(),
+            unmatched.join("; ")
+        );
+    }
+    if pairs.is_empty() {
+        bail!("no image pairs in '{}'", dir.display());
+    }
+    Ok(pairs)
+}
+
+/// `eval --pairs`: real noisy photos against their references, one row with `"noise": "real"`.
+fn run_pairs(args: &Args, dir: &Path) -> Result<()> {
+    if args.record_bf16 || args.gray_through_colour {
+        bail!("--pairs takes neither --record-bf16 nor --gray-through-colour");
+    }
+    let pairs = pair_files(dir)?;
+    // Load and check every pair first, so a bad set fails at once, naming its files.
+    let mut loaded = Vec::with_capacity(pairs.len());
+    let mut problems = Vec::new();
+    for pair in &pairs {
+        match (io::load(&pair.noisy), io::load(&pair.clean)) {
+            (Ok(n), Ok(c)) if n.image.shape() != c.image.shape() => problems.push(format!(
+                "'{}' is {:?} but '{}' is {:?} (channels, height, width)",
+                pair.noisy.display(),
+                n.image.shape(),
+                pair.clean.display(),
+                c.image.shape()
+            )),
+            (Ok(n), Ok(c)) => loaded.push((pair, n.image, c.image)),
+            (Err(e), _) | (_, Err(e)) => problems.push(e.to_string()),
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "{} of {} pair(s) cannot be evaluated: {}",
+            problems.len(),
+            pairs.len(),
+            problems.join("; ")
+        );
+    }
+    let runner = load(args, args.precision)?;
+    if !args.json {
+        println!("{}", runner.describe());
+    }
+    let _ = runner.denoise(&loaded[0].1, Sigma::Fixed(25.0), &mut |_, _| {}, None)?;
+    let bar = indicatif::ProgressBar::new(loaded.len() as u64);
+    let (mut psnr, mut ssim, mut noisy_psnr, mut seconds, mut pixels) = (0.0, 0.0, 0.0, 0.0, 0.0);
+    let mut per_image = Vec::new();
+    for (pair, noisy, clean) in &loaded {
+        let start = Instant::now();
+        let (out, used) = runner.denoise(noisy, given(args), &mut |_, _| {}, None)?;
+        seconds += start.elapsed().as_secs_f64();
+        pixels += clean.pixels() as f64;
+        let (p, s) = score(clean, &io::quantize_8bit(&out))?;
+        let n = denoise_metrics::psnr(clean.data(), noisy.data(), 1.0)?;
+        psnr += p;
+        ssim += s;
+        noisy_psnr += n;
+        if args.per_image {
+            let mut r =
+                serde_json::json!({"name": pair.name, "psnr": p, "ssim": s, "noisy_psnr": n});
+            if let Some(used) = used.filter(|_| args.sigma.is_none()) {
+                r["sigma_estimate"] = used.sigma.into();
+                if let Some((lo, hi)) = used.range {
+                    r["sigma_range"] = serde_json::json!([lo, hi]);
+                }
+            }
+            per_image.push(r);
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let k = loaded.len() as f64;
+    let mut row = serde_json::json!({
+        "noise": "real",
+        "mean_psnr": psnr / k,
+        "mean_ssim": ssim / k,
+        "noisy_psnr": noisy_psnr / k,
+        "seconds_per_mp": seconds / (pixels / 1e6),
+        "images": loaded.len(),
+    });
+    if let Some(s) = args.sigma {
+        row["sigma"] = s.into();
+    }
+    if args.per_image {
+        row["per_image"] = per_image.into();
+    }
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "model": runner.path.display().to_string(),
+                "ensemble": args.ensemble,
+                "gray_through_colour": false,
+                "results": [row]
+            }))?
+        );
+    } else {
+        print_row("real", &row);
+    }
+    Ok(())
+}
+
+/// RGB (or gray) PSNR and SSIM of an 8-bit output against its reference, no border crop.
+fn score(clean: &denoise_data::Image, out: &denoise_data::Image) -> Result<(f64, f64)> {
+    let (c, h, w) = clean.shape();
+    let p = denoise_metrics::psnr(clean.data(), out.data(), 1.0)?;
+    let s = denoise_metrics::ssim(
+        clean.data(),
+        out.data(),
+        Shape {
+            channels: c,
+            height: h,
+            width: w,
+        },
+        1.0,
+    )?;
+    Ok((p, s))
 }
