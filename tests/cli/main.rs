@@ -1,5 +1,5 @@
 //! CLI integration tests: the built `denoise-cli` run as a user runs it, on files made in a
-//! temporary directory (no ../shared needed).
+//! temporary directory (no data set needed).
 
 use denoise_data::Image;
 use denoise_data::io::{self, BitDepth};

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: our throughput beside PyTorch's, same model, input and machine, in one
 //! run. For each model it runs `denoise-cli bench` (inference MP/s, and with `--train` the
-//! training step's patches/s) and `../shared/reference/bench.py` back to back, alternating which
+//! training step's patches/s) and the PyTorch reference's `bench.py` back to back, alternating which
 //! goes first from round to round, and prints both with their ratio. The machine is shared and
 //! noisy: only ratios measured this way mean anything.
 
@@ -34,9 +34,9 @@ pub struct BenchArgs {
     /// Threads for both sides.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=4096))]
     threads: u16,
-    /// The reference bench script.
-    #[arg(long, default_value = "../shared/reference/bench.py")]
-    reference: PathBuf,
+    /// The PyTorch reference bench script (`bench.py`), or $DENOISE_REFERENCE_BENCH.
+    #[arg(long)]
+    reference: Option<PathBuf>,
     /// Python with torch for the reference (default: $DENOISE_REF_PYTHON, the reference venv
     /// ~/.cache/denoise-ref-venv, then the venv `cargo xtask setup` made).
     #[arg(long)]
@@ -68,7 +68,12 @@ impl Figure {
 
 pub fn run(args: &BenchArgs) -> Result<()> {
     let cli = passthrough::build_cli()?;
-    let reference = util::root().join(&args.reference);
+    let reference = args
+        .reference
+        .clone()
+        .or_else(|| std::env::var_os("DENOISE_REFERENCE_BENCH").map(PathBuf::from))
+        .map(|p| util::root().join(p))
+        .unwrap_or_default();
     let python = if reference.is_file() {
         Some(find_python(args.python.as_deref())?)
     } else {

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 pub fn run() -> Result<()> {
     let start = Instant::now();
+    crate::tidy::run()?;
     setup::run(&setup::SetupArgs::default())?;
     ensure_chromium()?;
     util::run_step(

@@ -6,6 +6,7 @@ mod ci;
 mod demo;
 mod passthrough;
 mod setup;
+mod tidy;
 mod util;
 
 use anyhow::Result;
@@ -30,8 +31,11 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Our inference (and training) throughput beside PyTorch's, measured in one run.
     Bench(bench::BenchArgs),
-    /// Exactly what CI runs: fmt check, clippy -D warnings, every test of the workspace.
+    /// Exactly what CI runs: tidy, fmt check, clippy -D warnings, every test of the workspace.
     Ci,
+    /// Checks of the repository's text: no process words or outside paths, anyhow only in
+    /// binaries, README within its limit, relative links that resolve, no figures in doc comments.
+    Tidy,
     /// Scan a folder of clean images and write a training manifest (see `denoise-cli prepare-data`).
     #[command(disable_help_flag = true)]
     PrepareData {
@@ -53,6 +57,7 @@ fn main() {
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
         Command::Ci => ci::run(),
+        Command::Tidy => tidy::run(),
         Command::PrepareData { args } => passthrough::run("prepare-data", &args),
         Command::Train { args } => passthrough::run("train", &args),
     };

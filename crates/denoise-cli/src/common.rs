@@ -74,8 +74,8 @@ pub fn shipped_models() -> Result<Vec<String>> {
 }
 
 /// `--precision`. `auto` runs bf16 only where the hardware does bf16 natively and the model's
-/// metadata records a bf16 PSNR loss that, divided by the self-ensemble's passes, is under
-/// 0.05 dB (`eval --record-bf16` measures it); see
+/// metadata records a bf16 PSNR loss (`eval --record-bf16` measures it) that, divided by the
+/// self-ensemble's passes, is under 0.05 dB; see
 /// `denoise_models::artefact::Metadata::auto_precision`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrecisionArg {

@@ -1,12 +1,8 @@
 //! Cost of the blind noise-level estimates on a CBSD68-sized colour image (481x321) and on a
 //! 2000x1500 one (sampled on a grid: the patch method's cost stops growing at 20,000 patches,
 //! the brightness function's at 60,000; its per-pixel map grows with the image).
-//! Synthetic content, so no data set is needed.
-//!
-//! Session 12, the 2-core AMD EPYC (AVX-512), 481x321: `estimate_noise` 43.1 ms and the patch
-//! covariance alone 15.0 ms; 35.2 and 11.3 with the patch sums in AVX2 fused multiply-adds;
-//! 25.8 and 9.2 with the tridiagonal eigenvalues by QL sweeps instead of bisection. The sums
-//! are bound by the 108x108 block's trips through the cache, not by arithmetic.
+//! Synthetic content, so no data set is needed. The patch sums are bound by the 108x108 block's
+//! trips through the cache, not by arithmetic.
 
 use std::hint::black_box;
 

@@ -1,6 +1,6 @@
 //! Throughput of the streaming patch loader on BSD432: RGB 64x64 patches, dihedral
 //! augmentation, Gaussian noise (sigma 25), all cores. Skips (with a message) when the data
-//! set is absent; `DENOISE_BSD432` points it at another copy.
+//! set is absent: `DENOISE_BSD432` names the folder of BSD432's photos.
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -9,10 +9,11 @@ use std::time::Instant;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use denoise_data::loader::{LoaderConfig, PatchLoader};
 
-const DEFAULT_DIR: &str = "/work/shared/data/train/bsd432";
-
 fn loader_throughput(c: &mut Criterion) {
-    let dir = PathBuf::from(std::env::var("DENOISE_BSD432").unwrap_or_else(|_| DEFAULT_DIR.into()));
+    let Some(dir) = std::env::var_os("DENOISE_BSD432").map(PathBuf::from) else {
+        eprintln!("skipping the loader bench: set DENOISE_BSD432 to a folder of training photos");
+        return;
+    };
     if !dir.is_dir() {
         eprintln!("skipping the loader bench: '{}' not found", dir.display());
         return;

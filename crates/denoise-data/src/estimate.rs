@@ -97,10 +97,7 @@ pub enum NoiseEstimate {
 /// Immerkær's level times [`SHARED_NOISE_GAIN`]; for gray ones Immerkær's level.
 ///
 /// Camera noise grows with the signal (shot noise), so one level over-smooths the shadows and
-/// under-smooths the highlights. With the shipped FFDNet on the 68 CBSD68 photos with
-/// Poisson-Gaussian noise (`poisson-gaussian:30:3`), the brightness map gave 29.59 dB where one
-/// estimated level gave 29.00 and the true per-pixel map 29.62; with white Gaussian noise at
-/// sigma 5, 15 and 50 the two were within 0.001 dB.
+/// under-smooths the highlights; on white noise the map and one level agree.
 ///
 /// # Shapes
 /// C x H x W in.
@@ -126,14 +123,8 @@ pub fn estimate_noise(img: &Image) -> NoiseEstimate {
 /// noise: sqrt(3) times for noise identical in all three (a gray picture, see
 /// `denoise_models::tile::conversion_noise_gain`). A JPEG with 4:2:0 chroma keeps the noise's
 /// luma at full resolution and averages its colour over 2x2 pixels, which shares it in part.
-/// Chosen on 8 BSD432 training photos (not a test set) with noise then saved by Pillow as 4:2:0
-/// JPEGs, the default model told the filter's level times 1.0 / 1.4: clean, quality 90, 38.37 /
-/// 38.24 dB; Gaussian 5, q95, 37.86 / 37.94; Gaussian 10, q90, 33.39 / 34.35; 15, q70, 28.72 /
-/// 29.31; 25, q90, 27.88 / 29.79; 40, q75, 24.38 / 26.73; Poisson-Gaussian 100:2, q80, 29.12 /
-/// 30.61 and 30:3, q90, 26.28 / 28.49 (1.5 and 1.6 gained a little more on noisy photos and
-/// lost more on clean ones). Checked on 7 CBSD68 photos: 0.5 to 2.1 dB better with noise, but
-/// 0.7 and 0.5 dB worse for a clean JPEG and one with sigma 5, whose texture the filter reads
-/// as noise.
+/// The factor was chosen on training photos saved as 4:2:0 JPEGs with and without noise: it
+/// helps noisy ones much more than it costs clean ones, whose texture the filter reads as noise.
 pub const SHARED_NOISE_GAIN: f32 = 1.4;
 
 /// The patch-covariance estimate (Chen, Zhu & Heng 2015), or `None` for an image with too few
@@ -284,9 +275,8 @@ impl NoiseLevelFunction {
     /// equal numbers of patches, so about that of the image's levels) is `sigma`.
     ///
     /// The whole image's patch estimate reads the mean noise variance over its pixels, and its
-    /// groups' estimates, from fewer patches each, read a little low: with the article's method 2
-    /// (impulses, Gaussian sigma drawn per image) on 17 CBSD68 photos, 0.2-0.7 under the whole
-    /// image's, which cost 0.08 dB. So the groups give the shape and the whole image the level.
+    /// groups' estimates, from fewer patches each, read a little low (most on noise with
+    /// impulses), so the groups give the shape and the whole image the level.
     pub fn with_mean_level(mut self, sigma: f32) -> Self {
         let mean_square =
             self.points.iter().map(|p| p.1 * p.1).sum::<f32>() / self.points.len() as f32;
@@ -465,8 +455,7 @@ fn noise_variance(ascending: &[f64]) -> f64 {
 ///
 /// Householder reflections bring `a` to a tridiagonal matrix with the same eigenvalues (about
 /// 4/3 n^3 operations), whose eigenvalues [`tridiagonal_eigenvalues`] finds by QL sweeps (a few
-/// times n^2 more). For the 108 x 108 covariance of 6x6 colour patches this takes about 0.3 ms
-/// (cyclic Jacobi rotations took 9 ms, bisection after the reduction 2.8): it runs once per
+/// times n^2 more), several times faster than cyclic Jacobi rotations: it runs once per
 /// brightness group of [`noise_level_function`].
 fn symmetric_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
     debug_assert_eq!(a.len(), n * n);
@@ -522,8 +511,7 @@ fn symmetric_eigenvalues(mut a: Vec<f64>, n: usize) -> Vec<f64> {
 
 /// The eigenvalues of the symmetric tridiagonal matrix with diagonal `diag` and subdiagonal
 /// `off`, in no particular order: [`ql_eigenvalues`], or bisection should that not converge.
-/// Bisection alone took 2.8 ms for n = 108, three times the Householder reduction before it,
-/// and ran once per brightness group; QL takes about 0.1 ms.
+/// Bisection costs several times the Householder reduction before it; QL a fraction of it.
 fn tridiagonal_eigenvalues(diag: &[f64], off: &[f64]) -> Vec<f64> {
     ql_eigenvalues(diag, off).unwrap_or_else(|| tridiagonal_eigenvalues_by_bisection(diag, off))
 }

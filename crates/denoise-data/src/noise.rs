@@ -1,7 +1,8 @@
 //! Noise injection: additive Gaussian (fixed or blind range), a spatially varying Gaussian
 //! field, located (regional) Gaussian, impulse, salt and pepper, Poisson-Gaussian, speckle, JPEG,
-//! the article's method 1 / method 2, explicit clipping, and compositions, all parsed from and
-//! printed as spec strings such as `gaussian:0-55+jpeg:30`.
+//! camera noise (see [`crate::camera`]), method 1 / method 2 of Siddiqui's "Image Denoise" (the
+//! Keras article this project started from), explicit clipping and 8-bit rounding, choices and
+//! compositions, all parsed from and printed as spec strings such as `gaussian:0-55+jpeg:30`.
 
 use std::fmt;
 use std::io::Cursor;

@@ -1,4 +1,4 @@
-//! The article's three invertible normalisations: scaling to [0, 1], global centering and
+//! Siddiqui's three invertible normalisations: scaling to [0, 1], global centering and
 //! per-channel centering, with means taken per image or from dataset statistics.
 
 use serde::{Deserialize, Serialize};

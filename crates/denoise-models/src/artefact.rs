@@ -80,9 +80,8 @@ impl Metadata {
 
     /// Whether bf16 is expected to cost under [`BF16_MAX_PSNR_LOSS_DB`] over a self-ensemble of
     /// `passes`: the recorded single-pass loss divided by the passes. Each pass rounds
-    /// differently, so the errors average out like noise; for the default measured on CBSD68
-    /// (blind, sigma 15 / 25 / 50) one pass lost 0.036 / 0.041 / 0.060 dB, 2 passes 0.013 /
-    /// 0.017 / 0.028 and 4 passes 0.007 / 0.008 / 0.014. Unrecorded means not cheap.
+    /// differently, so the errors average out like noise (docs/benchmarks.md has the measured
+    /// losses). Unrecorded means not cheap.
     pub fn bf16_is_cheap(&self, passes: usize) -> bool {
         self.bf16_psnr_loss_db
             .is_some_and(|loss| loss / (passes.max(1) as f64) < BF16_MAX_PSNR_LOSS_DB)

@@ -1,6 +1,6 @@
-//! Convolutional autoencoder, as in the article this project started from (Keras "conv
+//! Convolutional autoencoder, as in Siddiqui's Keras article this project started from (a "conv
 //! autoencoder": 3x3 conv + ReLU with 2x2 max-pooling per level, nearest upsampling + 3x3 conv
-//! back, sigmoid output); layer sizes follow `shared/reference/models.py` (64-128-256).
+//! back, sigmoid output); layer sizes follow the PyTorch reference models (64-128-256).
 
 use crate::Result;
 use crate::config::{Net, ensure};

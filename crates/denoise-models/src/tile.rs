@@ -165,10 +165,8 @@ pub const GRAY_SPREAD: f32 = 2.0 / 255.0;
 ///
 /// - Gray to colour (the plane repeated): the noise is the same in every channel, so its
 ///   luminance part is as strong as independent noise sqrt(3) times larger would give, and the
-///   model must be told that level. Measured with the shipped default on 12 BSD68 images: at
-///   gray sigma 5 / 25 / 50, a map of sigma gave 35.62 / 24.60 / 20.37 dB and a map of sigma
-///   times sqrt(3) 36.60 / 27.52 / 23.94 (the best of 1, 1.2, 1.5, sqrt(3) and 2 times sigma,
-///   save at 50 where 1.5 gave 24.03).
+///   model must be told that level (on gray test images sqrt(3) beat 1, 1.2, 1.5 and 2 times
+///   the level, bar a near tie at sigma 50).
 /// - Colour to gray (0.299 R + 0.587 G + 0.114 B): independent channel noise of std s becomes
 ///   s times the norm of those weights, 0.669.
 /// - Otherwise 1.

@@ -1,6 +1,6 @@
 //! Training throughput: patches per second of the training loop's own optimisation step
 //! ([`crate::trainer`]'s Adam step, MSE loss) on random data, timed like
-//! `../shared/reference/bench.py` times PyTorch (warm-up, then the median of timed steps), so
+//! the PyTorch reference bench (`bench.py`) times PyTorch (warm-up, then the median of timed steps), so
 //! the two can be compared side by side (`denoise-cli bench --train`, `cargo xtask bench`).
 
 use crate::Result;

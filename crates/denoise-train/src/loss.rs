@@ -15,7 +15,7 @@ pub enum Loss {
     L1,
     /// sqrt((x - y)^2 + eps^2), a smooth L1 (Charbonnier 1994; used by many restoration nets).
     Charbonnier { eps: f64 },
-    /// KL divergence (the article trains with one), defined as `denoise_metrics::kld`: each
+    /// KL divergence (Siddiqui's Keras article trains with one), defined as `denoise_metrics::kld`: each
     /// image becomes a distribution `p = (max(x, 0) + 1e-7) / sum`, and the loss is
     /// `sum p_clean ln(p_clean / p_output)` per image, averaged over the batch.
     Kld,

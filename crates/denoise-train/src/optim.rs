@@ -102,8 +102,8 @@ impl Schedule {
 ///
 /// The moments of all parameters live in two flat buffers, one parameter after another in name
 /// order, so that an update is a handful of kernels over every weight at once rather than a
-/// dozen per parameter: for FFDNet's 26 parameters that was some 400 kernels a step, 3.8 ms of a
-/// 16 ms step on an H200 (session 12's profile), where the GPU waits on each launch.
+/// dozen per parameter: for FFDNet's 26 parameters that was some 400 kernels a step, a quarter
+/// of a step's time on a fast GPU, which waits on each launch.
 #[derive(Debug)]
 pub struct Adam {
     pub config: OptimizerConfig,

@@ -3,8 +3,8 @@
 //! A thread takes each batch from the loader and makes its tensors while the training thread
 //! runs the step before. On CUDA they are made in page-locked memory, so the copy to the device
 //! is queued without waiting: a copy from ordinary (pageable) memory waits for the kernels
-//! already queued, which kept the host from queuing a step ahead, and took 4.2 of 16 ms a step
-//! on an H200 (session 12's profile, the host-side copies included).
+//! already queued, which kept the host from queuing a step ahead and took a quarter of a step
+//! on a fast GPU.
 
 use std::sync::mpsc::{Receiver, sync_channel};
 use std::thread::JoinHandle;

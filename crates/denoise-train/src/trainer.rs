@@ -231,8 +231,8 @@ impl Trainer {
             && cpu_cores().is_some_and(|n| tch::get_num_threads() == n)
         {
             // On a GPU the host only fills and copies the batches; idle libtorch threads would
-            // spin after each parallel fill instead (session 9's H200 run kept 11 of its 16
-            // cores busy), beside the loader's workers and the thread that launches the kernels.
+            // spin after each parallel fill instead (most of a 16-core host stayed busy),
+            // beside the loader's workers and the thread that launches the kernels.
             tch::set_num_threads(1);
         }
         tch::manual_seed(cfg.seed as i64);

@@ -1,6 +1,6 @@
 //! `denoise-cli bench`: inference throughput (megapixels per second), median of several runs
 //! after warm-up, on a random 1 x C x S x S input; with `--train`, training throughput (patches
-//! per second of the training loop's Adam step), batched as `../shared/reference/bench.py` does.
+//! per second of the training loop's Adam step), batched as the PyTorch reference bench does.
 
 use crate::common::PrecisionArg;
 use anyhow::Result;

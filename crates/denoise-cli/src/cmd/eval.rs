@@ -47,9 +47,8 @@ pub struct Args {
     max_mem_mb: usize,
     /// Self-ensemble: denoise every tile N times (N = 1, 2, 4 or 8), flipped or turned and on
     /// another phase of the model's 2x2 grid, and average the results put back; N passes cost
-    /// N times the time. On CBSD68 (blind, fp32) the default gained 0.08-0.09 dB with 2 and
-    /// 0.12-0.13 with 4; over 4 passes bf16 (which `--precision auto` picks on a CPU with
-    /// native bf16, at half the time) cost it under 0.01 dB.
+    /// N times the time, and each doubling removes a little more noise (docs/benchmarks.md gives
+    /// the gains).
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::common::parse_ensemble)]
     ensemble: usize,
     /// Print JSON (on stdout, like the text report).
