@@ -1,6 +1,7 @@
 //! Fetching an image from a user's URL without letting the URL reach inside the network (SSRF).
 //!
-//! * only `http` and `https`; at most `max_redirects` redirects, each checked like the first;
+//! * only `http` and `https`, without credentials (`user:pass@`, which would be sent on to the
+//!   host); at most `max_redirects` redirects, each checked like the first;
 //! * every host name is resolved by [`GuardedResolver`], which drops loopback, private,
 //!   link-local, unspecified and other special-purpose addresses ([`special_purpose`]) unless
 //!   private URLs are allowed, and cloud-metadata addresses ([`cloud_metadata`]) always. reqwest
@@ -67,6 +68,11 @@ pub enum FetchError {
     InvalidUrl(String),
     #[error("refused to fetch a '{0}' URL: only http and https are allowed")]
     Scheme(String),
+    #[error(
+        "refused to fetch a URL with credentials (user:password@): they would be sent to the \
+         host; give a URL without them"
+    )]
+    Credentials,
     #[error("refused to fetch from '{host}' ({ip}): {reason} addresses are not allowed")]
     Refused {
         host: String,
@@ -93,7 +99,9 @@ impl FetchError {
     pub fn status(&self) -> axum::http::StatusCode {
         use axum::http::StatusCode as S;
         match self {
-            FetchError::InvalidUrl(_) | FetchError::Scheme(_) => S::BAD_REQUEST,
+            FetchError::InvalidUrl(_) | FetchError::Scheme(_) | FetchError::Credentials => {
+                S::BAD_REQUEST
+            }
             FetchError::Refused { .. } => S::FORBIDDEN,
             FetchError::TooLarge(_) => S::PAYLOAD_TOO_LARGE,
             FetchError::Timeout => S::GATEWAY_TIMEOUT,
@@ -130,14 +138,17 @@ impl AddressFilter for AddressPolicy {
 }
 
 /// Instance-metadata endpoints of the big clouds (AWS IMDS and its IPv6 twin, ECS task
-/// metadata, AWS DNS and time, Alibaba, Oracle). Refused even with private URLs allowed.
-const METADATA: [IpAddr; 9] = [
+/// metadata, AWS DNS and time, Alibaba, Oracle, Azure's host agent (WireServer), which hands
+/// out a VM's extension settings and certificates beside the 169.254.169.254 IMDS). Refused
+/// even with private URLs allowed.
+const METADATA: [IpAddr; 10] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
     IpAddr::V4(Ipv4Addr::new(169, 254, 170, 2)),
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 253)),
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 123)),
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
     IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
+    IpAddr::V4(Ipv4Addr::new(168, 63, 129, 16)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x23)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x123)),
@@ -302,10 +313,16 @@ impl Resolve for GuardedResolver {
     }
 }
 
-/// Checks what can be checked before connecting: the scheme, and an IP-literal host.
+/// Checks what can be checked before connecting: the scheme, credentials, and an IP-literal
+/// host.
 fn check_url(url: &Url, filter: &dyn AddressFilter) -> Result<(), FetchError> {
     if !matches!(url.scheme(), "http" | "https") {
         return Err(FetchError::Scheme(url.scheme().to_owned()));
+    }
+    // reqwest would send them as basic authentication: a user's secret handed to whatever host
+    // the URL names, and a way to drive authenticated requests from the server.
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(FetchError::Credentials);
     }
     let ip = match url.host() {
         None => return Err(FetchError::InvalidUrl("the URL has no host".into())),
@@ -363,6 +380,9 @@ impl Fetcher {
                 Err(FetchError::Scheme(scheme)) => attempt.error(FetchError::Upstream(format!(
                     "the URL redirected to a '{scheme}' URL; only http and https are followed"
                 ))),
+                Err(FetchError::Credentials) => attempt.error(FetchError::Upstream(
+                    "the URL redirected to a URL with credentials, which is not followed".into(),
+                )),
                 Err(e) => attempt.error(e),
             }
         });
@@ -537,6 +557,8 @@ mod tests {
             "2002:a9fe:a9fe::",
             "fd00:ec2::254",
             "100.100.100.200",
+            "168.63.129.16",
+            "::ffff:168.63.129.16",
         ] {
             assert_eq!(open.refuse(ip(addr)), Some("cloud-metadata"), "{addr}");
             assert_eq!(strict.refuse(ip(addr)), Some("cloud-metadata"), "{addr}");
@@ -575,6 +597,31 @@ mod tests {
             Err(FetchError::Refused { .. })
         ));
         assert!(check("https://example.com/a.png").is_ok());
+    }
+
+    #[test]
+    fn urls_with_credentials_are_refused_as_bad_requests() {
+        let open = AddressPolicy {
+            allow_private: true,
+        };
+        for url in [
+            "http://user:pass@example.com/a.png",
+            "http://user@example.com/a.png",
+            "https://:secret@example.com/a.png",
+            "http://user:pass@127.0.0.1/a.png",
+        ] {
+            let err = check_url(&Url::parse(url).unwrap(), &open).unwrap_err();
+            assert_eq!(err.status(), axum::http::StatusCode::BAD_REQUEST, "{url}");
+            assert!(err.to_string().contains("credentials"), "{err}");
+        }
+        // An '@' in the path or query is not a credential.
+        assert!(
+            check_url(
+                &Url::parse("http://example.com/a@b.png?x=@").unwrap(),
+                &open
+            )
+            .is_ok()
+        );
     }
 
     #[tokio::test]
@@ -616,7 +663,8 @@ mod tests {
     }
 
     /// A one-thread HTTP server: `/hop/N` redirects to `/hop/N-1`, `/hop/0` answers "ok",
-    /// `/escape` redirects to 127.0.0.2, `/to-file` and `/to-ftp` to those schemes.
+    /// `/escape` redirects to 127.0.0.2, `/to-file` and `/to-ftp` to those schemes,
+    /// `/to-credentials` to `/hop/0` with a user and password.
     fn fixture() -> u16 {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -638,6 +686,8 @@ mod tests {
                     redirect("file:///etc/passwd".into())
                 } else if path == "/to-ftp" {
                     redirect("ftp://example.com/a.png".into())
+                } else if path == "/to-credentials" {
+                    redirect(format!("http://user:pass@127.0.0.1:{port}/hop/0"))
                 } else if let Some(n) = path
                     .strip_prefix("/hop/")
                     .and_then(|n| n.parse::<u32>().ok())
@@ -684,9 +734,13 @@ mod tests {
             fetcher.fetch(&url("/missing")).await.unwrap_err(),
             FetchError::Status(404)
         );
-        // A redirect to another scheme is the remote server's doing: a bad gateway that says
-        // where it pointed, not a bad request or a bare "HTTP 302".
-        for (path, needle) in [("/to-file", "file"), ("/to-ftp", "ftp")] {
+        // A redirect to another scheme, or to a URL with credentials, is the remote server's
+        // doing: a bad gateway that says where it pointed, not a bad request or a bare "HTTP 302".
+        for (path, needle) in [
+            ("/to-file", "file"),
+            ("/to-ftp", "ftp"),
+            ("/to-credentials", "credentials"),
+        ] {
             let err = fetcher.fetch(&url(path)).await.unwrap_err();
             assert_eq!(err.status(), axum::http::StatusCode::BAD_GATEWAY, "{err}");
             assert!(err.to_string().contains(needle), "{err}");
