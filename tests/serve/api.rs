@@ -813,3 +813,14 @@ async fn models_are_chosen_by_name_and_a_failing_model_fails_only_its_request() 
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-denoise-model").unwrap(), "default");
 }
+
+#[tokio::test]
+async fn path_segments_that_are_not_utf8_get_json_errors() {
+    let server = Server::start(&[]);
+    let http = client();
+    for path in ["/api/progress/%00%ff", "/api/samples/%ff%fe"] {
+        let r = http.get(server.url(path)).send().await.unwrap();
+        expect_error(r, 400, "bad path").await;
+    }
+    server.assert_healthy().await;
+}

@@ -9,6 +9,7 @@ use crate::samples::{self, SampleInfo};
 use crate::worker::{Denoised, Job, Outcome, Pool, Rejected, Settings, Task, Worker, WorkerConfig};
 use crate::{Result, ServeError};
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
@@ -466,10 +467,18 @@ async fn sample_list(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> 
     }))
 }
 
+/// A path segment that axum cannot give as a `String` (percent-encoded bytes that are not
+/// UTF-8, such as `%ff`) answers a JSON error like every other, not axum's plain text.
+fn segment(path: std::result::Result<Path<String>, PathRejection>) -> Result<String> {
+    path.map(|Path(s)| s)
+        .map_err(|e| ServeError::BadRequest(format!("bad path: {}", e.body_text())))
+}
+
 async fn progress(
     State(s): State<Arc<AppState>>,
-    Path(id): Path<String>,
+    id: std::result::Result<Path<String>, PathRejection>,
 ) -> Result<Json<crate::progress::Snapshot>> {
+    let id = segment(id)?;
     s.registry
         .get(&id)
         .map(Json)
@@ -485,9 +494,10 @@ struct NoiseParams {
 /// `GET /api/samples/{name}?sigma=S`: the clean sample with seeded Gaussian noise, as PNG.
 async fn noisy_sample(
     State(s): State<Arc<AppState>>,
-    Path(name): Path<String>,
+    name: std::result::Result<Path<String>, PathRejection>,
     uri: Uri,
 ) -> Result<Response> {
+    let name = segment(name)?;
     let params = Query::<NoiseParams>::try_from_uri(&uri)
         .map_err(|e| ServeError::BadRequest(e.body_text()))?;
     let sigma = params.sigma.unwrap_or(DEFAULT_NOISE_SIGMA);
