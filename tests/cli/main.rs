@@ -1053,3 +1053,34 @@ fn metrics_over_directories_go_on_past_a_bad_pair_and_say_what_was_left() {
     assert_eq!(v["unmatched"], serde_json::json!(["only.png"]));
     assert_eq!(v["failed"][0]["name"], "b.png");
 }
+
+#[test]
+fn a_truncated_jpeg_is_refused_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let jpeg = io::encode(
+        &picture(48, 40),
+        None,
+        BitDepth::Eight,
+        io::ImageFormat::Jpeg,
+    )
+    .unwrap();
+    let whole = dir.path().join("whole.jpg");
+    std::fs::write(&whole, &jpeg).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..jpeg.len() * 2 / 3]).unwrap();
+    let output = dir.path().join("out.png");
+    let out = run(&[
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        cut.to_str().unwrap(),
+        "-o",
+        output.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "cut.jpg");
+    assert!(stderr(&out).contains("truncated"), "{}", stderr(&out));
+    assert!(!output.exists());
+    let out = run(&["metrics", whole.to_str().unwrap(), cut.to_str().unwrap()]);
+    assert_clean_failure(&out, "cut.jpg");
+}

@@ -815,6 +815,20 @@ async fn models_are_chosen_by_name_and_a_failing_model_fails_only_its_request() 
 }
 
 #[tokio::test]
+async fn a_truncated_jpeg_is_refused_not_denoised_with_a_gray_half() {
+    use denoise_data::io::{self, BitDepth, ImageFormat};
+    let server = Server::start(&[]);
+    let (clean, _) = noisy_case(64, 64);
+    let jpeg = io::encode(&clean, None, BitDepth::Eight, ImageFormat::Jpeg).unwrap();
+    let post = |body: Vec<u8>| client().post(server.url("/api/denoise")).body(body).send();
+    let cut = jpeg[..jpeg.len() * 2 / 3].to_vec();
+    expect_error(post(cut).await.unwrap(), 422, "end-of-image").await;
+    let whole = post(jpeg).await.unwrap();
+    assert_eq!(whole.status(), 200);
+    server.assert_healthy().await;
+}
+
+#[tokio::test]
 async fn path_segments_that_are_not_utf8_get_json_errors() {
     let server = Server::start(&[]);
     let http = client();

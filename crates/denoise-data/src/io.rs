@@ -380,6 +380,9 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
         return Err(DataError::EmptyFile { path: name.into() });
     }
     let (reader, format) = reader_for(Cursor::new(bytes), name)?;
+    if format == ImageFormat::Jpeg {
+        check_jpeg_end(name, bytes)?;
+    }
     let mut decoder = reader.into_decoder().map_err(|e| image_error(name, e))?;
     let (width, height) = decoder.dimensions();
     check_pixels(name, width, height, max_pixels)?;
@@ -397,6 +400,52 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
         .map_err(|e| image_error(name, e))?;
     decoded.apply_orientation(orientation);
     Ok(raw_from_dynamic(decoded, format))
+}
+
+/// Refuses a JPEG whose data stops before its end-of-image marker: the decoder fills what is
+/// missing with gray and says nothing, so a truncated download would be denoised and scored as
+/// if whole. The segments are walked up to the first scan; past it, an `FF D9` can only be the
+/// marker (the coded data stuffs every `FF` byte), so one found anywhere after (bytes may
+/// follow it) means the data is whole. An `FF D9` inside an earlier segment (an EXIF thumbnail's)
+/// is skipped with its segment.
+fn check_jpeg_end(name: &Path, bytes: &[u8]) -> Result<()> {
+    const SOS: u8 = 0xda;
+    let truncated = || DataError::Decode {
+        path: name.into(),
+        message: "the JPEG data ends before its end-of-image marker (a truncated file?)".into(),
+    };
+    if !bytes.starts_with(&[0xff, 0xd8]) {
+        // Named .jpg but without the start-of-image marker: the decoder says what is wrong.
+        return Ok(());
+    }
+    // After the start-of-image marker, segments are `FF kind length(2) ...`, up to the scan.
+    let mut at = 2;
+    loop {
+        let Some(&[0xff, kind, hi, lo]) = bytes.get(at..at + 4) else {
+            // Not the layout we know, or the headers themselves cut short: the decoder says so.
+            return Ok(());
+        };
+        match kind {
+            // Fill bytes before a marker.
+            0xff => at += 1,
+            // Markers without a length.
+            0x01 | 0xd0..=0xd8 => at += 2,
+            // Ends before any scan: the decoder says so.
+            0xd9 => return Ok(()),
+            _ => {
+                at += 2 + usize::from(u16::from_be_bytes([hi, lo]));
+                if kind == SOS {
+                    break;
+                }
+            }
+        }
+    }
+    let scan = bytes.get(at..).ok_or_else(truncated)?;
+    if scan.windows(2).any(|w| w == [0xff, 0xd9]) {
+        Ok(())
+    } else {
+        Err(truncated())
+    }
 }
 
 /// The EXIF orientation `decoder` reports, applied on load so that a portrait photo is
@@ -994,6 +1043,43 @@ mod tests {
             at(3, 20),
             at(3, 3)
         );
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_refused_naming_it() {
+        let jpeg = encode(
+            &levels(3, 64, 48, BitDepth::Eight),
+            None,
+            BitDepth::Eight,
+            ImageFormat::Jpeg,
+        )
+        .unwrap();
+        // An application segment holding the end-of-image bytes, as an EXIF thumbnail does.
+        let mut with_app = vec![0xff, 0xd8, 0xff, 0xef, 0x00, 0x06, 0xff, 0xd9, 0xff, 0xd9];
+        with_app.extend_from_slice(&jpeg[2..]);
+        // Bytes after the end-of-image marker (a camera's trailer, padding) are no harm.
+        let mut trailer = jpeg.clone();
+        trailer.extend_from_slice(&[0; 16]);
+        for whole in [&jpeg, &with_app, &trailer] {
+            let loaded = decode_bytes(whole, "whole.jpg", DEFAULT_MAX_PIXELS).unwrap();
+            assert_eq!(loaded.image.shape(), (3, 64, 48));
+        }
+        for bytes in [&jpeg, &with_app] {
+            for cut in [bytes.len() / 2, bytes.len() - 2, bytes.len() - 1] {
+                let e = decode_bytes(&bytes[..cut], "cut.jpg", DEFAULT_MAX_PIXELS).unwrap_err();
+                assert!(matches!(e, DataError::Decode { .. }), "{e}");
+                let message = e.to_string();
+                assert!(
+                    message.contains("cut.jpg") && message.contains("truncated"),
+                    "{message}"
+                );
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("half.jpg");
+        fs::write(&path, &jpeg[..jpeg.len() / 2]).unwrap();
+        let e = load(&path).unwrap_err().to_string();
+        assert!(e.contains("half.jpg") && e.contains("end-of-image"), "{e}");
     }
 
     #[test]
