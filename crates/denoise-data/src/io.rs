@@ -385,6 +385,9 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
     }
     let mut decoder = reader.into_decoder().map_err(|e| image_error(name, e))?;
     let (width, height) = decoder.dimensions();
+    if format == ImageFormat::WebP && (width == 0 || height == 0) {
+        return Err(webp_side_of_16384(name, width, height, max_pixels));
+    }
     check_pixels(name, width, height, max_pixels)?;
     decoder
         .set_limits(alloc_limits(max_pixels))
@@ -400,6 +403,24 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
         .map_err(|e| image_error(name, e))?;
     decoded.apply_orientation(orientation);
     Ok(raw_from_dynamic(decoded, format))
+}
+
+/// The WebP decoder reads a lossless image's side of 16384 pixels, the largest its header
+/// holds, as 0 (a lossy side of 0 it refuses itself): said as what it is, an image too large,
+/// for the pixel limit or for the decoder.
+fn webp_side_of_16384(name: &Path, width: u32, height: u32, max_pixels: u64) -> DataError {
+    let side = |s: u32| if s == 0 { 16384 } else { s };
+    let (width, height) = (side(width), side(height));
+    if let Err(too_large) = check_pixels(name, width, height, max_pixels) {
+        return too_large;
+    }
+    DataError::Unsupported {
+        path: name.into(),
+        message: format!(
+            "the image is {width}x{height}: a WebP side of 16384 pixels is more than this \
+             build's decoder reads (at most 16383)"
+        ),
+    }
 }
 
 /// Refuses a JPEG whose data stops before its end-of-image marker: the decoder fills what is
@@ -1042,6 +1063,36 @@ mod tests {
             "{} {}",
             at(3, 20),
             at(3, 3)
+        );
+    }
+
+    /// The header of a lossless WebP of `width` x `height` (what the decoder reads first).
+    fn webp_header(width: u32, height: u32) -> Vec<u8> {
+        let bits = (width - 1) | ((height - 1) << 14);
+        let mut chunk = vec![0x2f];
+        chunk.extend_from_slice(&bits.to_le_bytes());
+        chunk.extend_from_slice(&[0; 7]);
+        let mut riff = b"WEBPVP8L".to_vec();
+        riff.extend_from_slice(&(chunk.len() as u32).to_le_bytes());
+        riff.extend_from_slice(&chunk);
+        let mut bytes = b"RIFF".to_vec();
+        bytes.extend_from_slice(&(riff.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&riff);
+        bytes
+    }
+
+    #[test]
+    fn a_webp_side_of_16384_is_said_to_be_too_large_not_empty() {
+        let e =
+            decode_bytes(&webp_header(16384, 16384), "big.webp", DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(matches!(e, DataError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("16384x16384"), "{e}");
+        let e = decode_bytes(&webp_header(16384, 16), "wide.webp", DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(matches!(e, DataError::Unsupported { .. }), "{e}");
+        let message = e.to_string();
+        assert!(
+            message.contains("wide.webp") && message.contains("16384x16"),
+            "{message}"
         );
     }
 
