@@ -234,12 +234,15 @@ fn parse_metadata(bytes: &[u8]) -> std::result::Result<Metadata, String> {
 }
 
 /// Builds the model its metadata describes and fills it with the stored weights, checking that
-/// names and shapes match exactly.
+/// names and shapes match exactly. Before anything is built, the stored weights are checked
+/// against the metadata's architecture ([`check_stored`]).
 pub fn from_bytes(bytes: &[u8], device: Device) -> Result<(Model, Metadata)> {
     let bad = |m: String| ModelError::artefact(Path::new("<memory>"), m);
     let metadata = parse_metadata(bytes).map_err(bad)?;
     let tensors = SafeTensors::deserialize(bytes)
         .map_err(|e| bad(format!("corrupt or truncated weights ({e})")))?;
+    metadata.model.validate()?;
+    check_stored(&tensors, &metadata.model).map_err(bad)?;
     let model = Model::new(&metadata.model, device)?;
     let vars = model.var_store().variables();
     let mut extra: Vec<String> = tensors
@@ -280,6 +283,116 @@ pub fn from_bytes(bytes: &[u8], device: Device) -> Result<(Model, Metadata)> {
         Ok(())
     })?;
     Ok((model, metadata))
+}
+
+/// What can be checked of the stored tensors without building the model:
+///
+/// * there are at least as many numbers as the metadata's architecture has weights
+///   ([`weights_at_least`]). Building allocates (and initialises) what the metadata claims, so a
+///   header that claims layers thousands wide over a small file must be refused before that;
+/// * every number is finite: a model trained into NaN or infinity would turn every image black
+///   without a word.
+fn check_stored(
+    tensors: &SafeTensors<'_>,
+    config: &ModelConfig,
+) -> std::result::Result<(), String> {
+    let mut names = tensors.names();
+    names.sort_unstable();
+    let mut stored = 0f64;
+    for name in &names {
+        let view = tensors.tensor(name).map_err(|e| e.to_string())?;
+        stored += view.shape().iter().map(|&d| d as f64).product::<f64>();
+    }
+    let needed = weights_at_least(config);
+    if needed > stored {
+        return Err(format!(
+            "its metadata describes a {} of at least {needed:.0} weights, but the file holds \
+             {stored:.0} numbers: the header does not match the weights",
+            config.kind()
+        ));
+    }
+    for name in &names {
+        let view = tensors.tensor(name).map_err(|e| e.to_string())?;
+        if view.dtype() != Dtype::F32 {
+            // Refused by name once the model is built.
+            continue;
+        }
+        let bad = view
+            .data()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .find(|v| !v.is_finite());
+        if let Some(v) = bad {
+            return Err(format!(
+                "tensor '{name}' holds {v} (weights must be finite: the training that wrote \
+                 it diverged)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The fewest weights a model of `config` has: its 3x3 convolution kernels, without biases,
+/// normalisation, attention or up-sampling layers. For every kind it is at least a quarter of
+/// the true count (tested), so a file that passes [`check_stored`] cannot make a load allocate
+/// more than about four times the weights it holds. In `f64`, so that no claimed size overflows.
+fn weights_at_least(config: &ModelConfig) -> f64 {
+    let conv3 = |cin: f64, cout: f64| 9.0 * cin * cout;
+    let channels = config.channels() as f64;
+    let cin = channels + f64::from(u8::from(config.noise_map()));
+    match config {
+        ModelConfig::Autoencoder(c) => {
+            let widths: Vec<f64> = c.widths.iter().map(|&w| w as f64).collect();
+            let encoder: f64 = std::iter::once(cin)
+                .chain(widths.iter().copied())
+                .zip(&widths)
+                .map(|(a, &b)| conv3(a, b))
+                .sum();
+            let decoder: f64 = widths
+                .iter()
+                .rev()
+                .zip(widths.iter().rev().skip(1).copied().chain([channels]))
+                .map(|(&a, b)| conv3(a, b))
+                .sum();
+            encoder + decoder
+        }
+        ModelConfig::Unet(c) => {
+            let double = |a: f64, b: f64| conv3(a, b) + conv3(b, b);
+            let widths: Vec<f64> = (0..c.levels)
+                .map(|i| c.base as f64 * 2f64.powi(i as i32))
+                .collect();
+            let deepest = widths.last().copied().unwrap_or(0.0);
+            let down: f64 = std::iter::once(cin)
+                .chain(widths.iter().copied())
+                .zip(&widths)
+                .map(|(a, &b)| double(a, b))
+                .sum();
+            let dec: f64 = widths.iter().map(|&w| double(2.0 * w, w)).sum();
+            down + double(deepest, 2.0 * deepest) + dec
+        }
+        // Each EAM block: ten 3x3 kernels' worth of f x f (body3 takes 2f).
+        ModelConfig::Ridnet(c) => {
+            c.blocks as f64 * 10.0 * conv3(c.features as f64, c.features as f64)
+        }
+        ModelConfig::Dncnn(c) => {
+            let f = c.features as f64;
+            conv3(cin, f) + (c.depth as f64 - 2.0).max(0.0) * conv3(f, f) + conv3(f, channels)
+        }
+        // On the 2x2 sub-images: 4C channels and the level in, 4C out; the level estimator
+        // reads the 4C channels and gives one.
+        ModelConfig::Ffdnet(c) => {
+            let stack = |cin: f64, f: f64, depth: usize, cout: f64| {
+                conv3(cin, f) + (depth as f64 - 2.0).max(0.0) * conv3(f, f) + conv3(f, cout)
+            };
+            let sub = 4.0 * channels;
+            let body = stack(sub + 1.0, c.features as f64, c.depth, sub);
+            let estimator = c
+                .estimator
+                .as_ref()
+                .map_or(0.0, |e| stack(sub, e.features as f64, e.depth, 1.0));
+            body + estimator
+        }
+    }
 }
 
 #[cfg(test)]
@@ -370,9 +483,10 @@ mod tests {
         let err = load(&garbage, Device::Cpu).unwrap_err().to_string();
         assert!(err.contains("garbage.safetensors"), "{err}");
 
-        // Weights of one architecture under the metadata of another.
+        // Weights of one architecture under the metadata of another (a smaller one: a larger
+        // one is refused before it is built).
         let mut meta = Metadata::new(model.config());
-        meta.model = serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":5}"#).unwrap();
+        meta.model = serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":3}"#).unwrap();
         let mismatched = dir.path().join("mismatched.safetensors");
         save(&model, &meta, &mismatched).unwrap();
         let err = load(&mismatched, Device::Cpu).unwrap_err().to_string();
@@ -380,5 +494,100 @@ mod tests {
 
         let missing = load(&dir.path().join("nope.safetensors"), Device::Cpu).unwrap_err();
         assert!(missing.to_string().contains("nope.safetensors"));
+    }
+
+    #[test]
+    fn weights_that_are_not_finite_are_refused_naming_the_first_tensor() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let model = Model::new(&tiny(), Device::Cpu).unwrap();
+        let vars = model.var_store().variables();
+        tch::no_grad(|| {
+            let _ = vars["body.2.weight"].narrow(0, 1, 1).fill_(f64::NAN);
+            let _ = vars["body.5.weight"].narrow(0, 0, 1).fill_(f64::INFINITY);
+        });
+        let path = dir.path().join("diverged.safetensors");
+        save(&model, &Metadata::new(model.config()), &path).unwrap();
+        let err = load(&path, Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains("diverged.safetensors")
+                && err.contains("'body.2.weight'")
+                && err.contains("NaN"),
+            "{err}"
+        );
+        tch::no_grad(|| {
+            let _ = vars["body.2.weight"].shallow_clone().fill_(0.5);
+        });
+        save(&model, &Metadata::new(model.config()), &path).unwrap();
+        let err = load(&path, Device::Cpu).unwrap_err().to_string();
+        assert!(
+            err.contains("'body.5.weight'") && err.contains("inf"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn metadata_claiming_a_larger_model_than_the_file_holds_is_refused_before_building() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let model = Model::new(&tiny(), Device::Cpu).unwrap();
+        // Kept modest: without the check, the load would build what the metadata claims.
+        for claim in [
+            r#"{"kind":"dncnn","depth":20,"features":256}"#,
+            r#"{"kind":"autoencoder","widths":[512,512]}"#,
+            r#"{"kind":"ffdnet","depth":12,"features":512}"#,
+            r#"{"kind":"ffdnet","depth":3,"features":4,"estimator":{"features":1024}}"#,
+        ] {
+            let mut meta = Metadata::new(model.config());
+            meta.model = serde_json::from_str(claim).unwrap();
+            let path = dir.path().join("lying.safetensors");
+            save(&model, &meta, &path).unwrap();
+            let err = load(&path, Device::Cpu).unwrap_err().to_string();
+            assert!(
+                err.contains("lying.safetensors")
+                    && err.contains("at least")
+                    && err.contains("the header does not match the weights"),
+                "{claim}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_weight_bound_is_within_four_times_the_true_count_for_every_kind() {
+        let _rng = crate::test_rng_lock();
+        let mut configs: Vec<ModelConfig> = ModelKind::ALL
+            .iter()
+            .flat_map(|k| [k.default_config(1), k.default_config(3)])
+            .collect();
+        for json in [
+            r#"{"kind":"autoencoder","widths":[1]}"#,
+            r#"{"kind":"autoencoder","widths":[4,64,2],"noise_map":true}"#,
+            r#"{"kind":"unet","base":4,"levels":1}"#,
+            r#"{"kind":"unet","base":2,"levels":3,"up":"upsample","noise_map":true}"#,
+            r#"{"kind":"ridnet","features":4,"blocks":1,"reduction":1}"#,
+            r#"{"kind":"dncnn","depth":3,"features":1}"#,
+            r#"{"kind":"dncnn","depth":5,"features":16,"batch_norm":true}"#,
+            r#"{"kind":"ffdnet","depth":3,"features":1}"#,
+            r#"{"kind":"ffdnet","depth":4,"features":8,"batch_norm":true}"#,
+            r#"{"kind":"ffdnet","depth":4,"features":8,"estimator":{"depth":3,"features":64}}"#,
+            r#"{"kind":"ffdnet","channels":1,"estimator":{}}"#,
+        ] {
+            configs.push(serde_json::from_str(json).unwrap());
+        }
+        for cfg in configs {
+            let model = Model::new(&cfg, Device::Cpu).unwrap();
+            let count: i64 = model
+                .var_store()
+                .variables()
+                .values()
+                .map(Tensor::numel)
+                .map(|n| n as i64)
+                .sum();
+            let bound = weights_at_least(&cfg);
+            assert!(
+                bound <= count as f64 && count as f64 <= 4.0 * bound,
+                "{cfg:?}: bound {bound}, true count {count}"
+            );
+        }
     }
 }
