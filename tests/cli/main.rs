@@ -1084,3 +1084,44 @@ fn a_truncated_jpeg_is_refused_naming_it() {
     let out = run(&["metrics", whole.to_str().unwrap(), cut.to_str().unwrap()]);
     assert_clean_failure(&out, "cut.jpg");
 }
+
+#[test]
+fn export_refuses_to_replace_the_model_it_exports() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let before = std::fs::read(&model).unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    let in_run = run_dir.join("model.safetensors");
+    std::fs::copy(&model, &in_run).unwrap();
+    let spelled = run_dir.join("../tiny.safetensors");
+    let linked = dir.path().join("linked.pt");
+    std::fs::hard_link(&model, &linked).unwrap();
+    for (spec, output, named) in [
+        (&model, &model, "tiny.safetensors"),
+        (&model, &spelled, "tiny.safetensors"),
+        (&model, &linked, "tiny.safetensors"),
+        (&run_dir, &in_run, "model.safetensors"),
+    ] {
+        let out = run(&[
+            "export",
+            spec.to_str().unwrap(),
+            "-o",
+            output.to_str().unwrap(),
+        ]);
+        assert_clean_failure(&out, "is the model being exported");
+        assert!(stderr(&out).contains(named), "{}", stderr(&out));
+    }
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+    assert_eq!(std::fs::read(&in_run).unwrap(), before);
+    // Elsewhere, it exports.
+    let pt = run_dir.join("model.pt");
+    let out = run(&[
+        "export",
+        run_dir.to_str().unwrap(),
+        "-o",
+        pt.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(pt.is_file());
+}

@@ -1,7 +1,7 @@
 //! `denoise-cli export`: write a model as TorchScript for TorchServe, Triton or `torch.jit.load`.
 
 use anyhow::{Context, Result, bail};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 enum Format {
@@ -35,9 +35,18 @@ pub fn run(args: &Args) -> Result<()> {
             out.display()
         );
     }
-    crate::common::create_parent_dir(out)?;
     let path = crate::common::resolve_model(Some(&args.model))?;
-    let artefact = denoise_models::artefact::load(&path, tch::Device::Cpu)?;
+    let model_file = denoise_models::artefact::resolve(&path)?;
+    if same_file(out, &model_file) {
+        bail!(
+            "-o '{}' is the model being exported ('{}'): the TorchScript file would replace it; \
+             write it elsewhere (model.pt, say)",
+            out.display(),
+            model_file.display()
+        );
+    }
+    crate::common::create_parent_dir(out)?;
+    let artefact = denoise_models::artefact::load(&model_file, tch::Device::Cpu)?;
     match args.format {
         Format::Torchscript => {
             denoise_models::export::torchscript(&artefact.model, &args.output, 64)
@@ -53,4 +62,18 @@ pub fn run(args: &Args) -> Result<()> {
         cfg.multiple()
     );
     Ok(())
+}
+
+/// Whether `a` and `b` name one file: the same path once resolved (symbolic links, `..`), or
+/// two hard links to it.
+fn same_file(a: &Path, b: &Path) -> bool {
+    if crate::common::canonical(a) == crate::common::canonical(b) {
+        return true;
+    }
+    #[cfg(unix)]
+    if let (Ok(x), Ok(y)) = (std::fs::metadata(a), std::fs::metadata(b)) {
+        use std::os::unix::fs::MetadataExt;
+        return (x.dev(), x.ino()) == (y.dev(), y.ino());
+    }
+    false
 }
