@@ -1125,3 +1125,54 @@ fn export_refuses_to_replace_the_model_it_exports() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(pt.is_file());
 }
+
+#[test]
+fn outputs_that_are_not_regular_files_are_refused_before_any_work() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let clean = dir.path().join("clean.png");
+    io::save(&clean, &picture(24, 28), None, BitDepth::Eight).unwrap();
+    let out_dir = dir.path().join("out");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let fifos = [
+        dir.path().join("pipe.png"),
+        dir.path().join("pipe.pt"),
+        out_dir.join("clean.png"),
+    ];
+    for fifo in &fifos {
+        let made = Command::new("mkfifo").arg(fifo).status().unwrap();
+        assert!(made.success());
+    }
+    let [pipe_png, pipe_pt, in_out_dir] = fifos.each_ref().map(|p| p.to_str().unwrap());
+    let (model, clean) = (model.to_str().unwrap(), clean.to_str().unwrap());
+    for (args, named) in [
+        (
+            vec!["infer", "--model", model, clean, "-o", pipe_png],
+            pipe_png,
+        ),
+        (
+            vec!["infer", "--model", model, clean, "--out-dir"],
+            in_out_dir,
+        ),
+        (
+            vec!["noise", "--kind", "gaussian:25", clean, "-o", pipe_png],
+            pipe_png,
+        ),
+        (vec!["export", model, "-o", pipe_pt], pipe_pt),
+    ] {
+        let mut args = args;
+        if args.last() == Some(&"--out-dir") {
+            args.push(out_dir.to_str().unwrap());
+        }
+        let out = run(&args);
+        assert_clean_failure(&out, "is not a regular file");
+        let err = stderr(&out);
+        assert!(err.contains(named), "{err}");
+        assert!(!err.contains("denoised"), "refused after the work: {err}");
+    }
+    for fifo in &fifos {
+        let kind = std::fs::symlink_metadata(fifo).unwrap().file_type();
+        assert!(kind.is_fifo(), "{} was replaced", fifo.display());
+    }
+}

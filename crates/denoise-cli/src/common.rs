@@ -279,6 +279,20 @@ pub fn create_parent_dir(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses an output that exists and is not a regular file (a device such as `/dev/null`, a
+/// FIFO, a socket, a directory): every output is written to a temporary file and renamed over
+/// its path, which would replace the device or FIFO with a regular file, not write into it.
+pub fn check_output_file(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => bail!(
+            "'{}' exists and is not a regular file (a directory, device, FIFO or socket): \
+             it would be replaced; write to a file",
+            path.display()
+        ),
+        _ => Ok(()),
+    }
+}
+
 /// `path` made absolute, component by component: the part that exists resolved by the file
 /// system (symbolic links), the rest lexically (`..` pops), as `create_dir_all` and the write
 /// would resolve it. Two spellings of one file then compare equal, `new/../a.png` included.

@@ -35,6 +35,7 @@ pub fn run(args: &Args) -> Result<()> {
             out.display()
         );
     }
+    crate::common::check_output_file(out)?;
     let path = crate::common::resolve_model(Some(&args.model))?;
     let model_file = denoise_models::artefact::resolve(&path)?;
     if same_file(out, &model_file) {

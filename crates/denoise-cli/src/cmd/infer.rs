@@ -144,7 +144,8 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 /// The (input, output) pairs, checked before any work: every input exists, no two inputs
-/// share an output, and no output is one of the inputs (nothing of the user's is overwritten).
+/// share an output, no output is one of the inputs (nothing of the user's is overwritten), and
+/// none is an existing device, FIFO or other file that is not a regular one.
 fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
     let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
     for input in &args.inputs {
@@ -185,6 +186,7 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
     }
     let mut targets: HashMap<PathBuf, &Path> = HashMap::new();
     for (input, output) in &jobs {
+        crate::common::check_output_file(output)?;
         let target = canonical(output);
         if let Some(source) = seen.get(&target) {
             bail!(

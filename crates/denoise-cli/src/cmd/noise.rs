@@ -29,6 +29,7 @@ pub fn run(args: &Args) -> Result<()> {
             args.output.display()
         );
     }
+    crate::common::check_output_file(&args.output)?;
     if crate::common::canonical(&args.output) == crate::common::canonical(&args.input) {
         bail!(
             "'{}' would overwrite the input: write the noisy image elsewhere",
