@@ -1176,3 +1176,38 @@ fn outputs_that_are_not_regular_files_are_refused_before_any_work() {
         assert!(kind.is_fifo(), "{} was replaced", fifo.display());
     }
 }
+
+#[test]
+fn eval_refuses_an_image_smaller_than_the_ssim_window_up_front_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let data = dir.path().join("clean");
+    std::fs::create_dir_all(&data).unwrap();
+    io::save(data.join("1.png"), &picture(24, 28), None, BitDepth::Eight).unwrap();
+    io::save(
+        data.join("2-thin.png"),
+        &picture(8, 40),
+        None,
+        BitDepth::Eight,
+    )
+    .unwrap();
+    let out = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--noise",
+        "gaussian:25",
+    ]);
+    assert_clean_failure(&out, "1 of 2 file(s) cannot be evaluated");
+    let err = stderr(&out);
+    assert!(
+        err.contains("2-thin.png") && err.contains("40x8") && err.contains("SSIM"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no results for a set that was refused"
+    );
+}

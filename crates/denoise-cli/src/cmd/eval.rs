@@ -185,6 +185,13 @@ fn check_files(files: &[PathBuf], want: Channels) -> Result<()> {
                 loaded.image.channels(),
                 want.mismatch(loaded.image.channels())
             )),
+            Ok(loaded) if loaded.image.height().min(loaded.image.width()) < SSIM_WINDOW => {
+                let (w, h) = (loaded.image.width(), loaded.image.height());
+                problems.push(format!(
+                    "'{}' is {w}x{h} pixels, smaller than SSIM's {SSIM_WINDOW}x{SSIM_WINDOW} window",
+                    file.display()
+                ));
+            }
             Ok(_) => {}
             Err(err) => problems.push(err.to_string()),
         }
