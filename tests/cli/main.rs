@@ -1211,3 +1211,15 @@ fn eval_refuses_an_image_smaller_than_the_ssim_window_up_front_naming_it() {
         "no results for a set that was refused"
     );
 }
+
+#[test]
+fn resuming_a_run_whose_config_is_empty_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir_all(&run_dir).unwrap();
+    std::fs::write(run_dir.join("config.toml"), "").unwrap();
+    let out = run(&["train", "--resume", "--out", run_dir.to_str().unwrap()]);
+    assert_clean_failure(&out, "config.toml");
+    let err = stderr(&out);
+    assert!(err.contains("is empty") && !err.contains("''"), "{err}");
+}

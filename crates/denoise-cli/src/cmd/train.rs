@@ -86,8 +86,17 @@ pub fn run(args: &Args) -> Result<()> {
     let mut cfg = if args.resume && args.config.is_none() {
         // A resumed run keeps its own config unless told otherwise.
         let saved = args.out.join("config.toml");
-        TrainConfig::from_file(&saved)
-            .with_context(|| format!("--resume needs '{}'", saved.display()))?
+        let cfg = TrainConfig::from_file(&saved)
+            .with_context(|| format!("--resume needs '{}'", saved.display()))?;
+        // A run writes its whole config; one of defaults only was emptied or replaced.
+        if cfg == TrainConfig::default() {
+            anyhow::bail!(
+                "the run's config '{}' is empty (or holds only defaults): it no longer says what \
+                 the run trains; restore it, or start a new run",
+                saved.display()
+            );
+        }
+        cfg
     } else if let Some(path) = &args.config {
         TrainConfig::from_file(path)?
     } else {
@@ -96,7 +105,8 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(d) = &args.data {
         cfg.data = d.clone();
     }
-    if cfg.data.is_relative() {
+    // No data at all is said by the config's check ("give --data").
+    if cfg.data.is_relative() && !cfg.data.as_os_str().is_empty() {
         match cfg.data.canonicalize() {
             // Saved absolute, so the run resumes from any directory.
             Ok(abs) => cfg.data = abs,
