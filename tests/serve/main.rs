@@ -6,6 +6,7 @@ mod api;
 mod e2e;
 mod fixture;
 mod load;
+mod metrics;
 mod url;
 mod webdriver;
 

@@ -1,6 +1,7 @@
 //! The denoise web app: one page (upload, URL or demo sample; model and strength; a before/after
 //! slider with zoom, timings, PSNR where the clean image is known; PNG download) and the HTTP API
-//! behind it (`POST /api/denoise`, `POST /api/denoise-url`, `GET /api/models`, `GET /healthz`, ...).
+//! behind it (`POST /api/denoise`, `POST /api/denoise-url`, `GET /api/models`, `GET /healthz`, ...),
+//! with `GET /readyz` and Prometheus `GET /metrics` ([`metrics`]) for running it as replicas.
 //!
 //! Built on [axum](https://docs.rs/axum) over tokio: it is maintained by the tokio team, the
 //! common choice for Rust web services, and its extractors give typed rejections we can turn into
@@ -20,6 +21,7 @@ pub mod config;
 pub mod error;
 pub mod fetch;
 mod head;
+pub mod metrics;
 pub mod models;
 pub mod progress;
 mod routes;

@@ -3,6 +3,7 @@
 
 use crate::config::{ServeConfig, Strength, valid_name};
 use crate::fetch::Fetcher;
+use crate::metrics::{self, Gauges, Metrics};
 use crate::models::ModelInfo;
 use crate::progress::Registry;
 use crate::samples::{self, SampleInfo};
@@ -10,7 +11,9 @@ use crate::worker::{Denoised, Job, Outcome, Pool, Rejected, Settings, Task, Work
 use crate::{Result, ServeError};
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, FromRequest, Multipart, Path, Query, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, MatchedPath, Multipart, Path, Query, Request, State,
+};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -61,6 +64,10 @@ struct AppState {
     /// Open connections that have sent a request: at a stop, each is waited for (it closes
     /// once its response is written) up to the header timeout.
     answered: Arc<AtomicUsize>,
+    /// Counters for `/metrics`, shared with the workers; `/readyz` reads their model loads.
+    metrics: Arc<Metrics>,
+    /// Set once a stop begins: `/readyz` then says so, and a load balancer sends no more work.
+    stopping: AtomicBool,
 }
 
 /// A ready server: workers started (each with the default model loaded), routes built.
@@ -86,6 +93,7 @@ impl App {
         let mut fetch = config.fetch.clone();
         fetch.max_bytes = config.max_upload_bytes;
         let fetcher = Fetcher::new(&fetch)?;
+        let metrics = Arc::new(Metrics::new(config.models.iter().map(|m| m.name.as_str())));
         let worker_config = Arc::new(WorkerConfig {
             models: config.models.clone(),
             default_model: config.default_model.clone(),
@@ -93,6 +101,7 @@ impl App {
             device: config.device,
             tile: config.tile,
             max_pixels: config.max_pixels,
+            metrics: Arc::clone(&metrics),
         });
         let pool = Pool::start("denoise-worker", config.workers, config.queue, move |_| {
             let mut worker = Worker::new(Arc::clone(&worker_config))?;
@@ -117,6 +126,8 @@ impl App {
                 header_timeout: config.header_timeout,
                 in_flight: Arc::new(AtomicUsize::new(0)),
                 answered: Arc::new(AtomicUsize::new(0)),
+                metrics,
+                stopping: AtomicBool::new(false),
             }),
         })
     }
@@ -128,6 +139,8 @@ impl App {
             .route("/app.js", get(script))
             .route("/style.css", get(style))
             .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz))
+            .route("/metrics", get(metrics_text))
             .route("/api/models", get(models))
             .route("/api/samples", get(sample_list))
             .route("/api/samples/{name}", get(noisy_sample))
@@ -143,7 +156,10 @@ impl App {
                 Arc::clone(&self.state),
                 guard_origin,
             ))
-            .layer(middleware::from_fn(headers_and_log))
+            .layer(middleware::from_fn_with_state(
+                Arc::clone(&self.state),
+                headers_and_log,
+            ))
             .with_state(Arc::clone(&self.state))
     }
 
@@ -172,7 +188,10 @@ impl App {
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                () = &mut shutdown => {
+                    self.state.stopping.store(true, Ordering::SeqCst);
+                    break;
+                }
             };
             let _ = stream.set_nodelay(true);
             let inner = hyper_util::service::TowerToHyperService::new(router.clone());
@@ -373,12 +392,28 @@ fn host_name(host: &str) -> &str {
     host.rsplit_once(':').map_or(host, |(name, _)| name)
 }
 
-/// Security headers on every response, and one log line per API call (not progress polls).
-async fn headers_and_log(request: Request, next: middleware::Next) -> Response {
+/// Security headers on every response, one log line per API call (not progress polls), and
+/// every answered request counted in the metrics (refusals, errors and `/metrics` itself
+/// included) by its route's pattern.
+async fn headers_and_log(
+    State(state): State<Arc<AppState>>,
+    request: Request,
+    next: middleware::Next,
+) -> Response {
     let start = Instant::now();
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    // The pattern, never the path: label values stay as few as the routes.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|m| m.as_str().to_owned());
     let mut response = next.run(request).await;
+    state.metrics.record_request(
+        route.as_deref().unwrap_or(metrics::OTHER_ROUTE),
+        response.status().as_u16(),
+        start.elapsed(),
+    );
     let h = response.headers_mut();
     h.insert(
         header::CONTENT_SECURITY_POLICY,
@@ -394,7 +429,8 @@ async fn headers_and_log(request: Request, next: middleware::Next) -> Response {
     );
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     // API answers (JSON, errors included) describe one moment: never cache them.
-    if (path.starts_with("/api/") || path == "/healthz") && !h.contains_key(header::CACHE_CONTROL) {
+    let probe = matches!(path.as_str(), "/healthz" | "/readyz" | "/metrics");
+    if (path.starts_with("/api/") || probe) && !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     }
     if path.starts_with("/api/") && !path.starts_with("/api/progress/") {
@@ -446,6 +482,79 @@ async fn healthz(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
         "queued": s.pool.queued(),
         "queue_capacity": s.pool.capacity(),
     }))
+}
+
+/// What readiness depends on, read at one moment.
+struct Readiness<'a> {
+    stopping: bool,
+    default_model: &'a str,
+    /// Workers that have reported the default model loaded.
+    loaded: usize,
+    workers: usize,
+    queued: usize,
+    capacity: usize,
+}
+
+impl Readiness<'_> {
+    /// Why the server should be sent no new work now; `None` when it is ready.
+    fn not_ready(&self) -> Option<String> {
+        if self.stopping {
+            return Some("the server is stopping".into());
+        }
+        if self.loaded < self.workers {
+            return Some(format!(
+                "loading the default model '{}' ({} of {} workers ready)",
+                self.default_model, self.loaded, self.workers
+            ));
+        }
+        if self.queued >= self.capacity {
+            return Some(format!(
+                "the queue is full ({} of {} jobs waiting)",
+                self.queued, self.capacity
+            ));
+        }
+        None
+    }
+}
+
+/// `GET /readyz`, the readiness probe: 200 `{"ready": true}` while every worker holds the
+/// default model and the queue has room, else 503 `{"ready": false, "reason"}`. (`/healthz` is
+/// the liveness probe: it answers whenever the process serves.)
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    let readiness = Readiness {
+        stopping: s.stopping.load(Ordering::SeqCst),
+        default_model: &s.default_model,
+        loaded: s.metrics.workers_with(&s.default_model),
+        workers: s.pool.workers(),
+        queued: s.pool.queued(),
+        capacity: s.pool.capacity(),
+    };
+    match readiness.not_ready() {
+        None => Json(serde_json::json!({ "ready": true })).into_response(),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({ "ready": false, "reason": reason })),
+        )
+            .into_response(),
+    }
+}
+
+/// `GET /metrics`: the Prometheus text format (see [`crate::metrics`]).
+async fn metrics_text(State(s): State<Arc<AppState>>) -> Response {
+    let gauges = Gauges {
+        queued: s.pool.queued(),
+        capacity: s.pool.capacity(),
+        busy: s.pool.busy(),
+        workers: s.pool.workers(),
+    };
+    (
+        [
+            (header::CONTENT_TYPE, metrics::CONTENT_TYPE),
+            (header::CACHE_CONTROL, "no-store"),
+        ],
+        s.metrics.render(&gauges),
+    )
+        .into_response()
 }
 
 async fn models(State(s): State<Arc<AppState>>) -> Json<serde_json::Value> {
@@ -1025,5 +1134,36 @@ mod tests {
     fn limits_read_as_people_write_them() {
         assert_eq!(human_bytes(20 << 20), "20 MB");
         assert_eq!(human_bytes(1000), "1000 bytes");
+    }
+
+    #[test]
+    fn ready_only_with_the_default_model_in_every_worker_and_room_in_the_queue() {
+        let ready = Readiness {
+            stopping: false,
+            default_model: "default",
+            loaded: 2,
+            workers: 2,
+            queued: 15,
+            capacity: 16,
+        };
+        assert_eq!(ready.not_ready(), None);
+        let loading = Readiness { loaded: 1, ..ready };
+        assert_eq!(
+            loading.not_ready().unwrap(),
+            "loading the default model 'default' (1 of 2 workers ready)"
+        );
+        let full = Readiness {
+            queued: 16,
+            ..ready
+        };
+        assert_eq!(
+            full.not_ready().unwrap(),
+            "the queue is full (16 of 16 jobs waiting)"
+        );
+        let stopping = Readiness {
+            stopping: true,
+            ..ready
+        };
+        assert_eq!(stopping.not_ready().unwrap(), "the server is stopping");
     }
 }

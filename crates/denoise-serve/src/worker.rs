@@ -5,6 +5,7 @@
 //! takes the next job. Submitting never blocks: a full queue hands the job back.
 
 use crate::config::{ModelEntry, Strength};
+use crate::metrics::Metrics;
 use crate::models::Denoiser;
 use crate::progress::ProgressHandle;
 use crate::samples::{self, SampleInfo};
@@ -15,6 +16,7 @@ use denoise_models::tile::LevelUsed;
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
@@ -32,6 +34,8 @@ pub struct Pool<J> {
     threads: Vec<JoinHandle<()>>,
     capacity: usize,
     workers: usize,
+    /// Workers running a job.
+    busy: Arc<AtomicUsize>,
 }
 
 impl<J: Send + 'static> Pool<J> {
@@ -49,9 +53,11 @@ impl<J: Send + 'static> Pool<J> {
         let (tx, rx) = crossbeam_channel::bounded::<J>(capacity);
         let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<(), E>>();
         let make = Arc::new(make);
+        let busy = Arc::new(AtomicUsize::new(0));
         let mut threads = Vec::with_capacity(workers);
         for i in 0..workers {
             let (rx, ready_tx, make) = (rx.clone(), ready_tx.clone(), Arc::clone(&make));
+            let busy = Arc::clone(&busy);
             let thread = std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
                 .spawn(move || match make(i) {
@@ -59,9 +65,11 @@ impl<J: Send + 'static> Pool<J> {
                         let _ = ready_tx.send(Ok(()));
                         drop(ready_tx);
                         for job in rx.iter() {
+                            busy.fetch_add(1, Ordering::SeqCst);
                             // A job that panics must not take its thread down: the next job
                             // still needs a worker. (`Worker::handle` replies before this.)
                             let _ = catch_unwind(AssertUnwindSafe(|| work(job)));
+                            busy.fetch_sub(1, Ordering::SeqCst);
                         }
                     }
                     Err(e) => {
@@ -76,6 +84,7 @@ impl<J: Send + 'static> Pool<J> {
             threads,
             capacity,
             workers,
+            busy,
         };
         for _ in 0..workers {
             match ready_rx.recv() {
@@ -115,6 +124,11 @@ impl<J: Send + 'static> Pool<J> {
 
     pub fn workers(&self) -> usize {
         self.workers
+    }
+
+    /// Workers running a job now.
+    pub fn busy(&self) -> usize {
+        self.busy.load(Ordering::SeqCst)
     }
 
     /// Stops taking jobs, lets the workers finish the queue, and joins them.
@@ -207,6 +221,8 @@ pub struct WorkerConfig {
     pub device: tch::Device,
     pub tile: usize,
     pub max_pixels: u64,
+    /// Where workers count the models they load and the images they denoise.
+    pub metrics: Arc<Metrics>,
 }
 
 /// One worker thread's state: the models it has loaded and the clean samples it has decoded.
@@ -259,6 +275,8 @@ impl Worker {
             });
         if let Ok(Outcome::Denoised(d)) = &mut result {
             d.queue_ms = queue_ms;
+            // Before the reply, so a client that scrapes after its answer sees its image.
+            self.config.metrics.record_denoised(d.width, d.height);
         }
         if let Some(p) = progress {
             p.finish(result.is_ok());
@@ -380,6 +398,7 @@ impl Worker {
                 .ok_or_else(|| ServeError::BadRequest(format!("unknown model '{name}'")))?;
             let denoiser = Denoiser::load(entry, self.config.device, self.config.tile)?;
             self.models.insert(name.to_owned(), denoiser);
+            self.config.metrics.record_model_loaded(name);
         }
         Ok(&self.models[name])
     }
@@ -428,6 +447,7 @@ mod tests {
         .unwrap();
         assert!(pool.try_submit(1).is_ok());
         assert_eq!(started_rx.recv_timeout(Duration::from_secs(5)).unwrap(), 1);
+        assert_eq!(pool.busy(), 1);
         assert!(pool.try_submit(2).is_ok());
         assert_eq!(pool.queued(), 1);
         assert!(matches!(pool.try_submit(3), Err(Rejected::Full(3))));
@@ -481,6 +501,7 @@ mod tests {
             device: tch::Device::Cpu,
             tile: 0,
             max_pixels: 1 << 20,
+            metrics: Arc::new(Metrics::new(["m"])),
         }))
         .unwrap();
         let registry = crate::progress::Registry::new(4);
