@@ -7,6 +7,8 @@ use denoise_models::{Model, artefact};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod metadata;
+
 fn cli() -> Command {
     Command::new(env!("CARGO_BIN_EXE_denoise-cli"))
 }

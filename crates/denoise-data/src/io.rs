@@ -1,6 +1,8 @@
 //! Image files in and out: decoding PNG, JPEG, TIFF, BMP and WebP to planar f32 with alpha kept
-//! aside, refusing oversized images before decoding, and atomic writes at the original bit depth.
+//! aside, refusing oversized images before decoding, and atomic writes at the original bit depth
+//! with the metadata the format holds.
 
+use std::borrow::Cow;
 use std::fs;
 use std::io::{BufRead, BufReader, Cursor, Seek, Write};
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -9,11 +11,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use image::codecs::jpeg::JpegEncoder;
 use image::metadata::Orientation;
-use image::{ColorType, DynamicImage, ImageBuffer, ImageDecoder, ImageError, ImageReader, Limits};
+use image::{
+    ColorType, DynamicImage, ImageBuffer, ImageDecoder, ImageEncoder, ImageError, ImageReader,
+    Limits,
+};
 use serde::{Deserialize, Serialize};
 
 pub use image::ImageFormat;
 
+use crate::metadata::{self, Dropped, Metadata, Resolution};
 use crate::{DataError, Image, Result};
 
 /// Images with more pixels than this are refused unless a caller raises the limit: 100 MP is
@@ -375,7 +381,37 @@ pub fn decode_bytes(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Re
 
 /// Like [`decode_bytes`] but keeps the samples at their own depth.
 pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Result<RawImage> {
-    let name = name.as_ref();
+    decode_with(bytes, name.as_ref(), max_pixels, false).map(|(raw, _)| raw)
+}
+
+/// [`load_with_limit`] with what the file carries besides its pixels, for
+/// [`save_with_metadata`] to write with the result.
+pub fn load_with_metadata(
+    path: impl AsRef<Path>,
+    max_pixels: u64,
+) -> Result<(LoadedImage, Metadata)> {
+    let path = path.as_ref();
+    decode_with_metadata(&read_file(path)?, path, max_pixels)
+}
+
+/// [`decode_bytes`] with what the file carries besides its pixels, for
+/// [`encode_with_metadata`] to write with the result.
+pub fn decode_with_metadata(
+    bytes: &[u8],
+    name: impl AsRef<Path>,
+    max_pixels: u64,
+) -> Result<(LoadedImage, Metadata)> {
+    decode_with(bytes, name.as_ref(), max_pixels, true)
+        .map(|(raw, metadata)| (raw.into_loaded(), metadata))
+}
+
+/// Decodes, reading the metadata only when asked (the training loader never wants it).
+fn decode_with(
+    bytes: &[u8],
+    name: &Path,
+    max_pixels: u64,
+    with_metadata: bool,
+) -> Result<(RawImage, Metadata)> {
     if bytes.is_empty() {
         return Err(DataError::EmptyFile { path: name.into() });
     }
@@ -393,6 +429,11 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
         .set_limits(alloc_limits(max_pixels))
         .map_err(|e| image_error(name, e))?;
     let orientation = orientation(&mut decoder);
+    let metadata = if with_metadata {
+        metadata::read(&mut decoder, bytes, format, orientation)
+    } else {
+        Metadata::default()
+    };
     // Decoders are meant to fail cleanly on hostile input; should one panic anyway, an upload
     // must not take the server (or a loader worker) down with it.
     let mut decoded = catch_unwind(AssertUnwindSafe(|| DynamicImage::from_decoder(decoder)))
@@ -402,7 +443,7 @@ pub fn decode_raw(bytes: &[u8], name: impl AsRef<Path>, max_pixels: u64) -> Resu
         })?
         .map_err(|e| image_error(name, e))?;
     decoded.apply_orientation(orientation);
-    Ok(raw_from_dynamic(decoded, format))
+    Ok((raw_from_dynamic(decoded, format), metadata))
 }
 
 /// The WebP decoder reads a lossless image's side of 16384 pixels, the largest its header
@@ -470,8 +511,8 @@ fn check_jpeg_end(name: &Path, bytes: &[u8]) -> Result<()> {
 }
 
 /// The EXIF orientation `decoder` reports, applied on load so that a portrait photo is
-/// denoised and saved upright (outputs carry no EXIF). Unreadable metadata, or a decoder that
-/// panics on it, leaves the pixels as stored.
+/// denoised and saved upright (the EXIF kept for its output says so). Unreadable metadata, or a
+/// decoder that panics on it, leaves the pixels as stored.
 fn orientation(decoder: &mut impl ImageDecoder) -> Orientation {
     catch_unwind(AssertUnwindSafe(|| decoder.orientation()))
         .ok()
@@ -833,20 +874,197 @@ fn encode_named(
     depth: BitDepth,
     format: ImageFormat,
 ) -> Result<Vec<u8>> {
+    encode_named_with(name, image, alpha, depth, format, &Metadata::default())
+        .map(|(bytes, _)| bytes)
+}
+
+/// Encodes with what of `meta` the format holds; returns the file and what it goes without.
+fn encode_named_with(
+    name: &Path,
+    image: &Image,
+    alpha: Option<&[f32]>,
+    depth: BitDepth,
+    format: ImageFormat,
+    meta: &Metadata,
+) -> Result<(Vec<u8>, Vec<Dropped>)> {
     check_writable(name, format, image.channels(), alpha.is_some(), depth)?;
     let img = to_dynamic(name, image, alpha, depth)?;
-    let mut buf = Cursor::new(Vec::new());
-    let written = match format {
-        ImageFormat::Jpeg => {
-            img.write_with_encoder(JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY))
-        }
-        _ => img.write_to(&mut buf, format),
+    // WebP and BMP store gray as RGB.
+    let stored_channels = match format {
+        ImageFormat::WebP | ImageFormat::Bmp => 3,
+        _ => image.channels(),
     };
-    written.map_err(|e| DataError::Encode {
+    let (kept, dropped) = meta.for_output(format, stored_channels);
+    let bytes = match format {
+        ImageFormat::Png => write_png(&img, &kept),
+        ImageFormat::Jpeg => write_jpeg(&img, &kept).map_err(|e| e.to_string()),
+        ImageFormat::Tiff => write_tiff(&img, &kept).map_err(|e| e.to_string()),
+        ImageFormat::WebP => write_webp(&img, &kept),
+        _ => {
+            let mut buf = Cursor::new(Vec::new());
+            img.write_to(&mut buf, format)
+                .map(|()| buf.into_inner())
+                .map_err(|e| e.to_string())
+        }
+    }
+    .map_err(|message| DataError::Encode {
         path: name.into(),
-        message: e.to_string(),
+        message,
     })?;
-    Ok(buf.into_inner())
+    Ok((bytes, dropped))
+}
+
+/// PNG through the `png` crate itself: unlike the `image` crate's encoder it writes a
+/// resolution (pHYs) and XMP (an iTXt chunk). Compression and filter are `image`'s defaults.
+fn write_png(img: &DynamicImage, meta: &Metadata) -> std::result::Result<Vec<u8>, String> {
+    use png::{BitDepth as Bits, ColorType as Colour};
+    let (colour, bits) = match img.color() {
+        ColorType::L8 => (Colour::Grayscale, Bits::Eight),
+        ColorType::La8 => (Colour::GrayscaleAlpha, Bits::Eight),
+        ColorType::Rgb8 => (Colour::Rgb, Bits::Eight),
+        ColorType::Rgba8 => (Colour::Rgba, Bits::Eight),
+        ColorType::L16 => (Colour::Grayscale, Bits::Sixteen),
+        ColorType::La16 => (Colour::GrayscaleAlpha, Bits::Sixteen),
+        ColorType::Rgb16 => (Colour::Rgb, Bits::Sixteen),
+        ColorType::Rgba16 => (Colour::Rgba, Bits::Sixteen),
+        other => return Err(format!("cannot write {other:?} as png")),
+    };
+    let mut info = png::Info::with_size(img.width(), img.height());
+    info.icc_profile = meta.icc.as_deref().map(Cow::Borrowed);
+    info.exif_metadata = meta.exif.as_deref().map(Cow::Borrowed);
+    info.pixel_dims = meta.resolution.map(Resolution::to_png);
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::with_info(&mut out, info).map_err(|e| e.to_string())?;
+    encoder.set_color(colour);
+    encoder.set_depth(bits);
+    encoder.set_compression(png::Compression::Fast);
+    encoder.set_filter(png::Filter::Adaptive);
+    if let Some(xmp) = &meta.xmp {
+        // `for_output` has kept only UTF-8.
+        let text = String::from_utf8_lossy(xmp).into_owned();
+        encoder
+            .add_itxt_chunk(metadata::PNG_XMP_KEYWORD.into(), text)
+            .map_err(|e| e.to_string())?;
+    }
+    let mut writer = encoder.write_header().map_err(|e| e.to_string())?;
+    let samples: Cow<'_, [u8]> = match bits {
+        // PNG stores 16-bit samples big-endian; the buffer holds them native-endian.
+        Bits::Sixteen => img
+            .as_bytes()
+            .chunks_exact(2)
+            .flat_map(|b| u16::from_ne_bytes([b[0], b[1]]).to_be_bytes())
+            .collect(),
+        _ => Cow::Borrowed(img.as_bytes()),
+    };
+    writer
+        .write_image_data(&samples)
+        .and_then(|()| writer.finish())
+        .map_err(|e| e.to_string())?;
+    Ok(out)
+}
+
+/// JPEG through the `image` crate's encoder (ICC, EXIF and JFIF density), with XMP added as
+/// the segment that encoder does not write.
+fn write_jpeg(img: &DynamicImage, meta: &Metadata) -> image::ImageResult<Vec<u8>> {
+    let mut buf = Cursor::new(Vec::new());
+    let mut encoder = JpegEncoder::new_with_quality(&mut buf, JPEG_QUALITY);
+    if let Some(resolution) = meta.resolution {
+        encoder.set_pixel_density(resolution.to_jfif());
+    }
+    if let Some(icc) = &meta.icc {
+        encoder
+            .set_icc_profile(icc.clone())
+            .map_err(ImageError::Unsupported)?;
+    }
+    if let Some(exif) = &meta.exif {
+        encoder
+            .set_exif_metadata(exif.clone())
+            .map_err(ImageError::Unsupported)?;
+    }
+    img.write_with_encoder(encoder)?;
+    let jpeg = buf.into_inner();
+    Ok(match &meta.xmp {
+        Some(xmp) => metadata::with_jpeg_xmp(jpeg, xmp),
+        None => jpeg,
+    })
+}
+
+/// TIFF through the `tiff` crate, whose directory takes the ICC profile, XMP and resolution
+/// tags (the `image` crate's encoder writes none of them).
+fn write_tiff(img: &DynamicImage, meta: &Metadata) -> tiff::TiffResult<Vec<u8>> {
+    use tiff::encoder::colortype::{Gray8, Gray16, RGB8, RGB16, RGBA8, RGBA16};
+    let mut out = Cursor::new(Vec::new());
+    let mut encoder = tiff::encoder::TiffEncoder::new(&mut out)?;
+    let size = (img.width(), img.height());
+    match img {
+        DynamicImage::ImageLuma8(b) => tiff_image::<_, Gray8>(&mut encoder, size, b, meta),
+        DynamicImage::ImageRgb8(b) => tiff_image::<_, RGB8>(&mut encoder, size, b, meta),
+        DynamicImage::ImageRgba8(b) => tiff_image::<_, RGBA8>(&mut encoder, size, b, meta),
+        DynamicImage::ImageLuma16(b) => tiff_image::<_, Gray16>(&mut encoder, size, b, meta),
+        DynamicImage::ImageRgb16(b) => tiff_image::<_, RGB16>(&mut encoder, size, b, meta),
+        DynamicImage::ImageRgba16(b) => tiff_image::<_, RGBA16>(&mut encoder, size, b, meta),
+        other => Err(tiff::TiffError::IoError(std::io::Error::other(format!(
+            "cannot write {:?} as tiff",
+            other.color()
+        )))),
+    }?;
+    Ok(out.into_inner())
+}
+
+fn tiff_image<W: Write + Seek, C: tiff::encoder::colortype::ColorType>(
+    encoder: &mut tiff::encoder::TiffEncoder<W>,
+    (width, height): (u32, u32),
+    samples: &[C::Inner],
+    meta: &Metadata,
+) -> tiff::TiffResult<()>
+where
+    [C::Inner]: tiff::encoder::TiffValue,
+{
+    let mut image = encoder.new_image::<C>(width, height)?;
+    if let Some(resolution) = meta.resolution {
+        let (unit, x, y) = resolution.to_tiff();
+        image.resolution_unit(unit);
+        image.x_resolution(x);
+        image.y_resolution(y);
+    }
+    if let Some(icc) = &meta.icc {
+        image
+            .encoder()
+            .write_tag(tiff::tags::Tag::IccProfile, metadata::TiffUndefined(icc))?;
+    }
+    if let Some(xmp) = &meta.xmp {
+        image
+            .encoder()
+            .write_tag(tiff::tags::Tag::Unknown(metadata::TIFF_XMP_TAG), &xmp[..])?;
+    }
+    image.write_data(samples)
+}
+
+/// WebP (lossless) through the `image-webp` crate, whose encoder takes XMP as well as the ICC
+/// profile and EXIF (the `image` crate's passes on only those two).
+fn write_webp(img: &DynamicImage, meta: &Metadata) -> std::result::Result<Vec<u8>, String> {
+    let colour = match img.color() {
+        ColorType::L8 => image_webp::ColorType::L8,
+        ColorType::La8 => image_webp::ColorType::La8,
+        ColorType::Rgb8 => image_webp::ColorType::Rgb8,
+        ColorType::Rgba8 => image_webp::ColorType::Rgba8,
+        other => return Err(format!("cannot write {other:?} as webp")),
+    };
+    let mut out = Vec::new();
+    let mut encoder = image_webp::WebPEncoder::new(&mut out);
+    if let Some(icc) = &meta.icc {
+        encoder.set_icc_profile(icc.clone());
+    }
+    if let Some(exif) = &meta.exif {
+        encoder.set_exif_metadata(exif.clone());
+    }
+    if let Some(xmp) = &meta.xmp {
+        encoder.set_xmp_metadata(xmp.clone());
+    }
+    encoder
+        .encode(img.as_bytes(), img.width(), img.height(), colour)
+        .map_err(|e| e.to_string())?;
+    Ok(out)
 }
 
 /// Encodes `image` (clipped to `[0, 1]`, rounded to the nearest level) with optional alpha
@@ -858,6 +1076,18 @@ pub fn encode(
     format: ImageFormat,
 ) -> Result<Vec<u8>> {
     encode_named(Path::new("<memory>"), image, alpha, depth, format)
+}
+
+/// [`encode`] with `meta` (from [`decode_with_metadata`]) written where `format` has a place
+/// for it (see [`metadata::carries`]); returns the file and what of `meta` it goes without.
+pub fn encode_with_metadata(
+    image: &Image,
+    alpha: Option<&[f32]>,
+    depth: BitDepth,
+    format: ImageFormat,
+    meta: &Metadata,
+) -> Result<(Vec<u8>, Vec<Dropped>)> {
+    encode_named_with(Path::new("<memory>"), image, alpha, depth, format, meta)
 }
 
 /// [`encode`] as PNG, which holds every depth and alpha layout this crate produces.
@@ -873,13 +1103,26 @@ pub fn save(
     alpha: Option<&[f32]>,
     depth: BitDepth,
 ) -> Result<()> {
+    save_with_metadata(path, image, alpha, depth, &Metadata::default()).map(|_| ())
+}
+
+/// [`save`] with `meta` (from [`load_with_metadata`]) written where the output's format has a
+/// place for it (see [`metadata::carries`]); returns what of `meta` the file goes without.
+pub fn save_with_metadata(
+    path: impl AsRef<Path>,
+    image: &Image,
+    alpha: Option<&[f32]>,
+    depth: BitDepth,
+    meta: &Metadata,
+) -> Result<Vec<Dropped>> {
     let path = path.as_ref();
     let format = ImageFormat::from_path(path).map_err(|_| DataError::Unsupported {
         path: path.into(),
         message: "unknown extension; use .png, .tif, .bmp, .jpg or .webp".into(),
     })?;
-    let bytes = encode_named(path, image, alpha, depth, format)?;
-    write_atomic(path, &bytes)
+    let (bytes, dropped) = encode_named_with(path, image, alpha, depth, format, meta)?;
+    write_atomic(path, &bytes)?;
+    Ok(dropped)
 }
 
 /// Writes `bytes` to a temporary file beside `path`, flushes it to disk and renames it over

@@ -10,6 +10,7 @@ pub mod image;
 pub mod io;
 pub mod loader;
 pub mod manifest;
+pub mod metadata;
 pub mod noise;
 pub mod normalise;
 

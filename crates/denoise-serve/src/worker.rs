@@ -174,7 +174,8 @@ pub enum Task {
         reference: Option<String>,
         progress: Option<ProgressHandle>,
     },
-    /// Decode an image and re-encode it as PNG (what a fetched URL is shown as).
+    /// Decode an image and re-encode it as PNG with its metadata (what a fetched URL is shown
+    /// as, and sent back to be denoised).
     Normalise { bytes: Vec<u8>, name: String },
     /// A demo sample with noise added, as PNG.
     NoisySample { name: String, sigma: f32 },
@@ -303,12 +304,17 @@ impl Worker {
                 )
                 .map(Outcome::Denoised),
             Task::Normalise { bytes, name } => {
-                let loaded = io::decode_bytes(&bytes, &name, self.config.max_pixels)?;
-                Ok(Outcome::Png(io::encode_png(
+                // The metadata goes with it: the page sends this PNG back to be denoised.
+                let (loaded, metadata) =
+                    io::decode_with_metadata(&bytes, &name, self.config.max_pixels)?;
+                let (png, _) = io::encode_with_metadata(
                     &loaded.image,
                     loaded.alpha.as_deref(),
                     loaded.bit_depth,
-                )?))
+                    io::ImageFormat::Png,
+                    &metadata,
+                )?;
+                Ok(Outcome::Png(png))
             }
             Task::NoisySample { name, sigma } => {
                 let clean = self.clean_sample(&name)?;
@@ -334,7 +340,7 @@ impl Worker {
         if let Some(p) = progress {
             p.running();
         }
-        let loaded = io::decode_bytes(bytes, name, self.config.max_pixels)?;
+        let (loaded, metadata) = io::decode_with_metadata(bytes, name, self.config.max_pixels)?;
         let clean = match reference {
             Some(r) => {
                 let clean = self.clean_sample(r)?;
@@ -373,7 +379,15 @@ impl Worker {
             }
             None => None,
         };
-        let png = io::encode_png(&out, loaded.alpha.as_deref(), loaded.bit_depth)?;
+        // PNG has a place for all of the input's metadata (an ICC profile that does not fit a
+        // gray result aside), so the download keeps it.
+        let (png, _) = io::encode_with_metadata(
+            &out,
+            loaded.alpha.as_deref(),
+            loaded.bit_depth,
+            io::ImageFormat::Png,
+            &metadata,
+        )?;
         Ok(Denoised {
             png,
             width: out.width(),
@@ -481,17 +495,16 @@ mod tests {
         pool.shutdown();
     }
 
-    #[test]
-    fn a_job_nobody_waits_for_is_skipped() {
-        let dir = tempfile::tempdir().unwrap();
+    /// A worker with one tiny (untrained) DnCNN, "m", saved in `dir`.
+    fn tiny_worker(dir: &std::path::Path) -> Worker {
         let cfg: denoise_models::ModelConfig =
             serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":8,"batch_norm":false}"#)
                 .unwrap();
         let model = denoise_models::Model::new(&cfg, tch::Device::Cpu).unwrap();
-        let path = dir.path().join("m.safetensors");
+        let path = dir.join("m.safetensors");
         let meta = denoise_models::Metadata::new(model.config());
         denoise_models::artefact::save(&model, &meta, &path).unwrap();
-        let mut worker = Worker::new(Arc::new(WorkerConfig {
+        Worker::new(Arc::new(WorkerConfig {
             models: vec![ModelEntry {
                 name: "m".into(),
                 path,
@@ -503,7 +516,13 @@ mod tests {
             max_pixels: 1 << 20,
             metrics: Arc::new(Metrics::new(["m"])),
         }))
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_job_nobody_waits_for_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut worker = tiny_worker(dir.path());
         let registry = crate::progress::Registry::new(4);
         let image = Image::from_fn(3, 8, 8, |_, _, _| 0.5);
         let png = io::encode_png(&image, None, io::BitDepth::Eight).unwrap();
@@ -531,6 +550,74 @@ mod tests {
         worker.handle(job("here", reply));
         assert!(answer.blocking_recv().unwrap().is_ok());
         assert_eq!(state("here"), crate::progress::State::Done);
+    }
+
+    #[test]
+    fn the_download_keeps_the_uploads_metadata_upright() {
+        use denoise_data::metadata::{Metadata, Resolution, ResolutionUnit};
+        let dir = tempfile::tempdir().unwrap();
+        let mut worker = tiny_worker(dir.path());
+        let mut icc = vec![0u8; 132];
+        icc[16..20].copy_from_slice(b"RGB ");
+        // IFD0 with Orientation 6: stored sideways.
+        let exif = |orientation: u8| {
+            let mut exif = b"II*\0\x08\0\0\0\x01\0\x12\x01\x03\0\x01\0\0\0".to_vec();
+            exif.extend_from_slice(&[orientation, 0, 0, 0, 0, 0, 0, 0]);
+            exif
+        };
+        let upload = Metadata {
+            icc: Some(icc),
+            exif: Some(exif(6)),
+            xmp: Some(b"<x:xmpmeta xmlns:x='adobe:ns:meta/'/>".to_vec()),
+            resolution: Some(Resolution {
+                x: 300.0,
+                y: 300.0,
+                unit: ResolutionUnit::Inch,
+            }),
+        };
+        let image = Image::from_fn(3, 8, 16, |c, y, x| ((c + y + x) % 5) as f32 / 4.0);
+        let (jpeg, _) = io::encode_with_metadata(
+            &image,
+            None,
+            io::BitDepth::Eight,
+            io::ImageFormat::Jpeg,
+            &upload,
+        )
+        .unwrap();
+        let settings = Settings {
+            model: "m".into(),
+            strength: Strength::Blind,
+            ensemble: 1,
+        };
+        let denoised = match worker.run(Task::Denoise {
+            bytes: jpeg.clone(),
+            name: "photo.jpg".into(),
+            settings,
+            reference: None,
+            progress: None,
+        }) {
+            Ok(Outcome::Denoised(d)) => d,
+            other => panic!("{other:?}"),
+        };
+        let normalised = match worker.run(Task::Normalise {
+            bytes: jpeg,
+            name: "photo.jpg".into(),
+        }) {
+            Ok(Outcome::Png(png)) => png,
+            other => panic!("{other:?}"),
+        };
+        for png in [denoised.png, normalised] {
+            let (loaded, kept) = io::decode_with_metadata(&png, "d.png", 1 << 20).unwrap();
+            assert_eq!(loaded.image.shape(), (3, 16, 8));
+            assert_eq!(kept.icc, upload.icc);
+            assert_eq!(kept.exif, Some(exif(1)));
+            assert_eq!(kept.xmp, upload.xmp);
+            let (x, y) = kept.resolution.unwrap().per_inch();
+            assert!(
+                (x - 300.0).abs() < 0.02 && (y - 300.0).abs() < 0.02,
+                "{x} {y}"
+            );
+        }
     }
 
     #[test]

@@ -1,7 +1,9 @@
-//! `denoise-cli infer`: denoise files or directories, keeping format, bit depth and alpha.
+//! `denoise-cli infer`: denoise files or directories, keeping format, bit depth, alpha and
+//! metadata.
 
 use crate::common::{PrecisionArg, Runner, Sigma, Tiling, canonical, describe};
 use anyhow::{Context, Result, bail};
+use denoise_data::metadata::{DropReason, Dropped};
 use denoise_data::{dataset, io};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -217,7 +219,7 @@ fn denoise_one(
     bar: &indicatif::ProgressBar,
     gray_hint: bool,
 ) -> Result<Vec<String>> {
-    let loaded = io::load(input)?;
+    let (loaded, metadata) = io::load_with_metadata(input, io::DEFAULT_MAX_PIXELS)?;
     let depth = io::ImageFormat::from_path(output)
         .ok()
         .and_then(io::max_depth)
@@ -252,8 +254,8 @@ fn denoise_one(
     let (out, used) = runner.denoise(&loaded.image, sigma, &mut progress, None)?;
     crate::common::create_parent_dir(output)?;
     // Its errors name the file.
-    io::save(output, &out, loaded.alpha.as_deref(), depth)?;
-    let mut notes = Vec::new();
+    let dropped = io::save_with_metadata(output, &out, loaded.alpha.as_deref(), depth, &metadata)?;
+    let mut notes = dropped_notes(output, &dropped);
     let gray_model = runner.model.config().channels() == 1;
     // Scanned only when a note could follow.
     let gray_picture = (gray_model || gray_hint)
@@ -299,6 +301,36 @@ fn denoise_one(
         }
     }
     Ok(notes)
+}
+
+/// What of the input's metadata the output goes without: one line for what its format has no
+/// place for, and one for each item dropped for another reason.
+fn dropped_notes(output: &Path, dropped: &[Dropped]) -> Vec<String> {
+    let (format, other): (Vec<&Dropped>, Vec<&Dropped>) =
+        dropped.iter().partition(|d| d.reason == DropReason::Format);
+    let mut notes = Vec::new();
+    if !format.is_empty() {
+        let items: Vec<String> = format.iter().map(|d| d.item.to_string()).collect();
+        notes.push(format!(
+            "note: {} cannot carry the input's {}; {} dropped",
+            output.display(),
+            items.join(", "),
+            if items.len() == 1 {
+                "it was"
+            } else {
+                "they were"
+            }
+        ));
+    }
+    for d in other {
+        notes.push(format!(
+            "note: {}: the input's {} was dropped: {}",
+            output.display(),
+            d.item,
+            d.reason
+        ));
+    }
+    notes
 }
 
 /// Prints above the bar, or plainly when the bar is hidden (not a terminal).
