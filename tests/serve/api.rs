@@ -480,7 +480,7 @@ async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
     for (query, needle) in [
         (
             "?model=nope",
-            "unknown model 'nope' (known: default, gray, method2)",
+            "unknown model 'nope' (known: default, gaussian, gray, method2)",
         ),
         ("?sigma=loud", "not a number"),
         ("?sigma=300", "0-255"),

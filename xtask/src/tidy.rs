@@ -63,12 +63,21 @@ pub fn run() -> Result<()> {
 /// The files git tracks or would track (untracked but not ignored), relative to the root.
 fn tracked_files(root: &Path) -> Result<Vec<PathBuf>> {
     let out = Command::new("git")
-        .args(["ls-files", "--cached", "--others", "--exclude-standard", "-z"])
+        .args([
+            "ls-files",
+            "--cached",
+            "--others",
+            "--exclude-standard",
+            "-z",
+        ])
         .current_dir(root)
         .output()
         .context("cannot run git ls-files")?;
     if !out.status.success() {
-        bail!("git ls-files failed: {}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "git ls-files failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(out
         .stdout
@@ -165,7 +174,9 @@ impl Rules {
         for (i, line) in text.lines().enumerate() {
             for cap in self.link.captures_iter(line) {
                 let target = &cap[1];
-                if target.contains("://") || target.starts_with('#') || target.starts_with("mailto:")
+                if target.contains("://")
+                    || target.starts_with('#')
+                    || target.starts_with("mailto:")
                 {
                     continue;
                 }
@@ -214,9 +225,7 @@ fn readme_size(bytes: usize) -> Option<Finding> {
     (bytes > README_LIMIT).then(|| Finding {
         path: "README.md".into(),
         line: 1,
-        message: format!(
-            "{bytes} bytes, over the {README_LIMIT}-byte limit: move depth to docs/"
-        ),
+        message: format!("{bytes} bytes, over the {README_LIMIT}-byte limit: move depth to docs/"),
     })
 }
 
@@ -232,7 +241,11 @@ mod tests {
         let found = rules.process_words(Path::new("README.md"), text);
         let lines: Vec<usize> = found.iter().map(|f| f.line).collect();
         assert_eq!(lines, [2, 3, 4, 5]);
-        assert!(rules.process_words(Path::new("a.rs"), "a session of training\n").is_empty());
+        assert!(
+            rules
+                .process_words(Path::new("a.rs"), "a session of training\n")
+                .is_empty()
+        );
     }
 
     #[test]

@@ -333,9 +333,8 @@ fn matmul(a: &[[f64; 3]; 3], b: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
 
 /// Inverse of a 3x3 matrix by cofactors; the colour matrices here are well conditioned.
 fn invert(m: &[[f64; 3]; 3]) -> [[f64; 3]; 3] {
-    let cof = |r0: usize, r1: usize, c0: usize, c1: usize| {
-        m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0]
-    };
+    let cof =
+        |r0: usize, r1: usize, c0: usize, c1: usize| m[r0][c0] * m[r1][c1] - m[r0][c1] * m[r1][c0];
     let det = m[0][0] * cof(1, 2, 1, 2) - m[0][1] * cof(1, 2, 0, 2) + m[0][2] * cof(1, 2, 0, 1);
     let inv = [
         [cof(1, 2, 1, 2), -cof(0, 2, 1, 2), cof(0, 1, 1, 2)],
@@ -461,13 +460,10 @@ pub fn demosaic(
     out
 }
 
-const CROSS_4: [(isize, isize, f64); 4] = [(-1, 0, 0.25), (1, 0, 0.25), (0, -1, 0.25), (0, 1, 0.25)];
-const DIAG_4: [(isize, isize, f64); 4] = [
-    (-1, -1, 0.25),
-    (-1, 1, 0.25),
-    (1, -1, 0.25),
-    (1, 1, 0.25),
-];
+const CROSS_4: [(isize, isize, f64); 4] =
+    [(-1, 0, 0.25), (1, 0, 0.25), (0, -1, 0.25), (0, 1, 0.25)];
+const DIAG_4: [(isize, isize, f64); 4] =
+    [(-1, -1, 0.25), (-1, 1, 0.25), (1, -1, 0.25), (1, 1, 0.25)];
 
 /// Malvar-He-Cutler's 5x5 filters (weights / 8): green at a red or blue sample.
 const MHC_G_AT_RB: [(isize, isize, f64); 9] = [
@@ -621,7 +617,8 @@ pub fn local_rms(noisy: &Image, clean: &Image) -> Image {
     for y in 0..h {
         for x in 0..w {
             let (x0, x1) = (x.saturating_sub(R), (x + R).min(w - 1));
-            rows[y * w + x] = sq[y * w + x0..=y * w + x1].iter().sum::<f64>() / (x1 - x0 + 1) as f64;
+            rows[y * w + x] =
+                sq[y * w + x0..=y * w + x1].iter().sum::<f64>() / (x1 - x0 + 1) as f64;
         }
     }
     let data = (0..n)
@@ -644,8 +641,8 @@ mod tests {
 
     fn photo(h: usize, w: usize) -> Image {
         Image::from_fn(3, h, w, |c, y, x| {
-            let v = 0.5
-                + 0.35 * ((y as f32 / 7.0 + c as f32).sin() * (x as f32 / 11.0 + 0.3).cos());
+            let v =
+                0.5 + 0.35 * ((y as f32 / 7.0 + c as f32).sin() * (x as f32 / 11.0 + 0.3).cos());
             (v * 255.0).round() / 255.0
         })
     }
@@ -808,7 +805,8 @@ mod tests {
 
     #[test]
     fn jpeg_settings_are_drawn_within_the_spec() {
-        let spec: CameraSpec = CameraSpec::parse(&["iso=400-1600", "jpeg=70-90", "chroma=420"]).unwrap();
+        let spec: CameraSpec =
+            CameraSpec::parse(&["iso=400-1600", "jpeg=70-90", "chroma=420"]).unwrap();
         let mut rng = ChaCha8Rng::seed_from_u64(0);
         for _ in 0..50 {
             let (q, sub) = spec.draw(&mut rng).jpeg.unwrap();
@@ -827,8 +825,14 @@ mod tests {
         };
         ok(&[], "camera:iso=100-12800");
         ok(&["iso=1600"], "camera:iso=1600");
-        ok(&["jpeg=80-95", "iso=200-400"], "camera:iso=200-400:jpeg=80-95");
-        ok(&["jpeg=90", "chroma=444"], "camera:iso=100-12800:jpeg=90:chroma=444");
+        ok(
+            &["jpeg=80-95", "iso=200-400"],
+            "camera:iso=200-400:jpeg=80-95",
+        );
+        ok(
+            &["jpeg=90", "chroma=444"],
+            "camera:iso=100-12800:jpeg=90:chroma=444",
+        );
         for bad in [
             &["iso=0-100"][..],
             &["iso=800-100"],

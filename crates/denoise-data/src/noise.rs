@@ -1703,7 +1703,12 @@ mod tests {
             })
             .count();
         assert!((5..35).contains(&constant_maps), "{constant_maps}");
-        for bad in ["camera||gaussian:5", "|gaussian:5", "gaussian:5|", "gaussian:5|nope"] {
+        for bad in [
+            "camera||gaussian:5",
+            "|gaussian:5",
+            "gaussian:5|",
+            "gaussian:5|nope",
+        ] {
             assert!(bad.parse::<NoiseSpec>().is_err(), "{bad}");
         }
     }

@@ -101,9 +101,14 @@ impl FfdnetConfig {
             ensure(e.depth >= 2, || {
                 format!("estimator depth must be at least 2, got {}", e.depth)
             })?;
-            ensure(e.features > 0, || "estimator features must be positive".into())?;
+            ensure(e.features > 0, || {
+                "estimator features must be positive".into()
+            })?;
             ensure(e.smooth >= 1 && e.smooth % 2 == 1, || {
-                format!("estimator smooth must be an odd number >= 1, got {}", e.smooth)
+                format!(
+                    "estimator smooth must be an odd number >= 1, got {}",
+                    e.smooth
+                )
             })?;
         }
         Ok(())
@@ -355,7 +360,9 @@ mod tests {
         let x = Tensor::rand([1, 3, 20, 24], (tch::Kind::Float, Device::Cpu));
         let map = |v: f64| Tensor::full([1, 1, 20, 24], v, (tch::Kind::Float, Device::Cpu));
         let blind = model.denoise(&x, None).unwrap();
-        let sentinel = model.denoise(&x, Some(&map(f64::from(ESTIMATE_HERE)))).unwrap();
+        let sentinel = model
+            .denoise(&x, Some(&map(f64::from(ESTIMATE_HERE))))
+            .unwrap();
         let start = model.denoise(&x, Some(&map(ESTIMATOR_START))).unwrap();
         let other = model.denoise(&x, Some(&map(40.0 / 255.0))).unwrap();
         let gap = |a: &Tensor, b: &Tensor| (a - b).abs().max().double_value(&[]);

@@ -19,7 +19,12 @@ pub struct Args {
     #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
     data: Option<PathBuf>,
     /// Noise specs separated by commas, e.g. gaussian:15,gaussian:25,gaussian:50,method1,method2.
-    #[arg(long, value_delimiter = ',', required_unless_present = "pairs", conflicts_with = "pairs")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        required_unless_present = "pairs",
+        conflicts_with = "pairs"
+    )]
     noise: Vec<String>,
     /// Real noise: a folder holding `noisy/` and `clean/`, files paired by name without the
     /// extension (any supported format). Blind unless --sigma is given.
@@ -77,7 +82,10 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(dir) = &args.pairs {
         return run_pairs(args, dir);
     }
-    let data = args.data.as_deref().expect("clap requires --data without --pairs");
+    let data = args
+        .data
+        .as_deref()
+        .expect("clap requires --data without --pairs");
     let specs: Vec<(String, NoiseSpec)> = args
         .noise
         .iter()
