@@ -42,6 +42,14 @@ pub struct EstimatorConfig {
     pub features: i64,
     /// Side of the smoothing box, in half-resolution pixels (1: none).
     pub smooth: i64,
+    /// What the estimate is multiplied by before the body sees it: a shipped model's strength,
+    /// chosen after training on real photos (the loss trains the estimate for its own noise).
+    #[serde(skip_serializing_if = "is_one")]
+    pub scale: f64,
+}
+
+fn is_one(v: &f64) -> bool {
+    *v == 1.0
 }
 
 impl Default for EstimatorConfig {
@@ -50,6 +58,7 @@ impl Default for EstimatorConfig {
             depth: 4,
             features: 32,
             smooth: 9,
+            scale: 1.0,
         }
     }
 }
@@ -110,6 +119,9 @@ impl FfdnetConfig {
                     e.smooth
                 )
             })?;
+            ensure(e.scale > 0.0 && e.scale.is_finite(), || {
+                format!("estimator scale must be positive, got {}", e.scale)
+            })?;
         }
         Ok(())
     }
@@ -119,6 +131,7 @@ impl FfdnetConfig {
 struct Estimator {
     convs: Vec<nn::Conv2D>,
     smooth: i64,
+    scale: f64,
 }
 
 impl Estimator {
@@ -143,6 +156,7 @@ impl Estimator {
         Self {
             convs,
             smooth: cfg.smooth,
+            scale: cfg.scale,
         }
     }
 
@@ -157,6 +171,11 @@ impl Estimator {
             }
         }
         let level = h.softplus();
+        let level = if self.scale == 1.0 {
+            level
+        } else {
+            level * self.scale
+        };
         if self.smooth > 1 {
             let k = self.smooth;
             level.avg_pool2d([k, k], [1, 1], [k / 2, k / 2], false, false, None::<i64>)
@@ -374,6 +393,16 @@ mod tests {
         let names: Vec<String> = model.var_store().variables().into_keys().collect();
         assert!(names.iter().any(|n| n == "estimator.0.weight"));
         assert!(names.iter().any(|n| n == "body.0.weight"));
+        // A scale multiplies the estimate: twice the starting level steers like a given one.
+        let mut scaled = cfg.clone();
+        if let crate::ModelConfig::Ffdnet(c) = &mut scaled {
+            c.estimator.as_mut().unwrap().scale = 2.0;
+        }
+        assert!(serde_json::to_string(&scaled).unwrap().contains("\"scale\":2.0"));
+        let mut twice = crate::Model::new(&scaled, Device::Cpu).unwrap();
+        twice.var_store_mut().copy(model.var_store()).unwrap();
+        let doubled = model.denoise(&x, Some(&map(2.0 * ESTIMATOR_START))).unwrap();
+        assert!(gap(&twice.denoise(&x, None).unwrap(), &doubled) < 1e-5);
         // Without an estimator a model serialises as before (no `estimator` key).
         let plain = serde_json::to_string(&FfdnetConfig::default()).unwrap();
         assert!(!plain.contains("estimator"), "{plain}");
