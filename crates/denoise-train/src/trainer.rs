@@ -69,6 +69,38 @@ pub struct Trainer {
     /// The step of the checkpoint on disk: saving the same step again would only push the
     /// previous checkpoint out.
     saved_step: Option<u64>,
+    /// The run directory's lock, held while this trainer lives: two processes training one run
+    /// would write over each other's log and checkpoints.
+    _lock: std::fs::File,
+}
+
+/// The lock file in a run directory (an advisory lock; the file itself stays).
+pub const LOCK_FILE: &str = "run.lock";
+
+/// Takes the run directory's lock, or says which process's run this is.
+fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
+    let path = run_dir.join(LOCK_FILE);
+    let io = |source| TrainError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(TrainError::RunDir(format!(
+            "another process is training the run in '{}' (it holds '{}'): wait for it to \
+             finish or stop it (Ctrl-C saves a checkpoint), then --resume",
+            run_dir.display(),
+            path.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+    }
 }
 
 impl Trainer {
@@ -225,6 +257,7 @@ impl Trainer {
             path: run_dir.to_path_buf(),
             source,
         })?;
+        let lock = lock_run_dir(run_dir)?;
         if cfg.threads > 0 {
             tch::set_num_threads(cfg.threads as i32);
         } else if checked.device.is_cuda()
@@ -342,6 +375,7 @@ impl Trainer {
             cpu_budget: None,
             warnings,
             saved_step: resume.then_some(step),
+            _lock: lock,
         })
     }
 
@@ -1303,6 +1337,25 @@ mod tests {
         for (name, m) in adam.state() {
             assert!(m.equal(&moments[&name]), "moment {name} changed");
         }
+    }
+
+    #[test]
+    fn a_second_trainer_on_a_run_in_use_is_refused_until_the_first_ends() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let stop = AtomicBool::new(false);
+        let run = dir.path().join("run");
+        let mut first = Trainer::new(config(data.clone(), 2), &run, false)
+            .unwrap()
+            .quiet(true);
+        first.run(&stop, None).unwrap();
+        let err = Trainer::new(config(data.clone(), 4), &run, true)
+            .err()
+            .expect("the run is in use");
+        assert!(err.to_string().contains("another process"), "{err}");
+        drop(first);
+        assert!(Trainer::new(config(data, 4), &run, true).is_ok());
     }
 
     #[test]
