@@ -398,10 +398,16 @@ mod tests {
         if let crate::ModelConfig::Ffdnet(c) = &mut scaled {
             c.estimator.as_mut().unwrap().scale = 2.0;
         }
-        assert!(serde_json::to_string(&scaled).unwrap().contains("\"scale\":2.0"));
+        assert!(
+            serde_json::to_string(&scaled)
+                .unwrap()
+                .contains("\"scale\":2.0")
+        );
         let mut twice = crate::Model::new(&scaled, Device::Cpu).unwrap();
         twice.var_store_mut().copy(model.var_store()).unwrap();
-        let doubled = model.denoise(&x, Some(&map(2.0 * ESTIMATOR_START))).unwrap();
+        let doubled = model
+            .denoise(&x, Some(&map(2.0 * ESTIMATOR_START)))
+            .unwrap();
         assert!(gap(&twice.denoise(&x, None).unwrap(), &doubled) < 1e-5);
         // Without an estimator a model serialises as before (no `estimator` key).
         let plain = serde_json::to_string(&FfdnetConfig::default()).unwrap();
