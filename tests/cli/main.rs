@@ -7,7 +7,10 @@ use denoise_models::{Model, artefact};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+mod batch;
+mod deploy;
 mod metadata;
+mod slurm;
 
 fn cli() -> Command {
     Command::new(env!("CARGO_BIN_EXE_denoise-cli"))

@@ -2,6 +2,7 @@
 //! training tools, from one binary. Errors print as `denoise-cli: <message>` with a non-zero
 //! exit, never a panic or a backtrace.
 
+mod batch;
 mod cmd;
 mod common;
 

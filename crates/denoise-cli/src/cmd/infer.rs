@@ -1,12 +1,15 @@
 //! `denoise-cli infer`: denoise files or directories, keeping format, bit depth, alpha and
 //! metadata.
 
+use crate::batch::{self, FileReport, Report, Shard, ShardArg, ShardReport, Status};
 use crate::common::{PrecisionArg, Runner, Sigma, Tiling, canonical, describe};
 use anyhow::{Context, Result, bail};
 use denoise_data::metadata::{DropReason, Dropped};
 use denoise_data::{dataset, io};
+use denoise_models::tile::LevelUsed;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 /// The shipped gray model's name.
 const GRAY_MODEL: &str = "gray";
@@ -52,8 +55,33 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::common::parse_ensemble)]
     ensemble: usize,
     /// Image files or directories (recursive).
-    #[arg(required = true)]
+    #[arg(required_unless_present = "files_from")]
     inputs: Vec<PathBuf>,
+    /// A file listing inputs, one path per line, relative to the list's folder or absolute;
+    /// blank lines and lines starting with '#' are skipped. Each result goes to its path
+    /// relative to the list's folder under --out-dir (a file outside that folder: its name).
+    #[arg(long, value_name = "LIST", conflicts_with = "output")]
+    files_from: Option<PathBuf>,
+    /// Denoise only shard I of N (counted from 0) of the inputs, to split a batch over
+    /// processes or machines: a file's shard is a hash of its path under --out-dir, so the N
+    /// runs 0/N to N-1/N take every file once, and a file keeps its shard when others are
+    /// added. 'auto' reads I and N from a Slurm job array (SLURM_ARRAY_TASK_ID less
+    /// SLURM_ARRAY_TASK_MIN, of SLURM_ARRAY_TASK_COUNT) or a Kubernetes Indexed Job
+    /// (JOB_COMPLETION_INDEX, of --shards N).
+    #[arg(long, value_name = "I/N|auto", conflicts_with = "output")]
+    shard: Option<ShardArg>,
+    /// With --shard auto in a Kubernetes Indexed Job: how many shards (the Job's completions).
+    #[arg(long, value_name = "N", requires = "shard", value_parser = batch::parse_shards)]
+    shards: Option<u64>,
+    /// Leave alone an output that exists (outputs are written to a temporary file and renamed,
+    /// so one that exists is complete): a batch run again after an interruption redoes only
+    /// what is missing.
+    #[arg(long)]
+    skip_existing: bool,
+    /// Write a JSON report to FILE: each input's status (done, skipped, or failed with the
+    /// error), its seconds and the noise level used, and the totals.
+    #[arg(long, value_name = "FILE")]
+    report: Option<PathBuf>,
     /// Output file (one input file only).
     #[arg(short, long, conflicts_with = "out_dir")]
     output: Option<PathBuf>,
@@ -63,6 +91,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let started = Instant::now();
     if let Some(tile) = args.tile {
         if tile != 0 && tile < 32 {
             bail!("--tile must be 0 (whole image) or at least 32, got {tile}");
@@ -78,7 +107,22 @@ pub fn run(args: &Args) -> Result<()> {
     if let Some(dir) = args.out_dir.as_ref().filter(|d| d.exists() && !d.is_dir()) {
         bail!("--out-dir '{}' is a file, not a directory", dir.display());
     }
-    let jobs = plan(args)?;
+    let shard = resolve_shard(args)?;
+    let batch = plan(args)?;
+    let batch_files = batch.len();
+    let jobs: Vec<Job> = match &shard {
+        Some((shard, _)) => batch
+            .into_iter()
+            .filter(|job| shard.holds(&batch::key_bytes(&job.key)))
+            .collect(),
+        None => batch,
+    };
+    if let Some((shard, from)) = &shard {
+        eprintln!(
+            "shard {shard} (from {from}): {} of the batch's {batch_files} image(s)",
+            jobs.len()
+        );
+    }
     let runner = Runner::load(
         args.model.as_deref(),
         &args.device,
@@ -109,30 +153,77 @@ pub fn run(args: &Args) -> Result<()> {
             .expect("valid template")
             .progress_chars("=> "),
     );
+    let sigma = args.sigma.unwrap_or(Sigma::Blind);
+    let mut report = Report {
+        model: runner.path.display().to_string(),
+        shard: shard.map(|(shard, from)| ShardReport {
+            index: shard.index,
+            count: shard.count,
+            from,
+            batch_files,
+        }),
+        files: Vec::with_capacity(jobs.len()),
+        totals: Default::default(),
+    };
     let mut failures = Vec::new();
-    for (input, output) in &jobs {
+    let mut skipped = Vec::new();
+    for job in &jobs {
         bar.set_message("");
-        match denoise_one(
-            &runner,
-            input,
-            output,
-            args.sigma.unwrap_or(Sigma::Blind),
-            &bar,
-            gray_hint,
-        ) {
-            Ok(notes) => {
-                for note in notes {
-                    say(&bar, note);
+        let mut line = FileReport {
+            input: job.input.display().to_string(),
+            output: job.output.display().to_string(),
+            status: Status::Done,
+            seconds: 0.0,
+            sigma: None,
+            sigma_estimated: false,
+            error: None,
+        };
+        if args.skip_existing && job.output.is_file() {
+            line.status = Status::Skipped;
+            skipped.push(job.output.display().to_string());
+        } else {
+            let start = Instant::now();
+            match denoise_one(&runner, &job.input, &job.output, sigma, &bar, gray_hint) {
+                Ok((notes, used)) => {
+                    for note in notes {
+                        say(&bar, note);
+                    }
+                    line.sigma = used.map(|level| level.sigma);
+                    line.sigma_estimated = used.is_some() && !matches!(sigma, Sigma::Fixed(_));
+                }
+                Err(err) => {
+                    let text = describe(&err);
+                    say(&bar, format!("denoise-cli: {text}"));
+                    failures.push(job.input.display().to_string());
+                    line.status = Status::Failed;
+                    line.error = Some(text);
                 }
             }
-            Err(err) => {
-                say(&bar, format!("denoise-cli: {}", describe(&err)));
-                failures.push(input.display().to_string());
-            }
+            line.seconds = start.elapsed().as_secs_f64();
         }
+        report.files.push(line);
         bar.inc(1);
     }
     bar.finish_and_clear();
+    if let Some(path) = &args.report {
+        report
+            .write(path, started.elapsed().as_secs_f64())
+            .with_context(|| format!("cannot write the report '{}'", path.display()))?;
+    }
+    if !skipped.is_empty() {
+        const NAMED: usize = 5;
+        let more = skipped.len().saturating_sub(NAMED);
+        eprintln!(
+            "skipped {} image(s) whose output exists: {}{}",
+            skipped.len(),
+            skipped[..skipped.len().min(NAMED)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        );
+    }
     if !failures.is_empty() {
         bail!(
             "{} of {} image(s) failed: {}",
@@ -141,23 +232,52 @@ pub fn run(args: &Args) -> Result<()> {
             failures.join(", ")
         );
     }
-    eprintln!("denoised {} image(s)", jobs.len());
+    eprintln!("denoised {} image(s)", jobs.len() - skipped.len());
     Ok(())
 }
 
-/// The (input, output) pairs, checked before any work: every input exists, no two inputs
-/// share an output, no output is one of the inputs (nothing of the user's is overwritten), and
-/// none is an existing device, FIFO or other file that is not a regular one.
-fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
-    let mut jobs: Vec<(PathBuf, PathBuf)> = Vec::new();
+/// `--shard`, with where `auto` read it; `None` without `--shard`.
+fn resolve_shard(args: &Args) -> Result<Option<(Shard, String)>> {
+    match args.shard {
+        None => Ok(None),
+        Some(ShardArg::Fixed(shard)) => {
+            if args.shards.is_some() {
+                bail!("--shards goes with --shard auto; --shard {shard} already says how many");
+            }
+            Ok(Some((shard, "--shard".into())))
+        }
+        Some(ShardArg::Auto) => {
+            batch::shard_from_env(args.shards, |name| std::env::var(name).ok()).map(Some)
+        }
+    }
+}
+
+/// One input, its output and its key: the path the output takes under `--out-dir`, which
+/// decides its shard.
+struct Job {
+    input: PathBuf,
+    output: PathBuf,
+    key: PathBuf,
+}
+
+/// The whole batch, all shards, checked before any work (so every shard agrees it is sound):
+/// every input exists, no two inputs share an output, no output (nor the report) is one of the
+/// inputs (nothing of the user's is overwritten), and none is an existing device, FIFO or
+/// other file that is not a regular one.
+fn plan(args: &Args) -> Result<Vec<Job>> {
+    let mut jobs: Vec<Job> = Vec::new();
     for input in &args.inputs {
         if input.is_dir() {
             let Some(out_dir) = &args.out_dir else {
                 bail!("'{}' is a directory: give --out-dir", input.display());
             };
             for file in dataset::scan(input)? {
-                let rel = file.strip_prefix(input).unwrap_or(&file).to_path_buf();
-                jobs.push((file, out_dir.join(rel)));
+                let key = file.strip_prefix(input).unwrap_or(&file).to_path_buf();
+                jobs.push(Job {
+                    output: out_dir.join(&key),
+                    input: file,
+                    key,
+                });
             }
         } else if !input.exists() {
             bail!("'{}' does not exist", input.display());
@@ -171,23 +291,51 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
                     out.display()
                 );
             }
-            jobs.push((input.clone(), out.clone()));
+            let key = out.file_name().map(PathBuf::from).unwrap_or_default();
+            jobs.push(Job {
+                input: input.clone(),
+                output: out.clone(),
+                key,
+            });
         } else if let Some(out_dir) = &args.out_dir {
-            let name = input.file_name().context("input has no file name")?;
-            jobs.push((input.clone(), out_dir.join(name)));
+            let key = PathBuf::from(input.file_name().context("input has no file name")?);
+            jobs.push(Job {
+                input: input.clone(),
+                output: out_dir.join(&key),
+                key,
+            });
         } else {
             bail!("give -o OUTPUT or --out-dir DIR");
+        }
+    }
+    if let (Some(list), Some(out_dir)) = (&args.files_from, &args.out_dir) {
+        for batch::Listed { file, key } in batch::read_list(list)? {
+            jobs.push(Job {
+                input: file,
+                output: out_dir.join(&key),
+                key,
+            });
         }
     }
     if jobs.is_empty() {
         bail!("no images found in the inputs");
     }
     let mut seen: HashMap<PathBuf, &Path> = HashMap::new();
-    for (input, _) in &jobs {
+    for Job { input, .. } in &jobs {
         seen.insert(canonical(input), input);
     }
+    if let Some(report) = &args.report {
+        crate::common::check_output_file(report)?;
+        if let Some(source) = seen.get(&canonical(report)) {
+            bail!(
+                "--report '{}' would overwrite the input '{}'",
+                report.display(),
+                source.display()
+            );
+        }
+    }
     let mut targets: HashMap<PathBuf, &Path> = HashMap::new();
-    for (input, output) in &jobs {
+    for Job { input, output, .. } in &jobs {
         crate::common::check_output_file(output)?;
         let target = canonical(output);
         if let Some(source) = seen.get(&target) {
@@ -207,10 +355,21 @@ fn plan(args: &Args) -> Result<Vec<(PathBuf, PathBuf)>> {
             );
         }
     }
+    if let Some(report) = args
+        .report
+        .as_ref()
+        .filter(|r| targets.contains_key(&canonical(r)))
+    {
+        bail!(
+            "--report '{}' is also an image's output: write it elsewhere",
+            report.display()
+        );
+    }
     Ok(jobs)
 }
 
-/// Denoises one file; returns the notes to print (the estimated noise level).
+/// Denoises one file; returns the notes to print (the estimated noise level) and the level the
+/// model was told, if it takes one.
 fn denoise_one(
     runner: &Runner,
     input: &Path,
@@ -218,7 +377,7 @@ fn denoise_one(
     sigma: Sigma,
     bar: &indicatif::ProgressBar,
     gray_hint: bool,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, Option<LevelUsed>)> {
     let (loaded, metadata) = io::load_with_metadata(input, io::DEFAULT_MAX_PIXELS)?;
     let depth = io::ImageFormat::from_path(output)
         .ok()
@@ -300,7 +459,7 @@ fn denoise_one(
             ));
         }
     }
-    Ok(notes)
+    Ok((notes, used))
 }
 
 /// What of the input's metadata the output goes without: one line for what its format has no
