@@ -91,15 +91,15 @@ fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
         .write(true)
         .open(&path)
         .map_err(io)?;
-    match file.try_lock() {
+    match fs4::FileExt::try_lock(&file) {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(TrainError::RunDir(format!(
+        Err(fs4::TryLockError::WouldBlock) => Err(TrainError::RunDir(format!(
             "another process is training the run in '{}' (it holds '{}'): wait for it to \
              finish or stop it (Ctrl-C saves a checkpoint), then --resume",
             run_dir.display(),
             path.display()
         ))),
-        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
+        Err(fs4::TryLockError::Error(e)) => Err(io(e)),
     }
 }
 
