@@ -198,10 +198,10 @@ async fn ready_after_start_up_and_not_while_the_queue_is_full() {
     server.assert_healthy().await;
 
     // One slow job running and one waiting fill the queue: not ready until it drains.
-    let (_, noisy) = noisy_case(256, 256);
+    let (_, noisy) = noisy_case(320, 320);
     let http = client();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..4 {
+    for _ in 0..6 {
         let (http, url, body) = (
             http.clone(),
             server.url("/api/denoise?sigma=25&ensemble=8"),
