@@ -188,7 +188,8 @@ async fn readyz(server: &Server) -> (u16, serde_json::Value) {
     (status, r.json().await.unwrap())
 }
 
-#[tokio::test]
+// Several threads: the requests that fill the queue go on while the test polls /readyz.
+#[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn ready_after_start_up_and_not_while_the_queue_is_full() {
     let server = Server::start(&["--workers", "1", "--queue", "1", "--tile", "0"]);
     assert_eq!(
@@ -201,7 +202,7 @@ async fn ready_after_start_up_and_not_while_the_queue_is_full() {
     let (_, noisy) = noisy_case(320, 320);
     let http = client();
     let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..6 {
+    for _ in 0..8 {
         let (http, url, body) = (
             http.clone(),
             server.url("/api/denoise?sigma=25&ensemble=8"),
