@@ -1228,3 +1228,68 @@ fn resuming_a_run_whose_config_is_empty_says_so() {
     let err = stderr(&out);
     assert!(err.contains("is empty") && !err.contains("''"), "{err}");
 }
+
+#[test]
+fn eval_pairs_scores_real_noisy_photos_by_name_and_names_unmatched_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = tiny_model(dir.path());
+    let pairs = dir.path().join("pairs");
+    for side in ["noisy", "clean"] {
+        std::fs::create_dir_all(pairs.join(side)).unwrap();
+    }
+    let clean = picture(24, 28);
+    let noisy = "gaussian:10+round"
+        .parse::<denoise_data::noise::NoiseSpec>()
+        .unwrap()
+        .apply(&clean, 3)
+        .image;
+    for name in ["a", "b"] {
+        // The two sides may be in different formats: pairs match by name alone.
+        io::save(
+            pairs.join(format!("clean/{name}.png")),
+            &clean,
+            None,
+            BitDepth::Eight,
+        )
+        .unwrap();
+        io::save(
+            pairs.join(format!("noisy/{name}.tif")),
+            &noisy,
+            None,
+            BitDepth::Eight,
+        )
+        .unwrap();
+    }
+    let dir_arg = pairs.to_str().unwrap();
+    let out = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        dir_arg,
+        "--json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = &json["results"][0];
+    assert_eq!(row["noise"], "real");
+    assert_eq!(row["images"], 2);
+    let noisy_psnr = row["noisy_psnr"].as_f64().unwrap();
+    let (c, n) = (
+        io::load(pairs.join("clean/a.png")).unwrap().image,
+        io::load(pairs.join("noisy/a.tif")).unwrap().image,
+    );
+    let want = denoise_metrics::psnr(c.data(), n.data(), 1.0).unwrap();
+    assert!((noisy_psnr - want).abs() < 1e-6, "{noisy_psnr} vs {want}");
+
+    io::save(pairs.join("noisy/c.png"), &noisy, None, BitDepth::Eight).unwrap();
+    let out = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        dir_arg,
+    ]);
+    assert_clean_failure(&out, "unmatched");
+    assert!(stderr(&out).contains("c.png"), "{}", stderr(&out));
+}

@@ -318,19 +318,7 @@ fn evaluate(
             let (out, used) = runner.denoise(&noisy.image, given(args), &mut |_, _| {}, map)?;
             seconds += start.elapsed().as_secs_f64();
             pixels += clean.pixels() as f64;
-            let out = io::quantize_8bit(&out);
-            let (c, h, w) = clean.shape();
-            let p = denoise_metrics::psnr(clean.data(), out.data(), 1.0)?;
-            let s = denoise_metrics::ssim(
-                clean.data(),
-                out.data(),
-                Shape {
-                    channels: c,
-                    height: h,
-                    width: w,
-                },
-                1.0,
-            )?;
+            let (p, s) = score(&clean, &io::quantize_8bit(&out))?;
             let n = denoise_metrics::psnr(clean.data(), noisy.image.data(), 1.0)?;
             psnr += p;
             ssim += s;
