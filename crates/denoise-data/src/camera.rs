@@ -416,6 +416,14 @@ pub fn demosaic(
     method: Demosaic,
 ) -> Vec<f64> {
     let at = |y: isize, x: isize| mosaic[reflect(y, h) * w + reflect(x, w)];
+    // The filters each colour's missing samples take: the cross for green at red or blue, the
+    // row's and the column's neighbours for red and blue at green, the diagonals for red at blue
+    // and blue at red. Each pixel runs only the two it needs.
+    type Taps = &'static [(isize, isize, f64)];
+    let (cross, row, col, diag): (Taps, Taps, Taps, Taps) = match method {
+        Demosaic::Bilinear => (&CROSS_4, &ROW_2, &COL_2, &DIAG_4),
+        Demosaic::Malvar => (&MHC_G_AT_RB, &MHC_ROW, &MHC_COL, &MHC_RB_AT_BR),
+    };
     let mut out = vec![0.0; 3 * h * w];
     for y in 0..h {
         for x in 0..w {
@@ -425,32 +433,14 @@ pub fn demosaic(
             let conv = |k: &[(isize, isize, f64)]| -> f64 {
                 k.iter().map(|&(dy, dx, c)| c * at(yi + dy, xi + dx)).sum()
             };
-            let (a, b, c) = match method {
-                Demosaic::Bilinear => (
-                    conv(&CROSS_4),
-                    // Neighbours along the row, along the column, on the diagonals.
-                    conv(&[(0, -1, 0.5), (0, 1, 0.5)]),
-                    conv(&[(-1, 0, 0.5), (1, 0, 0.5)]),
-                ),
-                Demosaic::Malvar => (conv(&MHC_G_AT_RB), conv(&MHC_ROW), conv(&MHC_COL)),
-            };
-            let diag = match method {
-                Demosaic::Bilinear => conv(&DIAG_4),
-                Demosaic::Malvar => conv(&MHC_RB_AT_BR),
-            };
             let v = mosaic[p];
             let rgb = match own {
                 // Red sample: green from the cross, blue from the diagonals.
-                0 => [v, a, diag],
-                2 => [diag, a, v],
-                _ => {
-                    // Green sample: the row holds red or blue.
-                    if bayer_colour(bayer, y, x + 1) == 0 {
-                        [b, v, c]
-                    } else {
-                        [c, v, b]
-                    }
-                }
+                0 => [v, conv(cross), conv(diag)],
+                2 => [conv(diag), conv(cross), v],
+                // Green sample: the row holds red or blue.
+                _ if bayer_colour(bayer, y, x + 1) == 0 => [conv(row), v, conv(col)],
+                _ => [conv(col), v, conv(row)],
             };
             for (ch, value) in rgb.into_iter().enumerate() {
                 out[ch * h * w + p] = value;
@@ -462,6 +452,8 @@ pub fn demosaic(
 
 const CROSS_4: [(isize, isize, f64); 4] =
     [(-1, 0, 0.25), (1, 0, 0.25), (0, -1, 0.25), (0, 1, 0.25)];
+const ROW_2: [(isize, isize, f64); 2] = [(0, -1, 0.5), (0, 1, 0.5)];
+const COL_2: [(isize, isize, f64); 2] = [(-1, 0, 0.5), (1, 0, 0.5)];
 const DIAG_4: [(isize, isize, f64); 4] =
     [(-1, -1, 0.25), (-1, 1, 0.25), (1, -1, 0.25), (1, 1, 0.25)];
 

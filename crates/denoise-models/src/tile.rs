@@ -109,9 +109,8 @@ pub fn denoise_image(
             Some(vec![s / 255.0 * gain; h * w]),
             Some(LevelUsed::uniform(s)),
         ),
-        (true, NoiseLevel::Estimate) if config.estimates_level() => {
-            (Some(vec![crate::ffdnet::ESTIMATE_HERE; h * w]), None)
-        }
+        // The model reads the level itself where it is given no map.
+        (true, NoiseLevel::Estimate) if config.estimates_level() => (None, None),
         (true, NoiseLevel::Estimate) => {
             // A colour picture shown to a gray model gets 0.669 times the estimate; for noise
             // the channels share (`NoiseEstimate::Shared`, already 1.4 times the filter) that
