@@ -6,6 +6,7 @@
 pub mod artefact;
 pub mod autoencoder;
 pub mod config;
+pub mod device;
 pub mod dncnn;
 pub mod error;
 pub mod export;
@@ -19,6 +20,7 @@ pub mod unet;
 
 pub use crate::artefact::{Artefact, Metadata};
 pub use crate::config::{ModelConfig, ModelKind};
+pub use crate::device::parse_device;
 pub use crate::error::ModelError;
 pub use crate::model::Model;
 pub use crate::perf::{Layout, Precision};

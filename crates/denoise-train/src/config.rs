@@ -251,30 +251,12 @@ impl TrainConfig {
     }
 }
 
-/// `auto`, `cpu`, `cuda` or `cuda:N`.
+/// The config's `device` ([`denoise_models::parse_device`]), refused as a config error.
 pub fn parse_device(s: &str) -> Result<tch::Device> {
-    match s {
-        "auto" => Ok(tch::Device::cuda_if_available()),
-        "cpu" => Ok(tch::Device::Cpu),
-        "cuda" | "gpu" => cuda(0),
-        _ => match s.strip_prefix("cuda:").and_then(|n| n.parse().ok()) {
-            Some(n) => cuda(n),
-            None => Err(TrainError::Config(format!(
-                "unknown device '{s}' (auto, cpu, cuda, cuda:N)"
-            ))),
-        },
-    }
-}
-
-fn cuda(n: usize) -> Result<tch::Device> {
-    if tch::Cuda::device_count() as usize > n {
-        Ok(tch::Device::Cuda(n))
-    } else {
-        Err(TrainError::Config(format!(
-            "cuda:{n} requested but libtorch sees {} CUDA device(s)",
-            tch::Cuda::device_count()
-        )))
-    }
+    denoise_models::parse_device(s).map_err(|err| match err {
+        denoise_models::ModelError::Input(message) => TrainError::Config(message),
+        other => other.into(),
+    })
 }
 
 #[cfg(test)]
@@ -418,12 +400,12 @@ mod tests {
         });
         assert!(e.contains("floor"), "{e}");
         assert!(toml::from_str::<TrainConfig>("[model]\nkind = \"resnet\"\n").is_err());
-        assert!(
+        assert_eq!(
             err(TrainConfig {
                 device: "tpu".into(),
                 ..good
-            })
-            .contains("unknown device")
+            }),
+            "invalid training config: unknown device 'tpu' (auto, cpu, cuda, cuda:N)"
         );
     }
 }
