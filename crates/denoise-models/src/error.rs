@@ -24,6 +24,9 @@ pub enum ModelError {
     },
     #[error("'{path}' is not a valid model artefact: {message}")]
     Artefact { path: PathBuf, message: String },
+    /// The caller's cancellation check said stop (between tiles or self-ensemble passes).
+    #[error("denoising was cancelled")]
+    Cancelled,
 }
 
 impl ModelError {

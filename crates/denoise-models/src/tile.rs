@@ -89,6 +89,23 @@ pub fn denoise_image(
     cfg: TileConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<(Image, Option<LevelUsed>)> {
+    denoise_image_cancellable(model, image, level, cfg, progress, &never)
+}
+
+/// [`denoise_image`] that calls `cancelled()` before each pass over a tile (so between tiles
+/// and between self-ensemble passes) and stops with [`ModelError::Cancelled`] once it answers
+/// true: a caller whose client has gone does not pay for the rest of the image.
+///
+/// # Shapes
+/// `image`: C x H x W with C = 1 or 3; the result has the same shape.
+pub fn denoise_image_cancellable(
+    model: &Model,
+    image: &Image,
+    level: NoiseLevel<'_>,
+    cfg: TileConfig,
+    progress: &mut dyn FnMut(usize, usize),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Image, Option<LevelUsed>)> {
     let config = model.config();
     let input = image.to_channels(config.channels() as usize)?;
     let (c, h, w) = input.shape();
@@ -141,13 +158,14 @@ pub fn denoise_image(
             }
         }
     };
-    let out = denoise_tiled(
+    let out = denoise_tiled_cancellable(
         model,
         input.data(),
         map.as_deref(),
         (c, h, w),
         cfg,
         progress,
+        cancelled,
     )?;
     let out = Image::new(c, h, w, out)?;
     Ok((out.to_channels(image.channels())?, used))
@@ -320,9 +338,31 @@ pub fn denoise_tiled(
     model: &Model,
     image: &[f32],
     sigma: Option<&[f32]>,
+    shape: (usize, usize, usize),
+    cfg: TileConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<Vec<f32>> {
+    denoise_tiled_cancellable(model, image, sigma, shape, cfg, progress, &never)
+}
+
+/// The cancellation check of the calls that take none.
+fn never() -> bool {
+    false
+}
+
+/// [`denoise_tiled`] that calls `cancelled()` before each pass over a tile and stops with
+/// [`ModelError::Cancelled`] once it answers true.
+///
+/// # Shapes
+/// `image`: c*h*w samples; `sigma`: h*w samples. Returns c*h*w samples.
+pub fn denoise_tiled_cancellable(
+    model: &Model,
+    image: &[f32],
+    sigma: Option<&[f32]>,
     (c, h, w): (usize, usize, usize),
     cfg: TileConfig,
     progress: &mut dyn FnMut(usize, usize),
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<f32>> {
     if image.len() != c * h * w || sigma.is_some_and(|s| s.len() != h * w) {
         return Err(ModelError::Input(format!(
@@ -348,17 +388,21 @@ pub fn denoise_tiled(
         for &x in &xs {
             let (th, tw) = (tile.min(h - y), tile.min(w - x));
             let before = done;
-            let result = denoise_window(
-                model,
+            let planes = Planes {
                 image,
                 sigma,
-                (c, h, w),
+                shape: (c, h, w),
+            };
+            let result = denoise_window(
+                model,
+                planes,
                 (y, x, th, tw),
                 cfg.ensemble,
                 &mut || {
                     done += 1;
                     progress(done, total);
                 },
+                cancelled,
             )?;
             accumulate(
                 &mut out,
@@ -399,15 +443,26 @@ fn starts(len: usize, tile: usize, overlap: usize) -> Vec<usize> {
     v
 }
 
+/// The image a tiled run reads: `c x h x w` samples and the `h x w` noise-level map, if any.
+#[derive(Clone, Copy)]
+struct Planes<'a> {
+    image: &'a [f32],
+    sigma: Option<&'a [f32]>,
+    shape: (usize, usize, usize),
+}
+
 /// Runs one window, splitting it in four on out-of-memory (down to 64 pixels).
 fn denoise_window(
     model: &Model,
-    image: &[f32],
-    sigma: Option<&[f32]>,
-    (c, h, w): (usize, usize, usize),
+    Planes {
+        image,
+        sigma,
+        shape: (c, h, w),
+    }: Planes<'_>,
     (y, x, th, tw): (usize, usize, usize, usize),
     ensemble: usize,
     on_pass: &mut dyn FnMut(),
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Vec<f32>> {
     let crop = |src: &[f32], planes: usize| {
         let mut v = Vec::with_capacity(planes * th * tw);
@@ -421,7 +476,7 @@ fn denoise_window(
     };
     let t = Tensor::from_slice(&crop(image, c)).view([1, c as i64, th as i64, tw as i64]);
     let map = sigma.map(|s| Tensor::from_slice(&crop(s, 1)).view([1, 1, th as i64, tw as i64]));
-    match denoise_views(model, &t, map.as_ref(), ensemble, on_pass) {
+    match denoise_views(model, &t, map.as_ref(), ensemble, on_pass, cancelled) {
         Ok(out) => Ok(Vec::try_from(out.view([-1]))?),
         Err(err) if is_oom(&err) && th.max(tw) > 64 => {
             // Halve the window: the quarters are denoised separately with their own margins.
@@ -432,13 +487,14 @@ fn denoise_window(
             };
             let window = crop(image, c);
             let window_sigma = sigma.map(|s| crop(s, 1));
-            denoise_tiled(
+            denoise_tiled_cancellable(
                 model,
                 &window,
                 window_sigma.as_deref(),
                 (c, th, tw),
                 sub,
                 &mut |_, _| {},
+                cancelled,
             )
         }
         Err(err) => Err(err),
@@ -454,8 +510,15 @@ fn denoise_views(
     map: Option<&Tensor>,
     n: usize,
     on_pass: &mut dyn FnMut(),
+    cancelled: &dyn Fn() -> bool,
 ) -> Result<Tensor> {
-    average_views(&mut |x, map| model.denoise(x, map), x, map, n, on_pass)
+    let mut run = |x: &Tensor, map: Option<&Tensor>| {
+        if cancelled() {
+            return Err(ModelError::Cancelled);
+        }
+        model.denoise(x, map)
+    };
+    average_views(&mut run, x, map, n, on_pass)
 }
 
 /// [`denoise_views`] for any `run` (the tests give it functions whose result is known).
@@ -775,7 +838,7 @@ mod tests {
         let opts = (Kind::Float, Device::Cpu);
         let x = Tensor::rand([1, 3, 12, 16], opts);
         let map = Tensor::rand([1, 1, 12, 16], opts) * 0.2;
-        let whole = denoise_views(&model, &x, Some(&map), 8, &mut || {}).unwrap();
+        let whole = denoise_views(&model, &x, Some(&map), 8, &mut || {}, &never).unwrap();
         assert_eq!(whole.size(), [1, 3, 12, 16]);
         // Progress moves once per pass, so one tile with 8 passes reports 8 steps.
         let flat: Vec<f32> = Vec::try_from(x.view([-1])).unwrap();
@@ -806,6 +869,58 @@ mod tests {
         };
         let err = denoise_tiled(&model, &flat, None, (3, 12, 16), bad, &mut |_, _| {});
         assert!(err.unwrap_err().to_string().contains("self-ensemble"));
+    }
+
+    #[test]
+    fn a_cancellation_check_stops_between_tiles_and_between_passes() {
+        let _rng = crate::test_rng_lock();
+        let model = tiny_ffdnet();
+        let (c, h, w) = (3, 40, 40);
+        let image: Vec<f32> = (0..c * h * w).map(|i| (i % 11) as f32 / 11.0).collect();
+        let map = vec![0.1; h * w];
+        // Four tiles of two passes: stopping after three passes stops inside the second tile,
+        // between its passes; stopping after four, between the second tile and the third.
+        let cfg = TileConfig {
+            tile: 24,
+            overlap: 8,
+            ensemble: 2,
+        };
+        for stop_after in [0, 3, 4] {
+            let done = std::cell::Cell::new(0);
+            let result = denoise_tiled_cancellable(
+                &model,
+                &image,
+                Some(&map),
+                (c, h, w),
+                cfg,
+                &mut |d, _| done.set(d),
+                &|| done.get() >= stop_after,
+            );
+            assert!(
+                matches!(result, Err(ModelError::Cancelled)),
+                "stop after {stop_after}: {result:?}"
+            );
+            assert_eq!(done.get(), stop_after, "passes run before stopping");
+        }
+        // A check that never says stop changes nothing.
+        let run = |cancelled: &dyn Fn() -> bool| {
+            denoise_tiled_cancellable(
+                &model,
+                &image,
+                Some(&map),
+                (c, h, w),
+                cfg,
+                &mut |_, _| {},
+                cancelled,
+            )
+            .unwrap()
+        };
+        assert_eq!(run(&|| false), run(&never));
+        // The image-level entry passes the check on.
+        let img = Image::new(c, h, w, image.clone()).unwrap();
+        let level = NoiseLevel::Uniform(20.0);
+        let stopped = denoise_image_cancellable(&model, &img, level, cfg, &mut |_, _| {}, &|| true);
+        assert!(matches!(stopped, Err(ModelError::Cancelled)));
     }
 
     #[test]
