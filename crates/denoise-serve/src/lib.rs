@@ -17,15 +17,19 @@
 //! Start it with [`App::new`] (validates the config and loads the default model in every worker)
 //! and [`serve`].
 
+mod body;
 pub mod config;
 pub mod error;
 pub mod fetch;
+mod handlers;
 mod head;
 pub mod metrics;
+mod middleware;
 pub mod models;
 pub mod progress;
 mod routes;
 pub mod samples;
+mod server;
 pub mod worker;
 
 pub use crate::config::{ModelEntry, ServeConfig, Strength};
