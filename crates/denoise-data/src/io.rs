@@ -419,7 +419,7 @@ fn decode_with(
     if format == ImageFormat::Jpeg {
         check_jpeg_end(name, bytes)?;
     }
-    let mut decoder = reader.into_decoder().map_err(|e| image_error(name, e))?;
+    let mut decoder = open_decoder(reader, name)?;
     let (width, height) = decoder.dimensions();
     if format == ImageFormat::WebP && (width == 0 || height == 0) {
         return Err(webp_side_of_16384(name, width, height, max_pixels));
@@ -444,6 +444,21 @@ fn decode_with(
         .map_err(|e| image_error(name, e))?;
     decoded.apply_orientation(orientation);
     Ok((raw_from_dynamic(decoded, format), metadata))
+}
+
+/// The decoder for `reader`'s format, its header read. A decoder can panic on a malformed
+/// header (the TIFF decoder indexes an empty SampleFormat list), which must end as this file's
+/// error, not the process.
+fn open_decoder<'a, R: BufRead + Seek + 'a>(
+    reader: ImageReader<R>,
+    name: &Path,
+) -> Result<impl ImageDecoder + 'a> {
+    catch_unwind(AssertUnwindSafe(|| reader.into_decoder()))
+        .map_err(|_| DataError::Decode {
+            path: name.into(),
+            message: "the decoder panicked on this file's header".into(),
+        })?
+        .map_err(|e| image_error(name, e))
 }
 
 /// The WebP decoder reads a lossless image's side of 16384 pixels, the largest its header
@@ -538,7 +553,7 @@ pub fn probe(path: impl AsRef<Path>) -> Result<ImageInfo> {
         return Err(DataError::EmptyFile { path: path.into() });
     }
     let (reader, format) = reader_for(BufReader::new(file), path)?;
-    let mut decoder = reader.into_decoder().map_err(|e| image_error(path, e))?;
+    let mut decoder = open_decoder(reader, path)?;
     let (mut width, mut height) = decoder.dimensions();
     // As `load` will show it: turned upright by its EXIF orientation.
     if matches!(
@@ -1374,6 +1389,27 @@ mod tests {
         fs::write(&path, &jpeg[..jpeg.len() / 2]).unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains("half.jpg") && e.contains("end-of-image"), "{e}");
+    }
+
+    #[test]
+    fn a_tiff_header_the_decoder_panics_on_is_refused_naming_it() {
+        // Width 1, height 1, black is zero, and a SampleFormat tag with no values.
+        let mut tiff = b"II*\0\x08\0\0\0\x04\0".to_vec();
+        for (tag, count, value) in [(256u16, 1u32, 1u32), (257, 1, 1), (262, 1, 1), (339, 0, 0)] {
+            tiff.extend_from_slice(&tag.to_le_bytes());
+            tiff.extend_from_slice(&3u16.to_le_bytes());
+            tiff.extend_from_slice(&count.to_le_bytes());
+            tiff.extend_from_slice(&value.to_le_bytes());
+        }
+        tiff.extend_from_slice(&[0; 4]);
+        let e = decode_bytes(&tiff, "bad.tif", DEFAULT_MAX_PIXELS).unwrap_err();
+        assert!(matches!(e, DataError::Decode { .. }), "{e}");
+        assert!(e.to_string().contains("bad.tif"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.tif");
+        fs::write(&path, &tiff).unwrap();
+        let e = probe(&path).unwrap_err().to_string();
+        assert!(e.contains("bad.tif"), "{e}");
     }
 
     #[test]
