@@ -1141,8 +1141,20 @@ pub fn save_with_metadata(
 }
 
 /// Writes `bytes` to a temporary file beside `path`, flushes it to disk and renames it over
-/// `path`, so a crash leaves either the old file or the new one, never half of one.
+/// `path`, so a crash leaves either the old file or the new one, never half of one. On any error
+/// (a full disk, a folder that cannot be written) the temporary file is removed and the error
+/// names `path` as a write.
 pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
+    write_atomic_with(path, |tmp| fs::File::create(tmp)?.write_all(bytes))
+}
+
+/// [`write_atomic`] for a writer that saves to a path itself (libtorch's TorchScript export):
+/// `write` fills the temporary file at the path it is given, which already exists, empty, so a
+/// folder that cannot be written is refused before `write` runs.
+pub fn write_atomic_with(
+    path: impl AsRef<Path>,
+    write: impl FnOnce(&Path) -> std::io::Result<()>,
+) -> Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let path = path.as_ref();
     let write_err = |source| DataError::Write {
@@ -1167,13 +1179,13 @@ pub fn write_atomic(path: impl AsRef<Path>, bytes: &[u8]) -> Result<()> {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
-    let result = (|| {
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        drop(f);
-        fs::rename(&tmp, path)
-    })();
+    // `create_new`: the name is ours alone, so removing it after a failure removes nothing else.
+    if let Err(source) = fs::File::create_new(&tmp) {
+        return Err(write_err(source));
+    }
+    let result = write(&tmp)
+        .and_then(|()| fs::OpenOptions::new().write(true).open(&tmp)?.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
     if let Err(source) = result {
         let _ = fs::remove_file(&tmp);
         return Err(write_err(source));
@@ -1635,6 +1647,41 @@ mod tests {
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
         let e = write_atomic(dir.path().join("no/such/dir/x.png"), b"x").unwrap_err();
         assert!(e.to_string().starts_with("failed to write"), "{e}");
+    }
+
+    #[test]
+    fn a_failed_atomic_write_names_the_file_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        fs::write(&path, b"old").unwrap();
+        // The disk fills up halfway through the file.
+        let e = write_atomic_with(&path, |tmp| {
+            fs::write(tmp, b"half")?;
+            Err(std::io::Error::from_raw_os_error(28))
+        })
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(&format!("failed to write '{}': ", path.display()))
+                && e.ends_with("(os error 28)"),
+            "{e}"
+        );
+        assert_eq!(fs::read(&path).unwrap(), b"old");
+        // A folder in the file's place: the rename fails after the whole file was written.
+        let blocked = dir.path().join("checkpoint.safetensors");
+        fs::create_dir(&blocked).unwrap();
+        fs::write(blocked.join("kept"), b"").unwrap();
+        let e = write_atomic(&blocked, b"new").unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!("failed to write '{}': ", blocked.display())),
+            "{e}"
+        );
+        let mut names: Vec<String> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["checkpoint.safetensors", "model.safetensors"]);
     }
 
     proptest::proptest! {

@@ -101,7 +101,7 @@ pub struct Artefact {
 /// torn one.
 pub fn save(model: &Model, metadata: &Metadata, path: &Path) -> Result<()> {
     let bytes = to_bytes(model, metadata)?;
-    write_atomic(path, &bytes)
+    Ok(denoise_data::io::write_atomic(path, &bytes)?)
 }
 
 /// The artefact as bytes (see [`save`]).
@@ -139,36 +139,6 @@ pub fn serialize_named(
     let info = HashMap::from([(meta_key.to_owned(), meta_json)]);
     safetensors::serialize(views, Some(info))
         .map_err(|e| ModelError::Config(format!("cannot serialise tensors: {e}")))
-}
-
-/// Writes `bytes` to `path` through a temporary file, fsync and rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let io = |source| ModelError::Io {
-        path: path.to_path_buf(),
-        source,
-    };
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(
-        ".{}.tmp{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let mut file = std::fs::File::create(&tmp).map_err(io)?;
-    file.write_all(bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    drop(file);
-    std::fs::rename(&tmp, path).map_err(io)?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
 }
 
 /// Resolves a path to the artefact file: itself, or `DIR/model.safetensors` for a directory.

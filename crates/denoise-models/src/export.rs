@@ -29,31 +29,10 @@ pub fn torchscript(model: &Model, path: &Path, size: i64) -> Result<()> {
         })
     })?;
     // Atomically, as every file the project writes: a crash leaves the old file or the new one.
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(
-        ".{}.{}.partial",
-        name.as_deref().unwrap_or("export"),
-        std::process::id()
-    ));
-    let written = module
-        .save(&tmp)
-        .map_err(crate::ModelError::from)
-        .and_then(|()| {
-            std::fs::File::open(&tmp)
-                .and_then(|f| f.sync_all())
-                .and_then(|()| std::fs::rename(&tmp, path))
-                .map_err(|source| {
-                    denoise_data::DataError::Write {
-                        path: path.to_path_buf(),
-                        source,
-                    }
-                    .into()
-                })
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    denoise_data::io::write_atomic_with(path, |tmp| {
+        module.save(tmp).map_err(std::io::Error::other)
+    })?;
+    Ok(())
 }
 
 #[cfg(test)]

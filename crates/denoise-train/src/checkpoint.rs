@@ -70,7 +70,7 @@ pub fn save(path: &Path, meta: &CheckpointMeta, tensors: &[(String, Tensor)]) ->
             message: "simulated crash".into(),
         });
     }
-    denoise_models::artefact::write_atomic(path, &bytes)?;
+    denoise_data::io::write_atomic(path, &bytes)?;
     Ok(())
 }
 
@@ -256,6 +256,30 @@ mod tests {
             err.contains("truncated") || err.contains("corrupt"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_checkpoint_that_cannot_be_written_is_named_as_a_write_and_leaves_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        // A folder in the checkpoint's place: the new file is written in full, then cannot
+        // take its name, as when the disk fills up, the write fails.
+        let blocked = dir.path().join(FILE_NAME);
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("kept"), b"").unwrap();
+        let meta = CheckpointMeta::new(1, 1, None, TrainCost::default(), &TrainConfig::default());
+        let t = vec![("model.w".to_owned(), Tensor::from_slice(&[1.0f32]))];
+        let err = save_keeping_previous(dir.path(), &meta, &t)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("failed to write '{}': ", blocked.display())),
+            "{err}"
+        );
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name())
+            .collect();
+        assert_eq!(names, [FILE_NAME], "only the folder is left");
     }
 
     #[test]

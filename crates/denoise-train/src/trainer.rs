@@ -1340,6 +1340,35 @@ mod tests {
     }
 
     #[test]
+    fn a_model_file_that_cannot_be_written_stops_the_run_naming_it_as_a_write() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let data = manifest(dir.path());
+        let run = dir.path().join("run");
+        let mut trainer = Trainer::new(config(data, 10), &run, false)
+            .unwrap()
+            .quiet(true);
+        // A folder in its place makes the first validation's write fail, as a full disk would.
+        let blocked = run.join(LAST_MODEL_FILE);
+        std::fs::create_dir(&blocked).unwrap();
+        std::fs::write(blocked.join("kept"), b"").unwrap();
+        let err = trainer
+            .run(&AtomicBool::new(false), None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("failed to write '{}': ", blocked.display())),
+            "{err}"
+        );
+        let left: Vec<String> = std::fs::read_dir(&run)
+            .unwrap()
+            .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name.contains(".tmp"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[test]
     fn a_second_trainer_on_a_run_in_use_is_refused_until_the_first_ends() {
         let _rng = crate::test_rng_lock();
         let dir = tempfile::tempdir().unwrap();
