@@ -282,6 +282,72 @@ fn a_request_hyper_cannot_parse_gets_a_json_error() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
+/// Sends `raw` on a new connection and returns the status code and the body of the answer.
+fn raw_exchange(addr: &str, raw: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.write_all(raw).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    let (head, body) = answer.split_once("\r\n\r\n").expect("a response");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    (status, body.to_owned())
+}
+
+#[test]
+fn a_request_naming_two_hosts_or_another_host_in_its_request_line_is_refused() {
+    let server = Server::start(&[]);
+    let addr = server.url("").trim_start_matches("http://").to_owned();
+    let refused = [
+        // A proxy may route by one Host and the server check the other.
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nHost: evil.example\r\nConnection: close\r\n\r\n"
+        ),
+        format!(
+            "GET /healthz HTTP/1.1\r\nHost: {addr}\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        ),
+        // The request line's host wins over Host for an HTTP/1.1 server.
+        format!(
+            "GET http://evil.example/healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        ),
+        format!(
+            "POST http://evil.example/api/denoise HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        ),
+    ];
+    for raw in &refused {
+        let (status, body) = raw_exchange(&addr, raw.as_bytes());
+        assert_eq!(status, 400, "{raw}: {body}");
+        let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+        let message = error["error"].as_str().unwrap_or_default();
+        assert!(message.to_lowercase().contains("host"), "{raw}: {message}");
+    }
+    // The request line may name this server itself.
+    let own =
+        format!("GET http://{addr}/healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let (status, body) = raw_exchange(&addr, own.as_bytes());
+    assert_eq!(status, 200, "{body}");
+    // A job id whose bytes are not UTF-8 once decoded: a JSON 400 as well.
+    let bad =
+        format!("GET /api/progress/%00%ff HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let (status, body) = raw_exchange(&addr, bad.as_bytes());
+    assert_eq!(status, 400, "{body}");
+    let error: serde_json::Value = serde_json::from_str(&body).expect("a JSON body");
+    assert!(
+        error["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("bad path"))
+    );
+    let server_log = server.log();
+    assert!(!server_log.contains("panicked"), "{server_log}");
+}
+
 /// Sends a `POST /api/denoise?sigma=0` of `body` on a new connection and reads the status line.
 fn post_and_await_the_answer(addr: &str, body: &[u8]) -> std::net::TcpStream {
     use std::io::{Read, Write};

@@ -25,16 +25,19 @@ pub(crate) async fn guard_origin(
     request: Request,
     next: middleware::Next,
 ) -> Response {
-    let refusal = {
-        let headers = request.headers();
-        let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
-        origin_refusal(
-            text(header::HOST),
-            text(header::ORIGIN),
-            request.method() == axum::http::Method::POST,
-            &state.allowed_hosts,
-        )
+    let host = match request_host(&request) {
+        Ok(host) => host,
+        Err(message) => return ServeError::BadRequest(message).into_response(),
     };
+    let refusal = origin_refusal(
+        host.as_deref(),
+        request
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok()),
+        request.method() == axum::http::Method::POST,
+        &state.allowed_hosts,
+    );
     match refusal {
         Some(message) => ServeError::Forbidden(message).into_response(),
         None => {
@@ -55,7 +58,38 @@ impl Drop for InFlight {
     }
 }
 
-/// Why a request with these `Host` and `Origin` headers is refused, if it is.
+/// The host a request is for, lower-case: the authority of a request line in absolute form
+/// (`GET http://host/path`), else the `Host` header. A request with two `Host` headers, or whose
+/// request line names another host than its `Host`, is refused: a proxy in front of this server
+/// and the server could each read a different one.
+fn request_host(request: &Request) -> Result<Option<String>, String> {
+    let mut hosts = request.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err("the request has more than one Host header".into());
+    }
+    let host = match host {
+        Some(value) => Some(
+            value
+                .to_str()
+                .map_err(|_| "the Host header is not plain ASCII text".to_owned())?
+                .to_ascii_lowercase(),
+        ),
+        None => None,
+    };
+    let Some(authority) = request.uri().authority() else {
+        return Ok(host);
+    };
+    let named = authority.as_str().to_ascii_lowercase();
+    match host {
+        Some(host) if host != named => Err(format!(
+            "the request line names host '{named}' but the Host header names '{host}'"
+        )),
+        _ => Ok(Some(named)),
+    }
+}
+
+/// Why a request for `host` with this `Origin` header is refused, if it is.
 fn origin_refusal(
     host: Option<&str>,
     origin: Option<&str>,
@@ -236,5 +270,36 @@ mod tests {
         ));
         assert_eq!(host_name("[::1]:80"), "[::1]");
         assert_eq!(host_name("example.org"), "example.org");
+    }
+
+    #[test]
+    fn a_request_names_one_host_or_is_refused() {
+        let request = |uri: &str, hosts: &[&str]| {
+            let mut builder = Request::builder().uri(uri);
+            for host in hosts {
+                builder = builder.header(header::HOST, *host);
+            }
+            request_host(&builder.body(axum::body::Body::empty()).unwrap())
+        };
+        assert_eq!(
+            request("/healthz", &["LocalHost:8080"]),
+            Ok(Some("localhost:8080".into()))
+        );
+        assert_eq!(request("/healthz", &[]), Ok(None));
+        let two = request("/healthz", &["localhost:8080", "evil.example"]);
+        assert!(two.unwrap_err().contains("more than one Host"));
+        assert!(request("/", &["a", "a"]).is_err(), "even the same twice");
+        // The request line in absolute form names the host, and must agree with Host.
+        let foreign = request("http://evil.example/", &["127.0.0.1:8080"]);
+        assert!(foreign.unwrap_err().contains("'evil.example'"));
+        assert_eq!(
+            request("http://127.0.0.1:8080/healthz", &["127.0.0.1:8080"]),
+            Ok(Some("127.0.0.1:8080".into()))
+        );
+        assert_eq!(
+            request("http://Evil.Example/", &[]),
+            Ok(Some("evil.example".into())),
+            "then judged as Host would be"
+        );
     }
 }
