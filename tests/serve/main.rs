@@ -3,6 +3,7 @@
 //! headless Chromium. Each test starts its own server and kills it when done.
 
 mod api;
+mod cancel;
 mod e2e;
 mod fixture;
 mod load;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 /// Scrapes `/metrics`, checking its content type and that every line is a `# HELP` or `# TYPE`
 /// comment or a `name{labels} value` sample of a family declared before it; returns each
 /// series (`name{labels}`) and its value.
-async fn scrape(server: &Server) -> BTreeMap<String, f64> {
+pub async fn scrape(server: &Server) -> BTreeMap<String, f64> {
     let r = client().get(server.url("/metrics")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let content_type = r.headers()["content-type"].to_str().unwrap().to_owned();

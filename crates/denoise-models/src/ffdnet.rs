@@ -331,7 +331,9 @@ pub fn gray_from_colour(colour: &crate::Model) -> Result<crate::Model> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tile::{NoiseLevel, TileConfig, denoise_image};
+    use crate::denoiser::denoise_image;
+    use crate::level::NoiseLevel;
+    use crate::tile::TileConfig;
     use denoise_data::Image;
     use tch::Device;
 

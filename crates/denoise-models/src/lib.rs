@@ -6,12 +6,15 @@
 pub mod artefact;
 pub mod autoencoder;
 pub mod config;
+pub mod denoiser;
 pub mod device;
 pub mod dncnn;
+pub mod ensemble;
 pub mod error;
 pub mod export;
 pub mod ffdnet;
 pub mod layers;
+pub mod level;
 pub mod model;
 pub mod perf;
 pub mod ridnet;
@@ -22,6 +25,7 @@ pub use crate::artefact::{Artefact, Metadata};
 pub use crate::config::{ModelConfig, ModelKind};
 pub use crate::device::parse_device;
 pub use crate::error::ModelError;
+pub use crate::level::{LevelUsed, NoiseLevel};
 pub use crate::model::Model;
 pub use crate::perf::{Layout, Precision};
 

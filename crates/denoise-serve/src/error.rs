@@ -52,7 +52,11 @@ pub enum ServeError {
     Fetch(#[from] FetchError),
     /// The model failed on this image.
     #[error("denoising failed: {0}")]
-    Model(#[from] ModelError),
+    Model(ModelError),
+    /// The client went away while its job waited or ran, and the job was dropped. Nobody reads
+    /// this answer: it tells the job's progress and the metrics what became of it.
+    #[error("the client went away before its image was denoised")]
+    Cancelled,
     /// A bug or a dead worker; the server keeps serving.
     #[error("internal error: {0}")]
     Internal(String),
@@ -76,6 +80,15 @@ impl From<DataError> for ServeError {
     }
 }
 
+impl From<ModelError> for ServeError {
+    fn from(err: ModelError) -> Self {
+        match err {
+            ModelError::Cancelled => ServeError::Cancelled,
+            err => ServeError::Model(err),
+        }
+    }
+}
+
 impl From<std::io::Error> for ServeError {
     fn from(err: std::io::Error) -> Self {
         ServeError::Internal(err.to_string())
@@ -95,6 +108,10 @@ impl ServeError {
             ServeError::Busy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ServeError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
             ServeError::Fetch(e) => e.status(),
+            // What proxies log for a client that closed its request (nginx's convention).
+            ServeError::Cancelled => {
+                StatusCode::from_u16(499).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            }
             ServeError::Config(_)
             | ServeError::LoadModel { .. }
             | ServeError::Model(_)

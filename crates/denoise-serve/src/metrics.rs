@@ -42,6 +42,8 @@ pub struct Metrics {
     routes: Mutex<BTreeMap<String, RouteStats>>,
     images: AtomicU64,
     pixels: AtomicU64,
+    /// Jobs dropped because their client went away.
+    cancelled: AtomicU64,
     /// Workers that have loaded each configured model (the set is fixed at start).
     models: BTreeMap<String, AtomicUsize>,
 }
@@ -65,6 +67,7 @@ impl Metrics {
             routes: Mutex::new(BTreeMap::new()),
             images: AtomicU64::new(0),
             pixels: AtomicU64::new(0),
+            cancelled: AtomicU64::new(0),
             models: models
                 .into_iter()
                 .map(|m| (m.to_owned(), AtomicUsize::new(0)))
@@ -95,6 +98,11 @@ impl Metrics {
         self.images.fetch_add(1, Ordering::Relaxed);
         self.pixels
             .fetch_add((width * height) as u64, Ordering::Relaxed);
+    }
+
+    /// Counts a job dropped because its client went away (while queued or running).
+    pub fn record_cancelled(&self) {
+        self.cancelled.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Counts a worker that has loaded `model`.
@@ -187,6 +195,14 @@ impl Metrics {
             "Megapixels of the images denoised successfully.",
         );
         out.sample(name, "", self.pixels.load(Ordering::Relaxed) as f64 / 1e6);
+        let name = "denoise_jobs_cancelled_total";
+        out.family(
+            name,
+            "counter",
+            "Jobs dropped because their client went away: skipped while queued, or stopped at \
+             the next pass over a tile while running.",
+        );
+        out.sample(name, "", self.cancelled.load(Ordering::Relaxed) as f64);
         let name = "denoise_model_loaded";
         out.family(
             name,
@@ -311,6 +327,7 @@ mod tests {
         assert_eq!(samples["denoise_workers"], 3.0);
         assert_eq!(samples["denoise_images_denoised_total"], 0.0);
         assert_eq!(samples["denoise_megapixels_denoised_total"], 0.0);
+        assert_eq!(samples["denoise_jobs_cancelled_total"], 0.0);
         assert_eq!(samples["denoise_model_loaded{model=\"default\"}"], 0.0);
         assert_eq!(samples["denoise_model_loaded{model=\"gray\"}"], 0.0);
         assert!(!text.contains("denoise_http_requests_total{"));
@@ -371,10 +388,11 @@ mod tests {
     }
 
     #[test]
-    fn images_megapixels_and_model_loads_add_up() {
+    fn images_megapixels_cancelled_jobs_and_model_loads_add_up() {
         let metrics = Metrics::new(["default", "gray"]);
         metrics.record_denoised(64, 48);
         metrics.record_denoised(1000, 1000);
+        metrics.record_cancelled();
         metrics.record_model_loaded("default");
         metrics.record_model_loaded("default");
         // Not a configured model: ignored, not a new series.
@@ -384,6 +402,7 @@ mod tests {
         let text = metrics.render(&gauges());
         let samples = parse(&text);
         assert_eq!(samples["denoise_images_denoised_total"], 2.0);
+        assert_eq!(samples["denoise_jobs_cancelled_total"], 1.0);
         assert_eq!(samples["denoise_megapixels_denoised_total"], 1.003072);
         assert!(text.contains("\ndenoise_megapixels_denoised_total 1.003072\n"));
         assert_eq!(samples["denoise_model_loaded{model=\"default\"}"], 2.0);

@@ -4,7 +4,7 @@
 use crate::config::{ModelEntry, Strength};
 use crate::{Result, ServeError};
 use denoise_data::Image;
-use denoise_models::tile::{LevelUsed, NoiseLevel, TileConfig, denoise_image};
+use denoise_models::tile::{LevelUsed, NoiseLevel, TileConfig, denoise_image_cancellable};
 use denoise_models::{Model, Precision, artefact};
 use serde::Serialize;
 
@@ -76,8 +76,10 @@ impl Denoiser {
     /// Denoises `image`, converting gray <-> colour when the model wants the other (and back),
     /// averaging `ensemble` passes per tile (flipped, turned and shifted; see
     /// `denoise_models::tile::VIEWS`), and calling
-    /// `progress(tiles_done, tiles_total)` as it goes. Returns the result (not
-    /// clipped) and the level used (estimated when `strength` is blind) for models that take one.
+    /// `progress(tiles_done, tiles_total)` as it goes, and stopping with
+    /// [`ServeError::Cancelled`] once `cancelled()` answers true before a pass. Returns the
+    /// result (not clipped) and the level used (estimated when `strength` is blind) for models
+    /// that take one.
     ///
     /// # Shapes
     /// `image`: C x H x W with C = 1 or 3; the result has the same shape.
@@ -87,12 +89,13 @@ impl Denoiser {
         strength: Strength,
         ensemble: usize,
         progress: &mut dyn FnMut(usize, usize),
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<(Image, Option<LevelUsed>)> {
         let level = match strength {
             Strength::Fixed(s) => NoiseLevel::Uniform(s),
             Strength::Blind => NoiseLevel::Estimate,
         };
-        Ok(denoise_image(
+        Ok(denoise_image_cancellable(
             &self.model,
             image,
             level,
@@ -101,6 +104,7 @@ impl Denoiser {
                 ..self.tile
             },
             progress,
+            cancelled,
         )?)
     }
 }

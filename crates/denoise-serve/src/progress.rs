@@ -19,6 +19,9 @@ pub enum State {
     Done,
     /// Finished with an error.
     Failed,
+    /// Dropped because its client went away: skipped while queued, or stopped between passes
+    /// over its tiles.
+    Cancelled,
 }
 
 /// The answer of `GET /api/progress/{id}`.
@@ -70,7 +73,7 @@ impl Registry {
         entries.retain(|_, e| {
             let age = now - e.updated;
             match e.snapshot.state {
-                State::Done | State::Failed => age < self.keep_finished,
+                State::Done | State::Failed | State::Cancelled => age < self.keep_finished,
                 State::Queued | State::Running => age < self.keep_stale,
             }
         });
@@ -140,6 +143,11 @@ impl ProgressHandle {
     /// The job ended, with a result (`ok`) or an error.
     pub fn finish(&self, ok: bool) {
         self.update(|s| s.state = if ok { State::Done } else { State::Failed });
+    }
+
+    /// The job was dropped because its client went away.
+    pub fn cancelled(&self) {
+        self.update(|s| s.state = State::Cancelled);
     }
 }
 

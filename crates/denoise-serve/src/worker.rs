@@ -260,13 +260,17 @@ impl Worker {
         };
         if reply.is_closed() {
             // Nobody waits for it (the client went away while it queued): skip the work.
+            self.config.metrics.record_cancelled();
             if let Some(p) = progress {
-                p.finish(false);
+                p.cancelled();
             }
             return;
         }
-        let mut result =
-            catch_unwind(AssertUnwindSafe(|| self.run(task))).unwrap_or_else(|payload| {
+        // A client that goes away while its job runs stops it at the next pass over a tile,
+        // so the worker is free for the next job.
+        let client_gone = || reply.is_closed();
+        let mut result = catch_unwind(AssertUnwindSafe(|| self.run(task, &client_gone)))
+            .unwrap_or_else(|payload| {
                 let message = payload
                     .downcast_ref::<String>()
                     .cloned()
@@ -279,14 +283,21 @@ impl Worker {
             // Before the reply, so a client that scrapes after its answer sees its image.
             self.config.metrics.record_denoised(d.width, d.height);
         }
+        if matches!(result, Err(ServeError::Cancelled)) {
+            self.config.metrics.record_cancelled();
+        }
         if let Some(p) = progress {
-            p.finish(result.is_ok());
+            match &result {
+                Err(ServeError::Cancelled) => p.cancelled(),
+                _ => p.finish(result.is_ok()),
+            }
         }
         // The client may have gone; its result is dropped.
         let _ = reply.send(result);
     }
 
-    fn run(&mut self, task: Task) -> Result<Outcome> {
+    /// Runs `task`; a denoise stops with [`ServeError::Cancelled`] once `cancelled()` says so.
+    fn run(&mut self, task: Task, cancelled: &dyn Fn() -> bool) -> Result<Outcome> {
         match task {
             Task::Denoise {
                 bytes,
@@ -301,6 +312,7 @@ impl Worker {
                     &settings,
                     reference.as_deref(),
                     progress.as_ref(),
+                    cancelled,
                 )
                 .map(Outcome::Denoised),
             Task::Normalise { bytes, name } => {
@@ -335,6 +347,7 @@ impl Worker {
         settings: &Settings,
         reference: Option<&str>,
         progress: Option<&ProgressHandle>,
+        cancelled: &dyn Fn() -> bool,
     ) -> Result<Denoised> {
         let start = Instant::now();
         if let Some(p) = progress {
@@ -366,6 +379,7 @@ impl Worker {
             settings.strength,
             settings.ensemble,
             &mut on_tile,
+            cancelled,
         )?;
         // What the PNG holds, so the PSNR is that of the file the user downloads.
         let out = io::quantize(&out, loaded.bit_depth);
@@ -545,11 +559,46 @@ mod tests {
         let (reply, answer) = tokio::sync::oneshot::channel();
         drop(answer);
         worker.handle(job("gone", reply));
-        assert_eq!(state("gone"), crate::progress::State::Failed);
+        assert_eq!(state("gone"), crate::progress::State::Cancelled);
         let (reply, answer) = tokio::sync::oneshot::channel();
         worker.handle(job("here", reply));
         assert!(answer.blocking_recv().unwrap().is_ok());
         assert_eq!(state("here"), crate::progress::State::Done);
+        assert!(
+            worker
+                .config
+                .metrics
+                .render(&Default::default())
+                .contains("\ndenoise_jobs_cancelled_total 1\n")
+        );
+    }
+
+    #[test]
+    fn a_running_denoise_stops_once_its_check_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut worker = tiny_worker(dir.path());
+        let image = Image::from_fn(3, 8, 8, |_, _, _| 0.5);
+        let task = |ensemble| Task::Denoise {
+            bytes: io::encode_png(&image, None, io::BitDepth::Eight).unwrap(),
+            name: "a.png".into(),
+            settings: Settings {
+                model: "m".into(),
+                strength: Strength::Fixed(10.0),
+                ensemble,
+            },
+            reference: None,
+            progress: None,
+        };
+        // Asked before each of the eight passes: stop before the third.
+        let asked = std::cell::Cell::new(0);
+        let stop_at_third = || {
+            asked.set(asked.get() + 1);
+            asked.get() > 2
+        };
+        let result = worker.run(task(8), &stop_at_third);
+        assert!(matches!(result, Err(ServeError::Cancelled)), "{result:?}");
+        assert_eq!(asked.get(), 3);
+        assert!(worker.run(task(8), &|| false).is_ok());
     }
 
     #[test]
@@ -589,20 +638,22 @@ mod tests {
             strength: Strength::Blind,
             ensemble: 1,
         };
-        let denoised = match worker.run(Task::Denoise {
+        let task = Task::Denoise {
             bytes: jpeg.clone(),
             name: "photo.jpg".into(),
             settings,
             reference: None,
             progress: None,
-        }) {
+        };
+        let denoised = match worker.run(task, &|| false) {
             Ok(Outcome::Denoised(d)) => d,
             other => panic!("{other:?}"),
         };
-        let normalised = match worker.run(Task::Normalise {
+        let task = Task::Normalise {
             bytes: jpeg,
             name: "photo.jpg".into(),
-        }) {
+        };
+        let normalised = match worker.run(task, &|| false) {
             Ok(Outcome::Png(png)) => png,
             other => panic!("{other:?}"),
         };

@@ -1,0 +1,213 @@
+//! Denoising an image with a model: the channel conversion, the noise level
+//! ([`crate::level`]) and the tiler ([`crate::tile`]) put together.
+
+use crate::level::{LevelUsed, NoiseLevel, model_map};
+use crate::tile::{TileConfig, denoise_tiled_cancellable, never};
+use crate::{Model, Result};
+use denoise_data::Image;
+
+/// Denoises an image with `model`: converts gray <-> colour explicitly when the model wants the
+/// other (and back), builds the noise-level map ([`model_map`]), and runs the tiler
+/// ([`crate::tile::denoise_tiled`]). Returns the result (not clipped) and the level used, for
+/// models that take one and were not given a map.
+///
+/// # Shapes
+/// `image`: C x H x W with C = 1 or 3; the result has the same shape.
+pub fn denoise_image(
+    model: &Model,
+    image: &Image,
+    level: NoiseLevel<'_>,
+    cfg: TileConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<(Image, Option<LevelUsed>)> {
+    denoise_image_cancellable(model, image, level, cfg, progress, &never)
+}
+
+/// [`denoise_image`] that calls `cancelled()` before each pass over a tile (so between tiles
+/// and between self-ensemble passes) and stops with [`ModelError::Cancelled`] once it answers
+/// true: a caller whose client has gone does not pay for the rest of the image.
+///
+/// # Shapes
+/// `image`: C x H x W with C = 1 or 3; the result has the same shape.
+pub fn denoise_image_cancellable(
+    model: &Model,
+    image: &Image,
+    level: NoiseLevel<'_>,
+    cfg: TileConfig,
+    progress: &mut dyn FnMut(usize, usize),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Image, Option<LevelUsed>)> {
+    let input = image.to_channels(model.config().channels() as usize)?;
+    let (c, h, w) = input.shape();
+    let (map, used) = model_map(model.config(), image, level);
+    let out = denoise_tiled_cancellable(
+        model,
+        input.data(),
+        map.as_deref(),
+        (c, h, w),
+        cfg,
+        progress,
+        cancelled,
+    )?;
+    let out = Image::new(c, h, w, out)?;
+    Ok((out.to_channels(image.channels())?, used))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ModelError;
+    use crate::level::conversion_noise_gain;
+    use crate::tile::denoise_tiled;
+    use denoise_data::estimate::{self, NoiseEstimate};
+    use tch::Device;
+
+    /// A 3-layer FFDNet with seeded random weights.
+    fn tiny_ffdnet() -> Model {
+        tch::manual_seed(0);
+        let cfg: crate::ModelConfig =
+            serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
+        Model::new(&cfg, Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn denoise_image_converts_channels_and_reports_the_level_used() {
+        let _rng = crate::test_rng_lock();
+        let model = tiny_ffdnet();
+        let gray = Image::new(1, 20, 30, (0..600).map(|i| (i % 7) as f32 / 7.0).collect()).unwrap();
+        let whole = TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 1,
+        };
+        let run = |level| denoise_image(&model, &gray, level, whole, &mut |_, _| {}).unwrap();
+        let (out, used) = run(NoiseLevel::Uniform(25.0));
+        assert_eq!(
+            out.shape(),
+            (1, 20, 30),
+            "gray in, gray out from a colour model"
+        );
+        assert_eq!(used, Some(LevelUsed::uniform(25.0)));
+        let map = vec![25.0 / 255.0; 600];
+        let (from_map, used) = run(NoiseLevel::Map(&map));
+        assert_eq!(used, None, "a map is not a uniform level");
+        assert_eq!(
+            from_map.data(),
+            out.data(),
+            "a constant map is the uniform level"
+        );
+        let (_, used) = run(NoiseLevel::Estimate);
+        assert!(
+            used.is_some_and(|u| u.sigma > 0.0 && u.range.is_none()),
+            "{used:?}"
+        );
+        // The colour model is told the gray level times sqrt(3) (the noise is alike in its
+        // three channels), and so is a gray picture stored as RGB, which is read as gray.
+        let rgb_with_map = |img: &Image, level: f32| {
+            let map = vec![level; 600];
+            let out = denoise_tiled(
+                &model,
+                img.data(),
+                Some(&map),
+                (3, 20, 30),
+                whole,
+                &mut |_, _| {},
+            );
+            Image::new(3, 20, 30, out.unwrap()).unwrap()
+        };
+        let told = rgb_with_map(&gray.to_rgb(), 25.0 / 255.0 * 3f32.sqrt());
+        assert_eq!(out.data(), told.to_gray().data());
+        let unscaled = rgb_with_map(&gray.to_rgb(), 25.0 / 255.0);
+        assert_ne!(
+            out.data(),
+            unscaled.to_gray().data(),
+            "the map reaches the model"
+        );
+        let as_rgb = |level| denoise_image(&model, &gray.to_rgb(), level, whole, &mut |_, _| {});
+        let (as_rgb, used) = as_rgb(NoiseLevel::Uniform(25.0)).unwrap();
+        assert_eq!(used, Some(LevelUsed::uniform(25.0)));
+        assert_eq!(as_rgb.to_gray().data(), out.data());
+        // A colour picture is not: its map is the level as given.
+        let colour = Image::from_fn(3, 20, 30, |c, y, x| ((c + 2 * y + x) % 5) as f32 / 5.0);
+        let level = NoiseLevel::Uniform(25.0);
+        let (tinted, _) = denoise_image(&model, &colour, level, whole, &mut |_, _| {}).unwrap();
+        assert_eq!(tinted.data(), rgb_with_map(&colour, 25.0 / 255.0).data());
+        assert!((conversion_noise_gain(3, 1) - 0.6686).abs() < 1e-4);
+        assert_eq!(conversion_noise_gain(3, 3), 1.0);
+
+        let plain: crate::ModelConfig =
+            serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":8}"#).unwrap();
+        let plain = Model::new(&plain, Device::Cpu).unwrap();
+        let (_, used) =
+            denoise_image(&plain, &gray, NoiseLevel::Estimate, whole, &mut |_, _| {}).unwrap();
+        assert_eq!(used, None, "dncnn takes no noise level");
+    }
+
+    #[test]
+    fn the_image_level_entry_passes_the_cancellation_check_on() {
+        let _rng = crate::test_rng_lock();
+        let model = tiny_ffdnet();
+        let img = Image::from_fn(3, 20, 30, |c, y, x| ((c + y + x) % 5) as f32 / 5.0);
+        let whole = TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 1,
+        };
+        let level = NoiseLevel::Uniform(20.0);
+        let stopped =
+            denoise_image_cancellable(&model, &img, level, whole, &mut |_, _| {}, &|| true);
+        assert!(matches!(stopped, Err(ModelError::Cancelled)), "{stopped:?}");
+        let run = denoise_image_cancellable(&model, &img, level, whole, &mut |_, _| {}, &|| false);
+        assert!(run.is_ok());
+    }
+
+    #[test]
+    fn a_blind_colour_picture_gets_a_map_that_follows_its_brightness() {
+        let _rng = crate::test_rng_lock();
+        let model = tiny_ffdnet();
+        // Texture over a left-to-right ramp, with Poisson-Gaussian noise: the level grows with
+        // brightness, which the estimate must give the model pixel by pixel.
+        let (h, w) = (96, 160);
+        let clean = Image::from_fn(3, h, w, |c, y, x| {
+            let (yf, xf) = (y as f32, x as f32);
+            0.1 + 0.75 * xf / w as f32
+                + 0.05 * (1.9 * xf + 0.4 * yf + c as f32).sin()
+                + 0.03 * (0.7 * xf - 2.3 * yf).cos()
+        });
+        let noisy = denoise_data::noise::NoiseSpec::PoissonGaussian {
+            peak: 40.0,
+            sigma: 2.0,
+        }
+        .apply(&clean, 3)
+        .image;
+        let whole = TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 1,
+        };
+        let (out, used) =
+            denoise_image(&model, &noisy, NoiseLevel::Estimate, whole, &mut |_, _| {}).unwrap();
+        let used = used.unwrap();
+        let (lo, hi) = used.range.expect("a map that follows brightness");
+        // sqrt(m / 40 + (2/255)^2) * 255 is 13 at m = 0.1 and 37 at m = 0.85.
+        assert!(
+            lo < 20.0 && hi > 30.0 && (lo..hi).contains(&used.sigma),
+            "{used:?}"
+        );
+        assert!(used.to_string().contains("with brightness"), "{used}");
+        // The model got exactly the estimated map.
+        let NoiseEstimate::Brightness(nlf) = estimate::estimate_noise(&noisy) else {
+            panic!("white noise in colour: a brightness estimate");
+        };
+        let direct = denoise_tiled(
+            &model,
+            noisy.data(),
+            Some(&nlf.map(&noisy)),
+            (3, h, w),
+            whole,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(out.data(), direct.as_slice());
+    }
+}
