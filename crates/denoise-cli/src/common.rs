@@ -2,7 +2,10 @@
 //! samples.
 
 use anyhow::{Context, Result, bail};
-use denoise_models::tile::{NoiseLevel, denoise_image};
+use denoise_models::tile::TileConfig;
+use denoise_models::{
+    Denoiser, Job, LevelUsed, ModelSource, NoiseLevel, Precision, PrecisionPolicy, Settings,
+};
 use std::path::{Path, PathBuf};
 
 /// Where the shipped models live: `$DENOISE_MODELS`, else `assets/models` of the source tree
@@ -85,35 +88,26 @@ pub enum PrecisionArg {
 }
 
 impl PrecisionArg {
-    /// The precision to run `metadata`'s model at on `device`, `passes` times per tile.
-    pub fn resolve(
-        self,
-        metadata: &denoise_models::artefact::Metadata,
-        device: tch::Device,
-        passes: usize,
-    ) -> denoise_models::Precision {
+    pub fn policy(self) -> PrecisionPolicy {
         match self {
-            PrecisionArg::Bf16 => denoise_models::Precision::Bf16,
-            PrecisionArg::Fp32 => denoise_models::Precision::Fp32,
-            PrecisionArg::Auto => metadata.auto_precision(device, passes),
+            PrecisionArg::Auto => PrecisionPolicy::Auto,
+            PrecisionArg::Fp32 => PrecisionPolicy::Fixed(Precision::Fp32),
+            PrecisionArg::Bf16 => PrecisionPolicy::Fixed(Precision::Bf16),
         }
     }
 }
 
-/// A loaded model ready to denoise images: device, precision and tiling decided once.
+/// A model loaded from `--model` as the flags say, ready to denoise images.
 pub struct Runner {
-    pub model: denoise_models::Model,
-    pub metadata: denoise_models::Metadata,
-    pub path: PathBuf,
-    pub tile: denoise_models::tile::TileConfig,
+    denoiser: Denoiser,
 }
 
 /// `--ensemble`: one of the sizes the tiler takes.
 pub fn parse_ensemble(s: &str) -> Result<usize, String> {
-    denoise_models::tile::ensemble_size(s).ok_or_else(|| {
+    denoise_models::ensemble::ensemble_size(s).ok_or_else(|| {
         format!(
             "'{s}' is not one of {:?}",
-            denoise_models::tile::ENSEMBLE_SIZES
+            denoise_models::ensemble::ENSEMBLE_SIZES
         )
     })
 }
@@ -127,6 +121,16 @@ pub enum Sigma {
     Auto,
     /// A fixed level on the 0-255 scale.
     Fixed(f32),
+}
+
+impl Sigma {
+    /// The level the model is told.
+    pub fn level(self) -> NoiseLevel<'static> {
+        match self {
+            Sigma::Fixed(s) => NoiseLevel::Uniform(s),
+            Sigma::Auto | Sigma::Blind => NoiseLevel::Estimate,
+        }
+    }
 }
 
 impl std::str::FromStr for Sigma {
@@ -145,62 +149,45 @@ impl std::str::FromStr for Sigma {
     }
 }
 
-/// How a [`Runner`] cuts images and runs each tile.
-pub struct Tiling {
-    /// Tile side (`--tile`); `None` sizes it from `max_mem_mb`.
-    pub tile: Option<usize>,
-    pub overlap: usize,
-    pub max_mem_mb: usize,
-    /// Self-ensemble passes per tile (`--ensemble`); `--precision auto` takes them into account.
-    pub ensemble: usize,
-}
-
 impl Runner {
-    pub fn load(
-        spec: Option<&str>,
-        device: &str,
-        precision: PrecisionArg,
-        tiling: Tiling,
-    ) -> Result<Self> {
-        let Tiling {
-            tile,
-            overlap,
-            max_mem_mb,
-            ensemble,
-        } = tiling;
+    /// Loads `--model` (`spec`; the default when `None`) as `settings` say.
+    pub fn load(spec: Option<&str>, settings: &Settings) -> Result<Self> {
         let path = resolve_model(spec)?;
-        let device = parse_device(device)?;
-        let artefact = denoise_models::artefact::load(&path, device)?;
-        let mut model = artefact.model;
-        model.set_precision(precision.resolve(&artefact.metadata, device, ensemble));
-        let tile =
-            tile.unwrap_or_else(|| denoise_models::tile::tile_for_budget(&model, max_mem_mb));
-        Ok(Self {
-            model,
-            metadata: artefact.metadata,
-            path: artefact.path,
-            tile: denoise_models::tile::TileConfig {
-                tile,
-                overlap,
-                ensemble,
-            },
-        })
+        let denoiser = Denoiser::load(&ModelSource::Path(path), settings)?;
+        Ok(Self { denoiser })
+    }
+
+    pub fn model(&self) -> &denoise_models::Model {
+        self.denoiser.model()
+    }
+
+    pub fn metadata(&self) -> &denoise_models::Metadata {
+        self.denoiser.metadata()
+    }
+
+    /// The model's file (a run directory's `model.safetensors`).
+    pub fn source(&self) -> &ModelSource {
+        self.denoiser.source()
+    }
+
+    pub fn tiles(&self) -> TileConfig {
+        self.denoiser.tiles()
     }
 
     /// One line describing the model and what it was trained on.
     pub fn describe(&self) -> String {
-        let m = &self.metadata;
+        let m = self.metadata();
         format!(
             "model {} ({}, {} channel(s), {}), trained on {}{}",
-            self.path.display(),
+            self.source(),
             m.model.kind(),
             m.model.channels(),
-            self.model.precision(),
+            self.model().precision(),
             m.noise.as_deref().unwrap_or("unknown noise"),
             m.val_psnr
                 .map(|p| format!(", validation PSNR {p:.2} dB"))
                 .unwrap_or_default()
-        ) + &match self.tile.ensemble {
+        ) + &match self.tiles().ensemble {
             1 => String::new(),
             n => format!("; self-ensemble of {n} passes"),
         } + self.bf16_note()
@@ -208,8 +195,8 @@ impl Runner {
 
     /// A warning when bf16 was asked for where it is emulated (slower than fp32).
     fn bf16_note(&self) -> &'static str {
-        let emulated = self.model.precision() == denoise_models::Precision::Bf16
-            && !self.model.device().is_cuda()
+        let emulated = self.model().precision() == Precision::Bf16
+            && !self.model().device().is_cuda()
             && !denoise_models::perf::CpuFeatures::detect().fast_bf16();
         if emulated {
             "\nnote: this CPU has no native bf16 (see `denoise-cli doctor`): bf16 runs emulated, \
@@ -224,22 +211,14 @@ impl Runner {
     pub fn denoise(
         &self,
         image: &denoise_data::Image,
-        sigma: Sigma,
+        level: NoiseLevel<'_>,
         progress: &mut dyn FnMut(usize, usize),
-        sigma_map: Option<&denoise_data::Image>,
-    ) -> Result<(denoise_data::Image, Option<denoise_models::tile::LevelUsed>)> {
-        let level = match (sigma_map, sigma) {
-            (Some(map), _) => NoiseLevel::Map(map.data()),
-            (None, Sigma::Fixed(s)) => NoiseLevel::Uniform(s),
-            (None, Sigma::Auto | Sigma::Blind) => NoiseLevel::Estimate,
+    ) -> Result<(denoise_data::Image, Option<LevelUsed>)> {
+        let job = Job {
+            progress: Some(progress),
+            ..Job::default()
         };
-        Ok(denoise_image(
-            &self.model,
-            image,
-            level,
-            self.tile,
-            progress,
-        )?)
+        Ok(self.denoiser.denoise(image, level, job)?)
     }
 }
 

@@ -1,6 +1,5 @@
 //! Denoising from your own program: load a model file, denoise an image in tiles, save it with
-//! its alpha and bit depth. The CLI's `infer` and the web app go through the same two calls
-//! (`artefact::load`, `tile::denoise_image`).
+//! its alpha and bit depth. The CLI's `infer` and the web app go through the same [`Denoiser`].
 //!
 //! ```sh
 //! cargo run --release -p denoise-models --example denoise_file -- noisy.png clean.png [MODEL]
@@ -8,8 +7,7 @@
 //! MODEL defaults to the shipped `assets/models/default.safetensors`.
 
 use denoise_data::io;
-use denoise_models::artefact;
-use denoise_models::tile::{self, NoiseLevel, TileConfig};
+use denoise_models::{Denoiser, Job, ModelSource, NoiseLevel, Settings};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -24,32 +22,33 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .into()
     });
 
-    // CUDA when libtorch sees a GPU, else the CPU. Loading checks the file and its config.
-    let device = tch::Device::cuda_if_available();
-    let loaded = artefact::load(model_path.as_ref(), device)?;
+    // CUDA when libtorch sees a GPU, else the CPU; bf16 only where it is native and cheap for
+    // this model; tiles sized for about 1 GB of activations, blended over 32-pixel overlaps.
+    // Loading checks the file and its config.
+    let settings = Settings {
+        device: tch::Device::cuda_if_available(),
+        ..Settings::default()
+    };
+    let denoiser = Denoiser::load(&ModelSource::Path(model_path.into()), &settings)?;
     println!(
         "{} ({}), trained on {}",
-        loaded.path.display(),
-        loaded.model.config().kind(),
-        loaded.metadata.noise.as_deref().unwrap_or("unknown noise")
+        denoiser.source(),
+        denoiser.model().config().kind(),
+        denoiser
+            .metadata()
+            .noise
+            .as_deref()
+            .unwrap_or("unknown noise")
     );
 
     let noisy = io::load(&input)?;
-    // Tiles sized for about 1 GB of activations, blended over 32-pixel overlaps.
-    let tiles = TileConfig {
-        tile: tile::tile_for_budget(&loaded.model, 1024),
-        overlap: 32,
-        ensemble: 1,
-    };
     // Blind: a model that takes a noise level gets one estimated from the image; pass
     // `NoiseLevel::Uniform(sigma)` (0-255 scale) when it is known.
-    let (clean, sigma) = tile::denoise_image(
-        &loaded.model,
-        &noisy.image,
-        NoiseLevel::Estimate,
-        tiles,
-        &mut |done, total| eprint!("\rtile {done}/{total}"),
-    )?;
+    let job = Job {
+        progress: Some(&mut |done, total| eprint!("\rtile {done}/{total}")),
+        ..Job::default()
+    };
+    let (clean, sigma) = denoiser.denoise(&noisy.image, NoiseLevel::Estimate, job)?;
     eprintln!();
     if let Some(sigma) = sigma {
         println!("estimated noise level: sigma {sigma:.1}");

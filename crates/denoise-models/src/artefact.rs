@@ -184,7 +184,7 @@ pub fn read_metadata(path: &Path) -> Result<Metadata> {
     parse_metadata(&bytes).map_err(|m| ModelError::artefact(&file, m))
 }
 
-fn parse_metadata(bytes: &[u8]) -> std::result::Result<Metadata, String> {
+pub(crate) fn parse_metadata(bytes: &[u8]) -> std::result::Result<Metadata, String> {
     let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| format!("not a safetensors file or truncated ({e})"))?;
     let json = header

@@ -1,10 +1,164 @@
-//! Denoising an image with a model: the channel conversion, the noise level
-//! ([`crate::level`]) and the tiler ([`crate::tile`]) put together.
+//! Denoising an image with a saved model, the one way the CLI, the web app and a user's own
+//! program do it: [`Denoiser`] loads a model from where it comes from ([`ModelSource`]) onto a
+//! device at a precision ([`PrecisionPolicy`]) and with a way of cutting images
+//! ([`Settings`]), and denoises an image at a noise level (blind, given or a map), with its
+//! self-ensemble, progress and cancellation ([`Job`]). [`denoise_image`] is the same for a
+//! model already built: the channel conversion, the noise level ([`crate::level`]) and the
+//! tiler ([`crate::tile`]) put together.
 
+use crate::artefact::Metadata;
 use crate::level::{LevelUsed, NoiseLevel, model_map};
-use crate::tile::{TileConfig, denoise_tiled_cancellable, never};
-use crate::{Model, Result};
+use crate::source::ModelSource;
+use crate::tile::{TileConfig, denoise_tiled_cancellable, never, tile_for_budget};
+use crate::{Model, Precision, Result};
 use denoise_data::Image;
+use tch::Device;
+
+/// The precision a [`Denoiser`] runs at.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionPolicy {
+    /// bf16 where the hardware does it natively and the model's recorded bf16 loss, shared
+    /// over the self-ensemble's passes, is small ([`Metadata::auto_precision`]); else fp32.
+    Auto,
+    /// This precision whatever the model and the hardware.
+    Fixed(Precision),
+}
+
+impl PrecisionPolicy {
+    /// The precision for `metadata`'s model on `device` with `passes` per tile.
+    pub fn resolve(self, metadata: &Metadata, device: Device, passes: usize) -> Precision {
+        match self {
+            PrecisionPolicy::Auto => metadata.auto_precision(device, passes),
+            PrecisionPolicy::Fixed(precision) => precision,
+        }
+    }
+}
+
+/// How a [`Denoiser`] runs: where, at what precision, and how it cuts images.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    pub device: Device,
+    pub precision: PrecisionPolicy,
+    /// Tile side in pixels, overlap included (0: whole images); `None` sizes it so that one
+    /// tile's activations fit `max_mem_mb` ([`tile_for_budget`]).
+    pub tile: Option<usize>,
+    pub max_mem_mb: usize,
+    /// Pixels shared by neighbouring tiles, blended.
+    pub overlap: usize,
+    /// Self-ensemble passes per tile (see [`TileConfig::ensemble`]) unless a [`Job`] asks for
+    /// others; [`PrecisionPolicy::Auto`] decides with these.
+    pub ensemble: usize,
+}
+
+impl Default for Settings {
+    /// The CPU, automatic precision, tiles for 1 GB of activations over 32-pixel overlaps, one
+    /// pass.
+    fn default() -> Self {
+        Self {
+            device: Device::Cpu,
+            precision: PrecisionPolicy::Auto,
+            tile: None,
+            max_mem_mb: 1024,
+            overlap: 32,
+            ensemble: 1,
+        }
+    }
+}
+
+/// What one call of [`Denoiser::denoise`] may add to the denoiser's settings.
+#[derive(Default)]
+pub struct Job<'a> {
+    /// Self-ensemble passes for this image instead of the denoiser's (a server's requests
+    /// choose theirs).
+    pub ensemble: Option<usize>,
+    /// Called with `(done, total)` after each pass over a tile.
+    pub progress: Option<&'a mut dyn FnMut(usize, usize)>,
+    /// Called before each pass over a tile; once it answers true, the call stops with
+    /// [`crate::ModelError::Cancelled`].
+    pub cancelled: Option<&'a dyn Fn() -> bool>,
+}
+
+/// A loaded model ready to denoise images: device, precision and tiling decided once.
+#[derive(Debug)]
+pub struct Denoiser {
+    model: Model,
+    metadata: Metadata,
+    source: ModelSource,
+    tiles: TileConfig,
+}
+
+impl Denoiser {
+    /// Loads `source` (a run directory as its `model.safetensors`) and sets it up as
+    /// `settings` say.
+    pub fn load(source: &ModelSource, settings: &Settings) -> Result<Self> {
+        let source = source.resolved()?;
+        let (mut model, metadata) = source.load(settings.device)?;
+        model.set_precision(settings.precision.resolve(
+            &metadata,
+            settings.device,
+            settings.ensemble,
+        ));
+        let tile = settings
+            .tile
+            .unwrap_or_else(|| tile_for_budget(&model, settings.max_mem_mb));
+        Ok(Self {
+            model,
+            metadata,
+            source,
+            tiles: TileConfig {
+                tile,
+                overlap: settings.overlap,
+                ensemble: settings.ensemble,
+            },
+        })
+    }
+
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        &self.metadata
+    }
+
+    /// Where the model came from (a run directory is its `model.safetensors`).
+    pub fn source(&self) -> &ModelSource {
+        &self.source
+    }
+
+    /// How images are cut, and the passes per tile unless a [`Job`] asks for others.
+    pub fn tiles(&self) -> TileConfig {
+        self.tiles
+    }
+
+    /// Denoises `image` at `level` ([`denoise_image`], with the job's progress, cancellation
+    /// and self-ensemble). Returns the result (not clipped) and the level used, for models that
+    /// take one and were not given a map.
+    ///
+    /// # Shapes
+    /// `image`: C x H x W with C = 1 or 3; the result has the same shape. A
+    /// [`NoiseLevel::Map`] holds H x W values.
+    pub fn denoise(
+        &self,
+        image: &Image,
+        level: NoiseLevel<'_>,
+        job: Job<'_>,
+    ) -> Result<(Image, Option<LevelUsed>)> {
+        let tiles = TileConfig {
+            ensemble: job.ensemble.unwrap_or(self.tiles.ensemble),
+            ..self.tiles
+        };
+        let mut quiet = |_, _| {};
+        denoise_image_cancellable(
+            &self.model,
+            image,
+            level,
+            tiles,
+            job.progress.unwrap_or(&mut quiet),
+            job.cancelled.unwrap_or(&never),
+        )
+    }
+}
 
 /// Denoises an image with `model`: converts gray <-> colour explicitly when the model wants the
 /// other (and back), builds the noise-level map ([`model_map`]), and runs the tiler
@@ -62,13 +216,7 @@ mod tests {
     use denoise_data::estimate::{self, NoiseEstimate};
     use tch::Device;
 
-    /// A 3-layer FFDNet with seeded random weights.
-    fn tiny_ffdnet() -> Model {
-        tch::manual_seed(0);
-        let cfg: crate::ModelConfig =
-            serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
-        Model::new(&cfg, Device::Cpu).unwrap()
-    }
+    use crate::tiny_ffdnet;
 
     #[test]
     fn denoise_image_converts_channels_and_reports_the_level_used() {
@@ -159,6 +307,65 @@ mod tests {
         assert!(matches!(stopped, Err(ModelError::Cancelled)), "{stopped:?}");
         let run = denoise_image_cancellable(&model, &img, level, whole, &mut |_, _| {}, &|| false);
         assert!(run.is_ok());
+    }
+
+    #[test]
+    fn a_denoiser_runs_as_its_settings_and_jobs_say() {
+        let _rng = crate::test_rng_lock();
+        let model = tiny_ffdnet();
+        let bytes = crate::artefact::to_bytes(&model, &Metadata::new(model.config())).unwrap();
+        let source = ModelSource::BuiltIn {
+            name: "tiny".into(),
+            bytes: Box::leak(bytes.into_boxed_slice()),
+        };
+        let settings = Settings {
+            tile: Some(24),
+            overlap: 8,
+            ensemble: 2,
+            precision: PrecisionPolicy::Fixed(Precision::Fp32),
+            ..Settings::default()
+        };
+        let denoiser = Denoiser::load(&source, &settings).unwrap();
+        assert_eq!(denoiser.source(), &source);
+        let expected = TileConfig {
+            tile: 24,
+            overlap: 8,
+            ensemble: 2,
+        };
+        assert_eq!(denoiser.tiles(), expected);
+        let img = Image::from_fn(3, 40, 40, |c, y, x| ((c + 2 * y + x) % 7) as f32 / 7.0);
+        let level = NoiseLevel::Uniform(20.0);
+        // The same as the image-level call with the same tiles, passes reported.
+        let mut steps = Vec::new();
+        let job = Job {
+            progress: Some(&mut |done, total| steps.push((done, total))),
+            ..Job::default()
+        };
+        let (out, used) = denoiser.denoise(&img, level, job).unwrap();
+        let quiet = &mut |_, _| {};
+        let (direct, _) = denoise_image(denoiser.model(), &img, level, expected, quiet).unwrap();
+        assert!(out.data() == direct.data());
+        assert_eq!(used, Some(LevelUsed::uniform(20.0)));
+        assert_eq!(steps.last(), Some(&(8, 8)), "four tiles of two passes");
+        // A job's self-ensemble replaces the settings', and its check can stop the run.
+        let mut total = 0;
+        let job = Job {
+            ensemble: Some(4),
+            progress: Some(&mut |_, t| total = t),
+            ..Job::default()
+        };
+        denoiser.denoise(&img, level, job).unwrap();
+        assert_eq!(total, 16);
+        let job = Job {
+            cancelled: Some(&|| true),
+            ..Job::default()
+        };
+        let stopped = denoiser.denoise(&img, level, job);
+        assert!(matches!(stopped, Err(ModelError::Cancelled)), "{stopped:?}");
+        // Automatic precision is fp32 for a model with no recorded bf16 loss.
+        let auto = Denoiser::load(&source, &Settings::default()).unwrap();
+        assert_eq!(auto.model().precision(), Precision::Fp32);
+        assert_eq!(auto.tiles().tile, tile_for_budget(auto.model(), 1024));
     }
 
     #[test]

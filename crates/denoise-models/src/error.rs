@@ -8,6 +8,11 @@ use std::path::PathBuf;
 pub enum ModelError {
     #[error("unknown model '{name}' (known: {known})")]
     UnknownKind { name: String, known: String },
+    /// A model named by the user that is neither a file nor a name the program knows.
+    #[error(
+        "no model '{spec}': not a file or directory, and not a shipped model (shipped: {known})"
+    )]
+    UnknownModel { spec: String, known: String },
     #[error("invalid model config: {0}")]
     Config(String),
     #[error("invalid input: {0}")]

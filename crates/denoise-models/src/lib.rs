@@ -18,16 +18,19 @@ pub mod level;
 pub mod model;
 pub mod perf;
 pub mod ridnet;
+pub mod source;
 pub mod tile;
 pub mod unet;
 
 pub use crate::artefact::{Artefact, Metadata};
 pub use crate::config::{ModelConfig, ModelKind};
+pub use crate::denoiser::{Denoiser, Job, PrecisionPolicy, Settings};
 pub use crate::device::parse_device;
 pub use crate::error::ModelError;
 pub use crate::level::{LevelUsed, NoiseLevel};
 pub use crate::model::Model;
 pub use crate::perf::{Layout, Precision};
+pub use crate::source::{Catalog, ModelSource};
 
 /// Result alias for this crate.
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
@@ -38,4 +41,13 @@ pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 pub(crate) fn test_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A 3-layer FFDNet with seeded random weights (seed it under [`test_rng_lock`]).
+#[cfg(test)]
+pub(crate) fn tiny_ffdnet() -> Model {
+    tch::manual_seed(0);
+    let cfg: ModelConfig =
+        serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
+    Model::new(&cfg, tch::Device::Cpu).unwrap()
 }

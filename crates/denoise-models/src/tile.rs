@@ -285,13 +285,7 @@ mod tests {
     use super::*;
     use tch::{Device, Kind};
 
-    /// A 3-layer FFDNet with seeded random weights.
-    fn tiny_ffdnet() -> Model {
-        tch::manual_seed(0);
-        let cfg: crate::ModelConfig =
-            serde_json::from_str(r#"{"kind":"ffdnet","depth":3,"features":8}"#).unwrap();
-        Model::new(&cfg, Device::Cpu).unwrap()
-    }
+    use crate::tiny_ffdnet;
 
     #[test]
     fn starts_cover_the_axis() {

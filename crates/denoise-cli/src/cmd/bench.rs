@@ -145,7 +145,7 @@ pub fn run(args: &Args) -> Result<()> {
             (loaded.model, loaded.metadata, name)
         }
     };
-    let precision = args.precision.resolve(&metadata, device, 1);
+    let precision = args.precision.policy().resolve(&metadata, device, 1);
     model.set_precision(precision);
     let c = model.config().channels();
     let x = tch::Tensor::f_rand([1, c, args.size, args.size], (tch::Kind::Float, device))

@@ -2,11 +2,12 @@
 //! clean + N(0, sigma/255) unclipped, the seed reset for every image, the output rounded to 8
 //! bits, RGB PSNR with no border crop; mean PSNR / SSIM per noise, beside the noisy input's.
 
-use crate::common::{PrecisionArg, Runner, Sigma, Tiling};
+use crate::common::{PrecisionArg, Runner, Sigma};
 use anyhow::{Result, bail};
 use denoise_data::noise::NoiseSpec;
 use denoise_data::{dataset, io};
 use denoise_metrics::Shape;
+use denoise_models::{ModelSource, NoiseLevel};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -109,7 +110,7 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let results = evaluate(args, data, &runner, &files, &specs, want)?;
     if args.json {
-        let model = runner.path.display().to_string();
+        let model = runner.source().to_string();
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
@@ -124,17 +125,15 @@ pub fn run(args: &Args) -> Result<()> {
 }
 
 fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
-    Runner::load(
-        args.model.as_deref(),
-        &args.device,
-        precision,
-        Tiling {
-            tile: None,
-            overlap: 32,
-            max_mem_mb: args.max_mem_mb,
-            ensemble: args.ensemble,
-        },
-    )
+    let settings = denoise_models::Settings {
+        device: crate::common::parse_device(&args.device)?,
+        precision: precision.policy(),
+        tile: None,
+        max_mem_mb: args.max_mem_mb,
+        overlap: 32,
+        ensemble: args.ensemble,
+    };
+    Runner::load(args.model.as_deref(), &settings)
 }
 
 /// The images a run evaluates: the model's own channel count, or gray images through a colour
@@ -147,7 +146,7 @@ enum Channels {
 
 impl Channels {
     fn of(runner: &Runner, gray_through_colour: bool) -> Result<Self> {
-        let model = runner.model.config().channels() as usize;
+        let model = runner.model().config().channels() as usize;
         match (gray_through_colour, model) {
             (false, _) => Ok(Self::Model(model)),
             (true, 3) => Ok(Self::GrayThroughColour),
@@ -224,7 +223,13 @@ fn record_bf16(
     specs: &[(String, NoiseSpec)],
 ) -> Result<()> {
     let fp32 = load(args, PrecisionArg::Fp32)?;
-    let want = Channels::Model(fp32.model.config().channels() as usize);
+    let ModelSource::Path(file) = fp32.source().clone() else {
+        bail!(
+            "--record-bf16 writes into the model's file, and {} has none: give --model FILE",
+            fp32.source()
+        );
+    };
+    let want = Channels::Model(fp32.model().config().channels() as usize);
     check_files(files, want)?;
     let bf16 = load(args, PrecisionArg::Bf16)?;
     eprintln!("{}", fp32.describe());
@@ -243,7 +248,7 @@ fn record_bf16(
         );
         loss = loss.max(pa - pb);
     }
-    let mut meta = fp32.metadata.clone();
+    let mut meta = fp32.metadata().clone();
     meta.bf16_psnr_loss_db = Some(loss);
     meta.bf16_measured_on = Some(format!(
         "{} ({} images), {}",
@@ -251,8 +256,8 @@ fn record_bf16(
         files.len(),
         args.noise.join(",")
     ));
-    denoise_models::artefact::save(&fp32.model, &meta, &fp32.path)?;
-    let from = denoise_models::tile::ENSEMBLE_SIZES
+    denoise_models::artefact::save(fp32.model(), &meta, &file)?;
+    let from = denoise_models::ensemble::ENSEMBLE_SIZES
         .into_iter()
         .find(|&n| meta.bf16_is_cheap(n));
     let verdict = match from {
@@ -265,7 +270,7 @@ fn record_bf16(
     };
     println!(
         "recorded bf16 PSNR loss {loss:.3} dB in '{}': {verdict}",
-        fp32.path.display()
+        file.display()
     );
     Ok(())
 }
@@ -283,7 +288,7 @@ fn evaluate(
     // One untimed run first, so that the first noise level's time does not include the
     // allocator's and libtorch's first-call costs.
     let first = io::load(&files[0])?.image;
-    let _ = runner.denoise(&first, Sigma::Fixed(25.0), &mut |_, _| {}, None)?;
+    let _ = runner.denoise(&first, NoiseLevel::Uniform(25.0), &mut |_, _| {})?;
     // Over every image of every noise level; drawn on a terminal only.
     let bar = indicatif::ProgressBar::new((specs.len() * files.len()) as u64);
     bar.set_style(
@@ -308,14 +313,15 @@ fn evaluate(
             }
             let noisy = spec.apply(&clean, args.seed);
             // A model that reads the level itself records bf16's loss as it is used: blind.
-            let own_level = args.record_bf16 && runner.model.config().estimates_level();
+            let own_level = args.record_bf16 && runner.model().config().estimates_level();
             let map = if args.blind || args.sigma.is_some() || own_level {
                 None
             } else {
                 noisy.sigma_map.as_ref()
             };
             let start = Instant::now();
-            let (out, used) = runner.denoise(&noisy.image, given(args), &mut |_, _| {}, map)?;
+            let level = map.map_or(given(args).level(), |m| NoiseLevel::Map(m.data()));
+            let (out, used) = runner.denoise(&noisy.image, level, &mut |_, _| {})?;
             seconds += start.elapsed().as_secs_f64();
             pixels += clean.pixels() as f64;
             let (p, s) = score(&clean, &io::quantize_8bit(&out))?;
@@ -494,13 +500,13 @@ fn run_pairs(args: &Args, dir: &Path) -> Result<()> {
     if !args.json {
         println!("{}", runner.describe());
     }
-    let _ = runner.denoise(&loaded[0].1, Sigma::Fixed(25.0), &mut |_, _| {}, None)?;
+    let _ = runner.denoise(&loaded[0].1, NoiseLevel::Uniform(25.0), &mut |_, _| {})?;
     let bar = indicatif::ProgressBar::new(loaded.len() as u64);
     let (mut psnr, mut ssim, mut noisy_psnr, mut seconds, mut pixels) = (0.0, 0.0, 0.0, 0.0, 0.0);
     let mut per_image = Vec::new();
     for (pair, noisy, clean) in &loaded {
         let start = Instant::now();
-        let (out, used) = runner.denoise(noisy, given(args), &mut |_, _| {}, None)?;
+        let (out, used) = runner.denoise(noisy, given(args).level(), &mut |_, _| {})?;
         seconds += start.elapsed().as_secs_f64();
         pixels += clean.pixels() as f64;
         let (p, s) = score(clean, &io::quantize_8bit(&out))?;
@@ -541,7 +547,7 @@ fn run_pairs(args: &Args, dir: &Path) -> Result<()> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "model": runner.path.display().to_string(),
+                "model": runner.source().to_string(),
                 "ensemble": args.ensemble,
                 "gray_through_colour": false,
                 "results": [row]

@@ -2,11 +2,11 @@
 //! metadata.
 
 use crate::batch::{self, FileReport, Report, Shard, ShardArg, ShardReport, Status};
-use crate::common::{PrecisionArg, Runner, Sigma, Tiling, canonical, describe};
+use crate::common::{PrecisionArg, Runner, Sigma, canonical, describe};
 use anyhow::{Context, Result, bail};
 use denoise_data::metadata::{DropReason, Dropped};
 use denoise_data::{dataset, io};
-use denoise_models::tile::LevelUsed;
+use denoise_models::{LevelUsed, Settings};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -123,27 +123,25 @@ pub fn run(args: &Args) -> Result<()> {
             jobs.len()
         );
     }
-    let runner = Runner::load(
-        args.model.as_deref(),
-        &args.device,
-        args.precision,
-        Tiling {
-            tile: args.tile,
-            overlap: args.overlap,
-            max_mem_mb: args.max_mem_mb,
-            ensemble: args.ensemble,
-        },
-    )?;
+    let settings = Settings {
+        device: crate::common::parse_device(&args.device)?,
+        precision: args.precision.policy(),
+        tile: args.tile,
+        max_mem_mb: args.max_mem_mb,
+        overlap: args.overlap,
+        ensemble: args.ensemble,
+    };
+    let runner = Runner::load(args.model.as_deref(), &settings)?;
     eprintln!("{}", runner.describe());
-    if args.sigma.is_some() && !runner.model.config().noise_map() {
+    if args.sigma.is_some() && !runner.model().config().noise_map() {
         eprintln!(
             "note: --sigma is ignored: this {} takes no noise level (it denoises blind)",
-            runner.model.config().kind().name()
+            runner.model().config().kind().name()
         );
     }
     // The default is a colour model; gray pictures are told of the shipped gray one.
     let gray_hint = args.model.is_none()
-        && runner.model.config().channels() == 3
+        && runner.model().config().channels() == 3
         && crate::common::models_dir()
             .join(format!("{GRAY_MODEL}.safetensors"))
             .is_file();
@@ -155,7 +153,7 @@ pub fn run(args: &Args) -> Result<()> {
     );
     let sigma = args.sigma.unwrap_or(Sigma::Blind);
     let mut report = Report {
-        model: runner.path.display().to_string(),
+        model: runner.source().to_string(),
         shard: shard.map(|(shard, from)| ShardReport {
             index: shard.index,
             count: shard.count,
@@ -396,7 +394,7 @@ fn denoise_one(
     // Not on a terminal (a log file, a service), a long image says where it is twice a minute.
     let mut last_line = std::time::Instant::now();
     // Steps are tiles, or passes over tiles with --ensemble.
-    let unit = if runner.tile.ensemble > 1 {
+    let unit = if runner.tiles().ensemble > 1 {
         "pass"
     } else {
         "tile"
@@ -410,17 +408,17 @@ fn denoise_one(
             }
         }
     };
-    let (out, used) = runner.denoise(&loaded.image, sigma, &mut progress, None)?;
+    let (out, used) = runner.denoise(&loaded.image, sigma.level(), &mut progress)?;
     crate::common::create_parent_dir(output)?;
     // Its errors name the file.
     let dropped = io::save_with_metadata(output, &out, loaded.alpha.as_deref(), depth, &metadata)?;
     let mut notes = dropped_notes(output, &dropped);
-    let gray_model = runner.model.config().channels() == 1;
+    let gray_model = runner.model().config().channels() == 1;
     // Scanned only when a note could follow.
     let gray_picture = (gray_model || gray_hint)
         && loaded
             .image
-            .is_gray_within(denoise_models::tile::GRAY_SPREAD);
+            .is_gray_within(denoise_models::level::GRAY_SPREAD);
     if gray_model && !gray_picture {
         notes.push(format!(
             "{}: a gray model: the result is gray (the default model keeps colour)",
