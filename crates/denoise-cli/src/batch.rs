@@ -326,7 +326,7 @@ impl Report {
         };
         let mut json = serde_json::to_vec_pretty(self).context("cannot encode the report")?;
         json.push(b'\n');
-        crate::common::create_parent_dir(path)?;
+        crate::outputs::create_parent_dir(path)?;
         denoise_data::io::write_atomic(path, &json)?;
         Ok(())
     }

@@ -4,7 +4,10 @@
 
 mod batch;
 mod cmd;
-mod common;
+mod lookup;
+mod outputs;
+mod report;
+mod runner;
 
 use clap::Parser as _;
 
@@ -52,7 +55,7 @@ fn main() {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| cmd::run(cli))) {
         Ok(Ok(())) => {}
         Ok(Err(err)) => {
-            eprintln!("denoise-cli: {}", common::describe(&err));
+            eprintln!("denoise-cli: {}", report::describe(&err));
             std::process::exit(1);
         }
         Err(_) => {

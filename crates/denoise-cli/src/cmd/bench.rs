@@ -2,8 +2,8 @@
 //! after warm-up, on a random 1 x C x S x S input; with `--train`, training throughput (patches
 //! per second of the training loop's Adam step), batched as the PyTorch reference bench does.
 
-use crate::common::PrecisionArg;
-use anyhow::Result;
+use crate::runner::PrecisionArg;
+use anyhow::{Context, Result};
 use denoise_models::artefact::Metadata;
 use denoise_models::{Model, ModelKind};
 use std::time::Instant;
@@ -114,7 +114,7 @@ pub fn run(args: &Args) -> Result<()> {
         "--size must be in 8-16384, got {}",
         args.size
     );
-    let device = crate::common::parse_device(&args.device)?;
+    let device = denoise_models::parse_device(&args.device).context("--device")?;
     let kind = args
         .model
         .as_deref()
@@ -132,7 +132,7 @@ pub fn run(args: &Args) -> Result<()> {
             )
         }
         None => {
-            let path = crate::common::resolve_model(args.model.as_deref())?;
+            let path = crate::lookup::resolve_model(args.model.as_deref())?;
             let loaded = denoise_models::artefact::load(&path, device)?;
             if args.train {
                 return run_train(args, loaded.model.config().clone(), device);

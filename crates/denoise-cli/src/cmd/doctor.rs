@@ -1,6 +1,6 @@
 //! `denoise-cli doctor`: what this build runs on.
 
-use crate::common;
+use crate::lookup;
 use anyhow::Result;
 use denoise_models::perf::CpuFeatures;
 
@@ -23,7 +23,7 @@ pub fn run(args: &Args) -> Result<()> {
             })
         })
         .unwrap_or_else(|| "unknown (no version.py beside lib/)".into());
-    let default_model = common::default_model_path();
+    let default_model = lookup::default_model_path();
     let report = serde_json::json!({
         "denoise": env!("CARGO_PKG_VERSION"),
         "libtorch_version": version,

@@ -2,8 +2,8 @@
 //! clean + N(0, sigma/255) unclipped, the seed reset for every image, the output rounded to 8
 //! bits, RGB PSNR with no border crop; mean PSNR / SSIM per noise, beside the noisy input's.
 
-use crate::common::{PrecisionArg, Runner, Sigma};
-use anyhow::{Result, bail};
+use crate::runner::{PrecisionArg, Runner, Sigma};
+use anyhow::{Context, Result, bail};
 use denoise_data::noise::NoiseSpec;
 use denoise_data::{dataset, io};
 use denoise_metrics::Shape;
@@ -55,7 +55,7 @@ pub struct Args {
     /// another phase of the model's 2x2 grid, and average the results put back; N passes cost
     /// N times the time, and each doubling removes a little more noise (docs/benchmarks.md gives
     /// the gains).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::common::parse_ensemble)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::runner::parse_ensemble)]
     ensemble: usize,
     /// Print JSON (on stdout, like the text report).
     #[arg(long)]
@@ -126,7 +126,7 @@ pub fn run(args: &Args) -> Result<()> {
 
 fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
     let settings = denoise_models::Settings {
-        device: crate::common::parse_device(&args.device)?,
+        device: denoise_models::parse_device(&args.device).context("--device")?,
         precision: precision.policy(),
         tile: None,
         max_mem_mb: args.max_mem_mb,

@@ -35,8 +35,8 @@ pub fn run(args: &Args) -> Result<()> {
             out.display()
         );
     }
-    crate::common::check_output_file(out)?;
-    let path = crate::common::resolve_model(Some(&args.model))?;
+    crate::outputs::check_output_file(out)?;
+    let path = crate::lookup::resolve_model(Some(&args.model))?;
     let model_file = denoise_models::artefact::resolve(&path)?;
     if same_file(out, &model_file) {
         bail!(
@@ -46,7 +46,7 @@ pub fn run(args: &Args) -> Result<()> {
             model_file.display()
         );
     }
-    crate::common::create_parent_dir(out)?;
+    crate::outputs::create_parent_dir(out)?;
     let artefact = denoise_models::artefact::load(&model_file, tch::Device::Cpu)?;
     match args.format {
         Format::Torchscript => {
@@ -68,7 +68,7 @@ pub fn run(args: &Args) -> Result<()> {
 /// Whether `a` and `b` name one file: the same path once resolved (symbolic links, `..`), or
 /// two hard links to it.
 fn same_file(a: &Path, b: &Path) -> bool {
-    if crate::common::canonical(a) == crate::common::canonical(b) {
+    if crate::outputs::canonical(a) == crate::outputs::canonical(b) {
         return true;
     }
     #[cfg(unix)]

@@ -2,7 +2,9 @@
 //! metadata.
 
 use crate::batch::{self, FileReport, Report, Shard, ShardArg, ShardReport, Status};
-use crate::common::{PrecisionArg, Runner, Sigma, canonical, describe};
+use crate::outputs::canonical;
+use crate::report::describe;
+use crate::runner::{PrecisionArg, Runner, Sigma};
 use anyhow::{Context, Result, bail};
 use denoise_data::metadata::{DropReason, Dropped};
 use denoise_data::{dataset, io};
@@ -52,7 +54,7 @@ pub struct Args {
     /// another phase of the model's 2x2 grid, and average the results put back; N passes cost
     /// N times the time, and each doubling removes a little more noise (docs/benchmarks.md gives
     /// the gains).
-    #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::common::parse_ensemble)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = crate::runner::parse_ensemble)]
     ensemble: usize,
     /// Image files or directories (recursive).
     #[arg(required_unless_present = "files_from")]
@@ -124,7 +126,7 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     let settings = Settings {
-        device: crate::common::parse_device(&args.device)?,
+        device: denoise_models::parse_device(&args.device).context("--device")?,
         precision: args.precision.policy(),
         tile: args.tile,
         max_mem_mb: args.max_mem_mb,
@@ -142,7 +144,7 @@ pub fn run(args: &Args) -> Result<()> {
     // The default is a colour model; gray pictures are told of the shipped gray one.
     let gray_hint = args.model.is_none()
         && runner.model().config().channels() == 3
-        && crate::common::models_dir()
+        && crate::lookup::models_dir()
             .join(format!("{GRAY_MODEL}.safetensors"))
             .is_file();
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
@@ -323,7 +325,7 @@ fn plan(args: &Args) -> Result<Vec<Job>> {
         seen.insert(canonical(input), input);
     }
     if let Some(report) = &args.report {
-        crate::common::check_output_file(report)?;
+        crate::outputs::check_output_file(report)?;
         if let Some(source) = seen.get(&canonical(report)) {
             bail!(
                 "--report '{}' would overwrite the input '{}'",
@@ -334,7 +336,7 @@ fn plan(args: &Args) -> Result<Vec<Job>> {
     }
     let mut targets: HashMap<PathBuf, &Path> = HashMap::new();
     for Job { input, output, .. } in &jobs {
-        crate::common::check_output_file(output)?;
+        crate::outputs::check_output_file(output)?;
         let target = canonical(output);
         if let Some(source) = seen.get(&target) {
             bail!(
@@ -409,7 +411,7 @@ fn denoise_one(
         }
     };
     let (out, used) = runner.denoise(&loaded.image, sigma.level(), &mut progress)?;
-    crate::common::create_parent_dir(output)?;
+    crate::outputs::create_parent_dir(output)?;
     // Its errors name the file.
     let dropped = io::save_with_metadata(output, &out, loaded.alpha.as_deref(), depth, &metadata)?;
     let mut notes = dropped_notes(output, &dropped);

@@ -29,14 +29,14 @@ pub fn run(args: &Args) -> Result<()> {
             args.output.display()
         );
     }
-    crate::common::check_output_file(&args.output)?;
-    if crate::common::canonical(&args.output) == crate::common::canonical(&args.input) {
+    crate::outputs::check_output_file(&args.output)?;
+    if crate::outputs::canonical(&args.output) == crate::outputs::canonical(&args.input) {
         bail!(
             "'{}' would overwrite the input: write the noisy image elsewhere",
             args.output.display()
         );
     }
-    crate::common::create_parent_dir(&args.output)?;
+    crate::outputs::create_parent_dir(&args.output)?;
     let loaded = io::load(&args.input)?;
     let noisy = spec.apply(&loaded.image, args.seed);
     io::save(

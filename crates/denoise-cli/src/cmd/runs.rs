@@ -50,7 +50,7 @@ pub fn run(args: &Args) -> Result<()> {
     for dir in &args.runs {
         match summarise(dir, &args.at) {
             Ok(s) => summaries.push(s),
-            Err(err) => failures.push(crate::common::describe(&err)),
+            Err(err) => failures.push(crate::report::describe(&err)),
         }
     }
     if !summaries.is_empty() {

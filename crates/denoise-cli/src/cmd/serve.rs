@@ -1,6 +1,6 @@
 //! `denoise-cli serve`: the web app and its HTTP API (`denoise-serve`), on one address.
 
-use crate::common::{models_dir, resolve_model, samples_dir, shipped_models};
+use crate::lookup::{models_dir, resolve_model, samples_dir, shipped_models};
 use anyhow::{Context, Result};
 use denoise_serve::fetch::FetchConfig;
 use denoise_serve::{App, ModelEntry, ServeConfig};
@@ -25,7 +25,7 @@ pub struct Args {
     max_pixels: u64,
     /// Most self-ensemble passes a request may ask for (1, 2, 4 or 8; the page offers them as
     /// "passes"): each pass holds a worker as long as a plain request.
-    #[arg(long, value_name = "N", default_value_t = 8, value_parser = crate::common::parse_ensemble)]
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = crate::runner::parse_ensemble)]
     max_ensemble: usize,
     /// Inference worker threads, each with its own copy of the models.
     #[arg(long, default_value_t = 1)]
@@ -76,7 +76,7 @@ pub fn run(args: &Args) -> Result<()> {
         max_ensemble: args.max_ensemble,
         workers: args.workers,
         queue: args.queue,
-        device: crate::common::parse_device(&args.device)?,
+        device: denoise_models::parse_device(&args.device).context("--device")?,
         tile: args.tile,
         fetch: FetchConfig {
             allow_private: args.allow_private_urls,

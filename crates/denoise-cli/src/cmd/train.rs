@@ -161,7 +161,7 @@ pub fn run(args: &Args) -> Result<()> {
     if let (Some(spec), false) = (cfg.init.clone(), args.resume) {
         // A shipped name, a file or a run directory (from the flag or the config), saved as an
         // absolute file path, like the manifest.
-        let path = crate::common::resolve_model(Some(&spec.to_string_lossy()))?;
+        let path = crate::lookup::resolve_model(Some(&spec.to_string_lossy()))?;
         let path = denoise_models::artefact::resolve(&path)?;
         if let (Some(channels), None) = (args.channels, &args.model) {
             let meta = denoise_models::artefact::read_metadata(&path)?;
