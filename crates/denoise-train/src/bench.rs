@@ -5,10 +5,12 @@
 
 use crate::Result;
 use crate::config::TrainConfig;
+use crate::ema::MovingAverage;
 use crate::loss::Loss;
 use crate::optim::{Adam, OptimizerConfig};
 use crate::timing::PhaseTimer;
-use crate::trainer::{ema_model, master_and_shadow, optimisation_step, trainable};
+use crate::trainer::optimisation_step;
+use crate::weights::{self, Weights};
 use denoise_models::{Layout, ModelConfig, Precision};
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
@@ -31,10 +33,14 @@ pub struct TrainBench {
 /// Seconds per step of each timed run, in run order.
 pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
     tch::manual_seed(0);
-    let (master, shadow) = master_and_shadow(&b.model, b.device, b.precision, b.layout)?;
+    let weights = Weights::new(&b.model, b.device, b.precision, b.layout)?;
     // Training's default moving average is part of its step, so it is timed too.
-    let ema = ema_model(&b.model, b.device, b.layout)?;
-    let ema_decay = TrainConfig::default().ema_decay;
+    let ema = MovingAverage::new(
+        &b.model,
+        b.device,
+        b.layout,
+        TrainConfig::default().ema_decay,
+    )?;
     let mut adam = Adam::new(
         OptimizerConfig {
             lr: 1e-4,
@@ -42,7 +48,7 @@ pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
             // norm over all gradients and a scale, a few per cent of a small model's step).
             ..Default::default()
         },
-        trainable(&master),
+        weights::trainable(&weights.master),
     );
     let c = b.model.channels();
     let opts = (Kind::Float, b.device);
@@ -54,9 +60,8 @@ pub fn time_train_steps(b: &TrainBench) -> Result<Vec<f64>> {
         .then(|| denoise_models::model::sigma_map(b.batch, b.patch, b.patch, 25.0, b.device));
     let mut step = || {
         optimisation_step(
-            &master,
-            shadow.as_ref(),
-            Some((&ema, ema_decay)),
+            &weights,
+            Some(&ema),
             &mut adam,
             Loss::Mse,
             &noisy,

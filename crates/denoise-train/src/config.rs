@@ -117,7 +117,7 @@ impl TrainConfig {
         })?;
         toml::from_str(&text).map_err(|e| TrainError::ConfigFile {
             path: path.to_path_buf(),
-            message: e.to_string(),
+            message: toml_message(&text, &e),
         })
     }
 
@@ -259,9 +259,44 @@ pub fn parse_device(s: &str) -> Result<tch::Device> {
     })
 }
 
+/// A TOML error on one line, "line L, column C: what": toml's own text draws the line with a
+/// caret under it over several lines.
+fn toml_message(text: &str, e: &toml::de::Error) -> String {
+    let what = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    let Some(span) = e.span() else {
+        return what;
+    };
+    let before = &text.as_bytes()[..span.start.min(text.len())];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let column = before.len()
+        - before
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(0, |i| i + 1)
+        + 1;
+    format!("line {line}, column {column}: {what}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_that_is_not_toml_is_one_line_naming_the_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "steps = 3\nnoise = [\"gaussian:25\"\nbatch_size = 4\n",
+        )
+        .unwrap();
+        let e = TrainConfig::from_file(&path).unwrap_err().to_string();
+        assert!(!e.contains('\n'), "{e}");
+        assert!(
+            e.contains("config.toml") && e.contains("line 3, column 1"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn toml_round_trips_and_partial_files_take_defaults() {

@@ -29,6 +29,15 @@ pub enum TrainError {
     /// changed config on resume).
     #[error("{0}")]
     RunDir(String),
+    /// A fine-tune's starting model that cannot become what the caller asked for.
+    #[error("{0}")]
+    FineTune(String),
+    /// The loss stopped being a finite number; the weights from before `step` are checkpointed.
+    #[error(
+        "training diverged: the loss became {loss} at step {step}; lower the learning rate (the \
+         weights before that step are checkpointed, and --resume would meet the same batch)"
+    )]
+    Diverged { step: u64, loss: f64 },
     #[error("invalid checkpoint '{path}': {message}")]
     Checkpoint { path: PathBuf, message: String },
 }

@@ -6,18 +6,24 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+mod ema;
 pub mod error;
+pub mod init;
+mod log;
 pub mod loss;
 pub mod optim;
 pub mod plot;
+pub mod run_dir;
 mod staging;
 pub mod timing;
 pub mod trainer;
 pub mod validate;
+mod weights;
 
 pub use crate::config::TrainConfig;
 pub use crate::error::TrainError;
-pub use crate::trainer::{TrainOutcome, Trainer};
+pub use crate::run_dir::RunDir;
+pub use crate::trainer::{TrainOutcome, Trainer, set_up_libtorch};
 
 /// Result alias for this crate.
 pub type Result<T, E = TrainError> = std::result::Result<T, E>;
@@ -27,4 +33,17 @@ pub type Result<T, E = TrainError> = std::result::Result<T, E>;
 pub(crate) fn test_rng_lock() -> std::sync::MutexGuard<'static, ()> {
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A 3-layer, 4-feature gray DnCNN: the smallest model with every kind of tensor training
+/// keeps (weights, biases and, with `batch_norm`, running statistics).
+#[cfg(test)]
+pub(crate) fn tiny_dncnn(batch_norm: bool) -> denoise_models::ModelConfig {
+    denoise_models::ModelConfig::Dncnn(denoise_models::config::DncnnConfig {
+        channels: 1,
+        depth: 3,
+        features: 4,
+        batch_norm,
+        ..Default::default()
+    })
 }

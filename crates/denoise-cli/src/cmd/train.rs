@@ -2,7 +2,8 @@
 
 use anyhow::{Context, Result};
 use denoise_models::{ModelKind, Precision};
-use denoise_train::{TrainConfig, Trainer};
+use denoise_train::init::FineTune;
+use denoise_train::{RunDir, TrainConfig, Trainer};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -85,18 +86,7 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let mut cfg = if args.resume && args.config.is_none() {
         // A resumed run keeps its own config unless told otherwise.
-        let saved = args.out.join("config.toml");
-        let cfg = TrainConfig::from_file(&saved)
-            .with_context(|| format!("--resume needs '{}'", saved.display()))?;
-        // A run writes its whole config; one of defaults only was emptied or replaced.
-        if cfg == TrainConfig::default() {
-            anyhow::bail!(
-                "the run's config '{}' is empty (or holds only defaults): it no longer says what \
-                 the run trains; restore it, or start a new run",
-                saved.display()
-            );
-        }
-        cfg
+        RunDir::new(&args.out).saved_config()?
     } else if let Some(path) = &args.config {
         TrainConfig::from_file(path)?
     } else {
@@ -163,37 +153,14 @@ pub fn run(args: &Args) -> Result<()> {
         // absolute file path, like the manifest.
         let path = crate::lookup::resolve_model(Some(&spec.to_string_lossy()))?;
         let path = denoise_models::artefact::resolve(&path)?;
-        if let (Some(channels), None) = (args.channels, &args.model) {
-            let meta = denoise_models::artefact::read_metadata(&path)?;
-            let own = meta.model.channels();
-            match (meta.model.gray_twin(), channels) {
-                (_, c) if c == own => {}
-                (Some(gray), 1) => cfg.model = Some(gray),
-                _ => anyhow::bail!(
-                    "--channels {channels} with --init: '{}' is a {}-channel {}, and only a \
-                     colour ffdnet turns into a gray one (--channels 1)",
-                    path.display(),
-                    own,
-                    meta.model.kind()
-                ),
-            }
-        }
-        if args.init.is_some() && args.config.is_none() {
-            // A fine-tune from the flag alone: the artefact's noise, and a tenth of the
-            // from-scratch learning rate, unless told otherwise.
-            let meta = denoise_models::artefact::read_metadata(&path)?;
-            if let (None, Some(noise)) = (&args.noise, meta.noise) {
-                cfg.noise = noise;
-            }
-            if args.lr.is_none() {
-                cfg.optimizer.lr /= 10.0;
-            }
-            fine_tune_note = Some(format!(
-                "fine-tuning on {} at a peak learning rate of {:.0e} (--noise and --lr change them)",
-                cfg.noise, cfg.optimizer.lr
-            ));
-        }
-        cfg.init = Some(path.canonicalize().unwrap_or(path));
+        let asked = FineTune {
+            // --channels with --model picks that model's channels instead.
+            channels: args.channels.filter(|_| args.model.is_none()),
+            model_alone: args.init.is_some() && args.config.is_none(),
+            noise_given: args.noise.is_some(),
+            lr_given: args.lr.is_some(),
+        };
+        fine_tune_note = denoise_train::init::prepare(&mut cfg, &path, &asked)?;
     }
     if args.cpu_budget.is_some_and(|m| m.is_nan() || m <= 0.0) {
         anyhow::bail!("--cpu-budget must be a positive number of minutes");
@@ -206,6 +173,7 @@ pub fn run(args: &Args) -> Result<()> {
         )),
         _ => None,
     };
+    denoise_train::set_up_libtorch(&cfg)?;
     let mut trainer = Trainer::new(cfg, &args.out, args.resume)?
         .cpu_budget(args.cpu_budget.map(|minutes| minutes * 60.0))
         .profile(args.profile);
