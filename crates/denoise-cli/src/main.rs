@@ -13,7 +13,7 @@ use clap::Parser as _;
 
 fn main() {
     // Before libtorch allocates: keep freed activation memory in the process (see its doc).
-    denoise_models::perf::tune_allocator();
+    denoise_models::sys::tune_allocator();
     // Plain libtorch ops panic on errors; the library turns those into `Err` at its edges
     // (`catch_unwind`), where the default hook's message would only alarm. So the hook keeps the
     // last panic's text, and a panic that reaches `main` (a bug) is reported from it in one line.

@@ -19,6 +19,7 @@ pub mod model;
 pub mod perf;
 pub mod ridnet;
 pub mod source;
+pub mod sys;
 pub mod tile;
 pub mod unet;
 
