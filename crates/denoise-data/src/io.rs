@@ -645,20 +645,26 @@ fn image_error(name: &Path, e: ImageError) -> DataError {
     match e {
         ImageError::Unsupported(u) => DataError::Unsupported {
             path: name.into(),
-            message: u.to_string(),
+            message: one_line(&u.to_string()),
         },
         ImageError::IoError(source) => {
             // The data is in memory or already open, so an i/o error here is a short read.
             DataError::Decode {
                 path: name.into(),
-                message: source.to_string(),
+                message: one_line(&source.to_string()),
             }
         }
         other => DataError::Decode {
             path: name.into(),
-            message: other.to_string(),
+            message: one_line(&other.to_string()),
         },
     }
+}
+
+/// A decoder's message on one line: some end theirs with a line break (the JPEG decoder's
+/// "Not enough bytes"), which would split an error naming the file over two lines.
+fn one_line(message: &str) -> String {
+    message.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 fn split_alpha<T: Copy>(interleaved: Vec<T>, channels_with_alpha: usize) -> (Vec<T>, Vec<T>) {
@@ -1401,6 +1407,23 @@ mod tests {
         fs::write(&path, &jpeg[..jpeg.len() / 2]).unwrap();
         let e = load(&path).unwrap_err().to_string();
         assert!(e.contains("half.jpg") && e.contains("end-of-image"), "{e}");
+    }
+
+    #[test]
+    fn a_decoder_message_is_one_line() {
+        let jpeg = encode(
+            &levels(3, 16, 16, BitDepth::Eight),
+            None,
+            BitDepth::Eight,
+            ImageFormat::Jpeg,
+        )
+        .unwrap();
+        // Cut inside the headers: the JPEG decoder's own message, which ends in a line break.
+        let e = decode_bytes(&jpeg[..jpeg.len() / 2], "cut.jpg", DEFAULT_MAX_PIXELS)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cut.jpg") && !e.contains('\n'), "{e:?}");
+        assert_eq!(one_line(" a\n  b\r\n"), "a b");
     }
 
     #[test]

@@ -30,15 +30,50 @@ pub fn torchscript(model: &Model, path: &Path, size: i64) -> Result<()> {
     })?;
     // Atomically, as every file the project writes: a crash leaves the old file or the new one.
     denoise_data::io::write_atomic_with(path, |tmp| {
-        module.save(tmp).map_err(std::io::Error::other)
+        module
+            .save(tmp)
+            .map_err(|e| std::io::Error::other(first_line(&e)))
     })?;
     Ok(())
+}
+
+/// The first line of a libtorch error: what failed, without the page of C++ stack frames that
+/// follows it.
+fn first_line(error: &tch::TchError) -> String {
+    let text = error.to_string();
+    text.lines().next().unwrap_or_default().trim().to_owned()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{ModelConfig, ModelKind};
+
+    #[test]
+    fn an_unwritable_output_is_one_line_naming_it() {
+        let _rng = crate::test_rng_lock();
+        let dir = tempfile::tempdir().unwrap();
+        let cfg: ModelConfig =
+            serde_json::from_str(r#"{"kind":"dncnn","depth":3,"features":8}"#).unwrap();
+        let model = Model::new(&cfg, Device::Cpu).unwrap();
+        // A folder that is a regular file, and one that does not exist: root may write
+        // anywhere else.
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"x").unwrap();
+        for out in [file.join("model.pt"), dir.path().join("absent/model.pt")] {
+            let e = torchscript(&model, &out, 16).unwrap_err().to_string();
+            assert_eq!(e.lines().count(), 1, "{e}");
+            assert!(e.contains(&out.display().to_string()), "{e}");
+            assert!(!e.contains("frame #"), "{e}");
+        }
+        assert_eq!(std::fs::read(&file).unwrap(), b"x");
+    }
+
+    #[test]
+    fn a_libtorch_error_is_cut_to_its_first_line() {
+        let e = tch::TchError::Torch("open file failed\nframe #0: c10::Error\nframe #1: x".into());
+        assert_eq!(first_line(&e), "Internal torch error: open file failed");
+    }
 
     #[test]
     fn exported_modules_match_the_native_model() {
