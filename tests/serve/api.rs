@@ -283,7 +283,7 @@ fn a_request_hyper_cannot_parse_gets_a_json_error() {
 }
 
 /// Sends `raw` on a new connection and returns the status code and the body of the answer.
-fn raw_exchange(addr: &str, raw: &[u8]) -> (u16, String) {
+pub fn raw_exchange(addr: &str, raw: &[u8]) -> (u16, String) {
     use std::io::{Read, Write};
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream.write_all(raw).unwrap();
@@ -461,7 +461,7 @@ fn chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
 }
 
 /// A 100 000 x 100 000 RGB PNG in under 100 bytes: a header that would need 30 GB decoded.
-fn decompression_bomb() -> Vec<u8> {
+pub fn decompression_bomb() -> Vec<u8> {
     let mut ihdr = Vec::new();
     ihdr.extend_from_slice(&100_000u32.to_be_bytes());
     ihdr.extend_from_slice(&100_000u32.to_be_bytes());

@@ -4,6 +4,7 @@
 
 mod api;
 mod cancel;
+mod corpus;
 mod e2e;
 mod fixture;
 mod load;

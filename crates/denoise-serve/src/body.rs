@@ -133,7 +133,14 @@ pub(crate) async fn read_form(
                 image = Some((data.to_vec(), file_name));
             }
             "model" | "sigma" | "ensemble" | "reference" | "job" => {
-                let value = field.text().await.map_err(bad)?;
+                // Bytes, not `text()`: that decodes lossily, and a mangled value could read as
+                // a valid one.
+                let bytes = field.bytes().await.map_err(bad)?;
+                let value = String::from_utf8(bytes.to_vec()).map_err(|_| {
+                    ServeError::BadRequest(format!(
+                        "invalid multipart form: the field '{name}' is not UTF-8 text"
+                    ))
+                })?;
                 let slot = match name.as_str() {
                     "model" => &mut params.model,
                     "sigma" => &mut params.sigma,
