@@ -1294,3 +1294,54 @@ fn eval_pairs_scores_real_noisy_photos_by_name_and_names_unmatched_files() {
     assert_clean_failure(&out, "unmatched");
     assert!(stderr(&out).contains("c.png"), "{}", stderr(&out));
 }
+
+#[test]
+fn a_copied_binary_denoises_with_its_built_in_default_model_anywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let exe = bin.join("denoise-cli");
+    std::fs::copy(env!("CARGO_BIN_EXE_denoise-cli"), &exe).unwrap();
+    let home = dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let input = dir.path().join("in.png");
+    io::save(&input, &picture(24, 32), None, BitDepth::Eight).unwrap();
+    let output = dir.path().join("out.png");
+    let command = || {
+        let mut c = Command::new(&exe);
+        c.env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", &home)
+            .current_dir(&bin);
+        c
+    };
+    let out = command()
+        .args(["infer", input.to_str().unwrap(), "-o"])
+        .arg(&output)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(io::load(&output).unwrap().image.shape(), (3, 24, 32));
+    let unpacked = home.join(".local/share/denoise/models/default.safetensors");
+    assert!(unpacked.is_file(), "{}", unpacked.display());
+    // By name too; an unknown name lists the built-in ones.
+    let gaussian = dir.path().join("gaussian.png");
+    let out = command()
+        .args([
+            "infer",
+            "--model",
+            "gaussian",
+            input.to_str().unwrap(),
+            "-o",
+        ])
+        .arg(&gaussian)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = command()
+        .args(["infer", "--model", "nosuch", input.to_str().unwrap(), "-o"])
+        .arg(dir.path().join("x.png"))
+        .output()
+        .unwrap();
+    assert!(stderr(&out).contains("gaussian"), "{}", stderr(&out));
+}

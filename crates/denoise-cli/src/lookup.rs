@@ -1,73 +1,199 @@
 //! Finding a model from `--model`: a file, a run directory, or a shipped model by name (the
 //! default when none is given); and the demo samples the web app shows.
+//!
+//! The shipped models and samples are built into the program, so a copied or installed binary
+//! has them wherever it runs. The rest of the program reads models from files, so a built-in
+//! one is unpacked into the data directory ([`data_dir`]) when first used, and rewritten there
+//! when this program's copy differs. Where they are looked for, first hit wins:
+//! 1. `$DENOISE_MODELS` (`$DENOISE_SAMPLES`), when set: that folder only;
+//! 2. `models/` (`samples/`) beside the executable;
+//! 3. the program's built-in copy;
+//! 4. `models/` in the data directory, where a user may add their own by name.
 
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
 
-/// Where the shipped models live: `$DENOISE_MODELS`, else `assets/models` of the source tree
-/// this binary was built from.
-pub fn models_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DENOISE_MODELS") {
+mod built_in {
+    include!(concat!(env!("OUT_DIR"), "/built_in.rs"));
+}
+
+/// Where built-in models and samples are unpacked: `$DENOISE_DATA_DIR`, else
+/// `$XDG_DATA_HOME/denoise`, else `~/.local/share/denoise`, else `denoise` in the temp dir.
+pub fn data_dir() -> PathBuf {
+    let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
+    if let Some(dir) = var("DENOISE_DATA_DIR") {
         return PathBuf::from(dir);
     }
-    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/models"));
-    // Without the `crates/denoise-cli/../..` detour in what is printed.
-    dir.canonicalize().unwrap_or(dir)
-}
-
-/// Where the demo images live: `$DENOISE_SAMPLES`, else `assets/samples` of the source tree.
-pub fn samples_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("DENOISE_SAMPLES") {
-        return PathBuf::from(dir);
+    if let Some(dir) = var("XDG_DATA_HOME") {
+        return PathBuf::from(dir).join("denoise");
     }
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/samples"))
+    if let Some(home) = var("HOME") {
+        return PathBuf::from(home).join(".local/share/denoise");
+    }
+    std::env::temp_dir().join("denoise")
 }
 
-/// The shipped default model file (it may not exist yet).
-pub fn default_model_path() -> PathBuf {
-    models_dir().join("default.safetensors")
+/// `NAME/` beside the executable, when it is a folder.
+fn beside_executable(name: &str) -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.join(name);
+    dir.is_dir().then_some(dir)
 }
 
-/// Resolves `--model`: a path (file or run directory), a shipped model name (`NAME` ->
-/// `assets/models/NAME.safetensors`), or the default when `None`.
+/// The folder `$DENOISE_MODELS` names, when set.
+fn models_override() -> Option<PathBuf> {
+    std::env::var_os("DENOISE_MODELS")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Writes `bytes` to `path` unless it already holds them, and returns `path`.
+fn unpack(path: PathBuf, bytes: &[u8]) -> Result<PathBuf> {
+    if std::fs::read(&path).ok().as_deref() != Some(bytes) {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create '{}'", dir.display()))?;
+        }
+        denoise_data::io::write_atomic(&path, bytes)?;
+    }
+    Ok(path)
+}
+
+/// The file of the shipped model `name`, or `None` when no such model is shipped.
+pub fn shipped_model(name: &str) -> Result<Option<PathBuf>> {
+    let file = format!("{name}.safetensors");
+    if let Some(dir) = models_override() {
+        let path = dir.join(file);
+        return Ok(path.is_file().then_some(path));
+    }
+    if let Some(path) = beside_executable("models")
+        .map(|dir| dir.join(&file))
+        .filter(|p| p.is_file())
+    {
+        return Ok(Some(path));
+    }
+    let unpacked = data_dir().join("models").join(&file);
+    if let Some((_, bytes)) = built_in::MODELS.iter().find(|(n, _)| *n == name) {
+        return unpack(unpacked, bytes).map(Some);
+    }
+    Ok(unpacked.is_file().then_some(unpacked))
+}
+
+/// The shipped default model's file.
+pub fn default_model() -> Result<PathBuf> {
+    shipped_model("default")?.with_context(|| {
+        format!(
+            "no default model: {} holds no default.safetensors; pass --model PATH",
+            models_override()
+                .unwrap_or_else(|| data_dir().join("models"))
+                .display()
+        )
+    })
+}
+
+/// Where the demo images live: `$DENOISE_SAMPLES`, else `samples/` beside the executable, else
+/// the built-in ones, unpacked into the data directory (or `None` when that fails).
+pub fn samples_dir() -> Option<PathBuf> {
+    if let Some(dir) = std::env::var_os("DENOISE_SAMPLES").filter(|v| !v.is_empty()) {
+        return Some(PathBuf::from(dir));
+    }
+    if let Some(dir) = beside_executable("samples") {
+        return Some(dir);
+    }
+    let dir = data_dir().join("samples");
+    for (name, bytes) in built_in::SAMPLES {
+        if let Err(e) = unpack(dir.join(name), bytes) {
+            eprintln!("warning: the demo samples are not shown: {e:#}");
+            return None;
+        }
+    }
+    Some(dir)
+}
+
+/// Resolves `--model`: a path (file or run directory), a shipped model name, or the default
+/// when `None`.
 pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
     // The default is the photo model; `photo` names it too.
     let spec = spec.filter(|s| *s != "photo" || Path::new(s).exists());
     let Some(spec) = spec else {
-        let path = default_model_path();
-        if !path.is_file() {
-            bail!(
-                "no default model at '{}': train one (`cargo xtask train`) and pass --model PATH",
-                path.display()
-            );
-        }
-        return Ok(path);
+        return default_model();
     };
     let path = PathBuf::from(spec);
     if path.exists() {
         return Ok(path);
     }
-    let shipped = models_dir().join(format!("{spec}.safetensors"));
-    if shipped.is_file() {
+    if let Some(shipped) = shipped_model(spec)? {
         return Ok(shipped);
     }
     let known = shipped_models().unwrap_or_default().join(", ");
     bail!("no model '{spec}': not a file or directory, and not a shipped model (shipped: {known})")
 }
 
-/// Names of the shipped models.
+/// Names of the shipped models, sorted.
 pub fn shipped_models() -> Result<Vec<String>> {
-    let dir = models_dir();
-    let mut names: Vec<String> = std::fs::read_dir(&dir)
-        .with_context(|| format!("cannot list '{}'", dir.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            e.file_name()
-                .to_str()?
-                .strip_suffix(".safetensors")
-                .map(str::to_owned)
-        })
-        .collect();
+    let listed = |dir: &Path| -> Result<Vec<String>> {
+        Ok(std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list '{}'", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_suffix(".safetensors")
+                    .map(str::to_owned)
+            })
+            .collect())
+    };
+    let mut names = match models_override() {
+        Some(dir) => listed(&dir)?,
+        None => {
+            let mut names: Vec<String> = built_in::MODELS
+                .iter()
+                .map(|(n, _)| (*n).to_owned())
+                .collect();
+            for dir in [
+                beside_executable("models"),
+                Some(data_dir().join("models")).filter(|d| d.is_dir()),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                names.extend(listed(&dir)?);
+            }
+            names
+        }
+    };
     names.sort();
+    names.dedup();
     Ok(names)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_models_are_built_in() {
+        let names: Vec<&str> = built_in::MODELS.iter().map(|(n, _)| *n).collect();
+        for name in ["default", "gaussian"] {
+            assert!(names.contains(&name), "{names:?}");
+        }
+        assert!(built_in::MODELS.iter().all(|(_, b)| b.len() > 1000));
+        assert!(!built_in::SAMPLES.is_empty());
+    }
+
+    #[test]
+    fn unpacking_writes_only_what_differs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m/a.safetensors");
+        unpack(path.clone(), b"one").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"one");
+        let written = std::fs::metadata(&path).unwrap().modified().unwrap();
+        unpack(path.clone(), b"one").unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().modified().unwrap(),
+            written
+        );
+        unpack(path.clone(), b"two").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"two");
+    }
 }

@@ -23,7 +23,7 @@ pub fn run(args: &Args) -> Result<()> {
             })
         })
         .unwrap_or_else(|| "unknown (no version.py beside lib/)".into());
-    let default_model = lookup::default_model_path();
+    let default_model = lookup::default_model().ok();
     let report = serde_json::json!({
         "denoise": env!("CARGO_PKG_VERSION"),
         "libtorch_version": version,
@@ -38,7 +38,7 @@ pub fn run(args: &Args) -> Result<()> {
         "cpu": cpu,
         "bf16_fast": cpu.fast_bf16(),
         "default_model": default_model,
-        "default_model_present": default_model.is_file(),
+        "default_model_present": default_model.is_some(),
     });
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -72,14 +72,9 @@ pub fn run(args: &Args) -> Result<()> {
             "emulated (slow)"
         }
     );
-    println!(
-        "default model  {} ({})",
-        default_model.display(),
-        if default_model.is_file() {
-            "present"
-        } else {
-            "missing"
-        }
-    );
+    match &default_model {
+        Some(path) => println!("default model  {} (present)", path.display()),
+        None => println!("default model  missing"),
+    }
     Ok(())
 }

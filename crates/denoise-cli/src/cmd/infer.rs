@@ -144,9 +144,7 @@ pub fn run(args: &Args) -> Result<()> {
     // The default is a colour model; gray pictures are told of the shipped gray one.
     let gray_hint = args.model.is_none()
         && runner.model().config().channels() == 3
-        && crate::lookup::models_dir()
-            .join(format!("{GRAY_MODEL}.safetensors"))
-            .is_file();
+        && crate::lookup::shipped_models().is_ok_and(|names| names.iter().any(|n| n == GRAY_MODEL));
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} files {msg}")

@@ -1,6 +1,6 @@
 //! `denoise-cli serve`: the web app and its HTTP API (`denoise-serve`), on one address.
 
-use crate::lookup::{models_dir, resolve_model, samples_dir, shipped_models};
+use crate::lookup::{resolve_model, samples_dir, shipped_model, shipped_models};
 use anyhow::{Context, Result};
 use denoise_serve::fetch::FetchConfig;
 use denoise_serve::{App, ModelEntry, ServeConfig};
@@ -67,7 +67,7 @@ pub fn run(args: &Args) -> Result<()> {
     let timeout = Duration::from_secs(args.fetch_timeout);
     let config = ServeConfig {
         default_model,
-        samples_dir: Some(samples_dir()),
+        samples_dir: samples_dir(),
         max_upload_bytes: args
             .max_upload_mb
             .checked_mul(1 << 20)
@@ -153,15 +153,12 @@ fn allowed_hosts(args: &Args) -> Vec<String> {
 
 /// The shipped models, plus `--model` when it names a file or directory; and the default's name.
 fn model_entries(spec: Option<&str>) -> Result<(Vec<ModelEntry>, String)> {
-    let dir = models_dir();
-    let mut entries: Vec<ModelEntry> = shipped_models()
-        .unwrap_or_default()
-        .into_iter()
-        .map(|name| ModelEntry {
-            path: dir.join(format!("{name}.safetensors")),
-            name,
-        })
-        .collect();
+    let mut entries = Vec::new();
+    for name in shipped_models().unwrap_or_default() {
+        if let Some(path) = shipped_model(&name)? {
+            entries.push(ModelEntry { path, name });
+        }
+    }
     let default = match spec {
         Some(name) if entries.iter().any(|e| e.name == name) => name.to_owned(),
         Some(_) => {
