@@ -48,10 +48,8 @@ pub fn parse_ensemble(s: &str) -> Result<usize, String> {
 /// How the noise level reaches models that take one.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Sigma {
-    /// Not given: estimate it for models that need it (blind use).
+    /// Not given, or `--sigma auto`: estimated for models that take a level (blind use).
     Blind,
-    /// `--sigma auto`: estimate it, and say so.
-    Auto,
     /// A fixed level on the 0-255 scale.
     Fixed(f32),
 }
@@ -61,7 +59,7 @@ impl Sigma {
     pub fn level(self) -> NoiseLevel<'static> {
         match self {
             Sigma::Fixed(s) => NoiseLevel::Uniform(s),
-            Sigma::Auto | Sigma::Blind => NoiseLevel::Estimate,
+            Sigma::Blind => NoiseLevel::Estimate,
         }
     }
 }
@@ -70,7 +68,7 @@ impl std::str::FromStr for Sigma {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
         if s == "auto" {
-            return Ok(Sigma::Auto);
+            return Ok(Sigma::Blind);
         }
         let v: f32 = s
             .parse()

@@ -1,4 +1,4 @@
-//! Everything between image files on disk and training batches: loading, normalisation,
+//! Everything between image files on disk and training batches: loading,
 //! augmentation, noise injection and patch streaming. Pure Rust: no libtorch here.
 
 pub mod augment;
@@ -12,7 +12,6 @@ pub mod loader;
 pub mod manifest;
 pub mod metadata;
 pub mod noise;
-pub mod normalise;
 
 pub use crate::error::DataError;
 pub use crate::image::Image;

@@ -438,7 +438,7 @@ fn denoise_one(
             output.display()
         ));
     }
-    if let (Sigma::Auto | Sigma::Blind, Some(s)) = (sigma, used) {
+    if let (Sigma::Blind, Some(s)) = (sigma, used) {
         notes.push(format!("{}: estimated sigma {s}", input.display()));
         if s.shared {
             notes.push(format!(

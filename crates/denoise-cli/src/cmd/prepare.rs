@@ -67,6 +67,22 @@ pub fn run(args: &Args) -> Result<()> {
         report.decoded,
         report.reused
     );
+    // The colour balance of what the model will learn from: a set much darker, brighter or
+    // more muted than the photos it will denoise is worth knowing about before training.
+    let st = &m.statistics;
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.3}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    eprintln!(
+        "training split: {} images, {:.1} megapixels; per-channel mean {} and standard deviation {} (0-1 scale)",
+        st.images,
+        st.pixels as f64 / 1e6,
+        list(&st.mean),
+        list(&st.std)
+    );
     // Left out: said here, not only in the manifest, with the first few named.
     const SHOWN: usize = 5;
     if !m.rejected.is_empty() {
