@@ -1011,6 +1011,52 @@ fn prepare_data_names_what_it_left_out_and_train_names_a_gray_file_in_a_colour_s
 }
 
 #[test]
+fn prepare_data_splits_each_of_several_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let (photos, more) = (dir.path().join("photos"), dir.path().join("more"));
+    for (folder, n, w) in [(&photos, 8, 48), (&more, 2, 52)] {
+        std::fs::create_dir_all(folder).unwrap();
+        for i in 0..n {
+            let name = folder.join(format!("{i}.png"));
+            io::save(name, &picture(40 + 4 * i, w), None, BitDepth::Eight).unwrap();
+        }
+    }
+    let data = dir.path().join("data");
+    let out = run(&[
+        "prepare-data",
+        "--src",
+        photos.to_str().unwrap(),
+        "--src",
+        more.to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let err = stderr(&out);
+    // One validation file of ten at the default 0.05, but one from each source.
+    assert!(err.contains("8 training and 2 validation images"), "{err}");
+    for line in [
+        format!("  {}: 7 training, 1 validation", photos.display()),
+        format!("  {}: 1 training, 1 validation", more.display()),
+    ] {
+        assert!(err.contains(&line), "'{line}' not in: {err}");
+    }
+    let manifest = denoise_data::manifest::Manifest::load(data.join("manifest.json")).unwrap();
+    assert_eq!(manifest.sources, ["photos", "more"]);
+
+    let nested = run(&[
+        "prepare-data",
+        "--src",
+        dir.path().to_str().unwrap(),
+        "--src",
+        more.to_str().unwrap(),
+        "--out",
+        data.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&nested, "holds the source");
+}
+
+#[test]
 fn metrics_over_directories_go_on_past_a_bad_pair_and_say_what_was_left() {
     let dir = tempfile::tempdir().unwrap();
     let (refs, tests) = (dir.path().join("ref"), dir.path().join("test"));

@@ -1,8 +1,8 @@
-//! `prepare-data`: validating a folder of clean images, dropping duplicates, a seeded
-//! train/validation split, dataset statistics, optional fixed noisy validation images, and the
-//! `manifest.json` that records it all.
+//! `prepare-data`: validating one or more folders of clean images, dropping duplicates, a seeded
+//! train/validation split of each folder, dataset statistics, optional fixed noisy validation
+//! images, and the `manifest.json` that records it all.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -33,7 +33,7 @@ pub enum Split {
     Validation,
 }
 
-/// One usable, unique image of the source folder.
+/// One usable, unique image of the source folders.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileEntry {
@@ -121,8 +121,14 @@ pub struct NoisyValidation {
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub schema_version: u32,
-    /// Absolute path of the scanned folder.
+    /// Absolute path of the scanned folder; with several sources, the deepest folder that
+    /// holds them all.
     pub source_dir: PathBuf,
+    /// With several sources, each one relative to `source_dir` (`/`-separated) in the order
+    /// they were given; empty when `source_dir` itself is the only source. A file's source is
+    /// the one its path starts with (sources never nest).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<String>,
     pub seed: u64,
     pub val_fraction: f64,
     /// Usable unique files in path order.
@@ -179,6 +185,40 @@ impl Manifest {
             .filter(|f| f.split == split)
             .map(|f| self.source_dir.join(&f.path))
             .collect()
+    }
+
+    /// Absolute paths of the source folders, in the order they were given.
+    pub fn source_dirs(&self) -> Vec<PathBuf> {
+        if self.sources.is_empty() {
+            vec![self.source_dir.clone()]
+        } else {
+            self.sources
+                .iter()
+                .map(|s| self.source_dir.join(s))
+                .collect()
+        }
+    }
+
+    /// `(training, validation)` file counts of each source, in the order of
+    /// [`Self::source_dirs`].
+    pub fn split_counts(&self) -> Vec<(usize, usize)> {
+        let mut counts = vec![(0, 0); self.sources.len().max(1)];
+        for f in &self.files {
+            let c = &mut counts[self.source_of(f)];
+            match f.split {
+                Split::Train => c.0 += 1,
+                Split::Validation => c.1 += 1,
+            }
+        }
+        counts
+    }
+
+    /// Index into [`Self::source_dirs`] of the source `file` came from.
+    pub fn source_of(&self, file: &FileEntry) -> usize {
+        self.sources
+            .iter()
+            .position(|s| Path::new(&file.path).starts_with(s))
+            .unwrap_or(0)
     }
 
     /// Absolute paths of the training files (what a [`crate::loader::PatchLoader`] takes).
@@ -246,11 +286,12 @@ impl NoisyValidationConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PrepareConfig {
-    /// Folder of clean images (scanned recursively).
-    pub src: PathBuf,
+    /// Folders of clean images, each scanned recursively and split on its own; none may be, or
+    /// hold, another.
+    pub src: Vec<PathBuf>,
     /// Output folder for `manifest.json` (and the noisy validation images).
     pub out: PathBuf,
-    /// Fraction of the unique images put in the validation split.
+    /// Fraction of the unique images of each source put in the validation split.
     #[serde(default = "default_val_fraction")]
     pub val_fraction: f64,
     /// Seed of the split.
@@ -266,10 +307,10 @@ pub struct PrepareConfig {
 }
 
 impl PrepareConfig {
-    /// The defaults for `src` and `out`.
+    /// The defaults for one source `src` and `out`; push more sources onto `src`.
     pub fn new(src: impl Into<PathBuf>, out: impl Into<PathBuf>) -> Self {
         Self {
-            src: src.into(),
+            src: vec![src.into()],
             out: out.into(),
             val_fraction: default_val_fraction(),
             seed: 0,
@@ -283,7 +324,7 @@ impl PrepareConfig {
 /// Progress events, for a progress bar.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Progress {
-    /// The source folder was listed.
+    /// The source folders were listed.
     Scanned { files: usize },
     /// One more file was checked (decoded, or reused from the previous manifest).
     Checked {
@@ -452,6 +493,15 @@ fn check_file(
     )
 }
 
+/// The hash [`assign_splits`] compares with the threshold: `(seed, content hash)` as a u64.
+fn split_key(seed: u64, content_hash: &str) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(content_hash.as_bytes());
+    let bytes: [u8; 8] = h.finalize().as_bytes()[..8].try_into().unwrap_or_default();
+    u64::from_le_bytes(bytes)
+}
+
 /// Puts a file in validation when a hash of `(seed, its content hash)`, read as a fraction of
 /// 2^64, is under `val_fraction`: deterministic, independent of file names and order, and a file
 /// keeps its side when others are added or removed (so a grown data set does not move training
@@ -463,13 +513,7 @@ fn assign_splits(files: &mut [FileEntry], seed: u64, val_fraction: f64) {
     let mut keyed: Vec<(u64, usize)> = files
         .iter()
         .enumerate()
-        .map(|(i, f)| {
-            let mut h = blake3::Hasher::new();
-            h.update(&seed.to_le_bytes());
-            h.update(f.blake3.as_bytes());
-            let bytes: [u8; 8] = h.finalize().as_bytes()[..8].try_into().unwrap_or_default();
-            (u64::from_le_bytes(bytes), i)
-        })
+        .map(|(i, f)| (split_key(seed, &f.blake3), i))
         .collect();
     keyed.sort_unstable();
     // 2^64 * fraction, exactly for 1.0.
@@ -519,6 +563,31 @@ fn keep_previous_sides(files: &mut [FileEntry], previous: &Manifest) {
     if emptied {
         for (f, side) in files.iter_mut().zip(fresh) {
             f.split = side;
+        }
+    }
+}
+
+/// Splits each source on its own (and keeps its previous sides), so that a small source beside a
+/// large one still has files on both sides; `sources[i]` is the source of `files[i]`.
+fn split_each_source(
+    files: &mut [FileEntry],
+    sources: &[usize],
+    seed: u64,
+    val_fraction: f64,
+    previous: Option<&Manifest>,
+) {
+    let mut groups: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for (i, &source) in sources.iter().enumerate() {
+        groups.entry(source).or_default().push(i);
+    }
+    for members in groups.values() {
+        let mut group: Vec<FileEntry> = members.iter().map(|&i| files[i].clone()).collect();
+        assign_splits(&mut group, seed, val_fraction);
+        if let Some(m) = previous {
+            keep_previous_sides(&mut group, m);
+        }
+        for (&i, g) in members.iter().zip(&group) {
+            files[i].split = g.split;
         }
     }
 }
@@ -652,10 +721,55 @@ fn write_noisy(
     ))
 }
 
-/// Scans `config.src`, validates every image (in parallel), drops exact duplicates, splits
-/// train/validation, computes statistics, optionally writes noisy validation images, and
-/// writes `config.out/manifest.json` atomically. Unchanged files of a previous run's manifest
-/// are not decoded again.
+/// The deepest folder that holds every one of `dirs` (absolute paths); `None` when they share
+/// no root, as on two Windows drives.
+fn common_ancestor(dirs: &[PathBuf]) -> Option<PathBuf> {
+    let (first, rest) = dirs.split_first()?;
+    let mut common = first.clone();
+    for d in rest {
+        while !d.starts_with(&common) {
+            if !common.pop() {
+                return None;
+            }
+        }
+    }
+    Some(common)
+}
+
+/// Refuses a source given twice or inside another (`canonical` are the folders of `given`),
+/// whose files would be scanned twice and left out as duplicates of themselves.
+fn check_distinct(given: &[PathBuf], canonical: &[PathBuf]) -> Result<()> {
+    for (i, a) in canonical.iter().enumerate() {
+        for (j, b) in canonical.iter().enumerate().skip(i + 1) {
+            let (ga, gb) = (given[i].display(), given[j].display());
+            let problem = if a == b {
+                format!("the sources '{ga}' and '{gb}' are the same folder")
+            } else if b.starts_with(a) {
+                format!("the source '{ga}' holds the source '{gb}'")
+            } else if a.starts_with(b) {
+                format!("the source '{gb}' holds the source '{ga}'")
+            } else {
+                continue;
+            };
+            return Err(DataError::Config(format!(
+                "{problem}: give each folder once, and none inside another"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn quoted(dirs: &[PathBuf]) -> String {
+    dirs.iter()
+        .map(|d| format!("'{}'", d.display()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Scans every folder of `config.src`, validates every image (in parallel), drops exact
+/// duplicates, splits train/validation within each source, computes statistics, optionally
+/// writes noisy validation images, and writes `config.out/manifest.json` atomically. Unchanged
+/// files of a previous run's manifest are not decoded again.
 pub fn prepare(
     config: &PrepareConfig,
     progress: &(dyn Fn(Progress) + Sync),
@@ -666,21 +780,42 @@ pub fn prepare(
             config.val_fraction
         )));
     }
-    let src = fs::canonicalize(&config.src).map_err(|source| DataError::Io {
-        path: config.src.clone(),
-        source,
-    })?;
-    // Files under the output folder are never scanned, so it cannot hold the source.
+    if config.src.is_empty() {
+        return Err(DataError::Config("no source folder given".into()));
+    }
+    let srcs = config
+        .src
+        .iter()
+        .map(|s| {
+            fs::canonicalize(s).map_err(|source| DataError::Io {
+                path: s.clone(),
+                source,
+            })
+        })
+        .collect::<Result<Vec<PathBuf>>>()?;
+    check_distinct(&config.src, &srcs)?;
+    // Files under the output folder are never scanned, so it cannot hold a source.
     if let Ok(out) = fs::canonicalize(&config.out)
-        && src.starts_with(&out)
+        && let Some(i) = srcs.iter().position(|s| s.starts_with(&out))
     {
         return Err(DataError::Config(format!(
             "the output folder '{}' is (or holds) the source '{}', whose images would all be \
              left out: write the manifest to another folder",
             config.out.display(),
-            config.src.display()
+            config.src[i].display()
         )));
     }
+    let root = common_ancestor(&srcs).ok_or_else(|| {
+        DataError::Config(format!(
+            "the sources {} share no folder to record paths from",
+            quoted(&config.src)
+        ))
+    })?;
+    let sources: Vec<String> = if srcs.len() > 1 {
+        srcs.iter().map(|s| relative(&root, s)).collect()
+    } else {
+        Vec::new()
+    };
     fs::create_dir_all(&config.out).map_err(|source| DataError::Write {
         path: config.out.clone(),
         source,
@@ -691,22 +826,28 @@ pub fn prepare(
     })?;
     let manifest_path = out.join(MANIFEST_FILE);
 
-    // An output folder inside the source must not feed its own noisy images back in.
-    let paths: Vec<PathBuf> = scan(&src)?
-        .into_iter()
-        .filter(|p| !p.starts_with(&out))
-        .collect();
+    // An output folder inside a source must not feed its own noisy images back in.
+    let mut paths: Vec<(PathBuf, usize)> = Vec::new();
+    for (i, src) in srcs.iter().enumerate() {
+        let found = scan(src)?.into_iter().filter(|p| !p.starts_with(&out));
+        paths.extend(found.map(|p| (p, i)));
+    }
+    // Path order across sources, so which copy of a duplicate is kept does not depend on the
+    // order the sources were given in.
+    paths.sort();
     progress(Progress::Scanned { files: paths.len() });
 
     let mut previous_ignored = None;
     let previous = if config.reuse && manifest_path.is_file() {
         match Manifest::load(&manifest_path) {
-            Ok(m) if m.source_dir == src => Some(m),
+            // One shared source is enough: its entries and sides carry over when other sources
+            // are added or dropped.
+            Ok(m) if m.source_dirs().iter().any(|d| srcs.contains(d)) => Some(m),
             Ok(m) => {
                 previous_ignored = Some(format!(
-                    "it describes '{}', not '{}'",
-                    m.source_dir.display(),
-                    src.display()
+                    "it describes {}, not {}",
+                    quoted(&m.source_dirs()),
+                    quoted(&srcs)
                 ));
                 None
             }
@@ -720,17 +861,32 @@ pub fn prepare(
     };
     let mut by_path: HashMap<String, FileEntry> = HashMap::new();
     if let Some(m) = &previous {
-        by_path.extend(m.files.iter().map(|f| (f.path.clone(), f.clone())));
+        // Keyed by the path under this run's root, which moves when sources are added or dropped.
+        let rebase = |path: &str| {
+            let abs = m.source_dir.join(path);
+            abs.starts_with(&root).then(|| relative(&root, &abs))
+        };
+        for f in &m.files {
+            if let Some(rel) = rebase(&f.path) {
+                let entry = FileEntry {
+                    path: rel.clone(),
+                    ..f.clone()
+                };
+                by_path.insert(rel, entry);
+            }
+        }
         // A duplicate shares everything but its path, size and time with its original.
         for d in &m.duplicates {
-            if let Some(original) = m.files.iter().find(|f| f.path == d.duplicate_of) {
+            if let Some(rel) = rebase(&d.path)
+                && let Some(original) = m.files.iter().find(|f| f.path == d.duplicate_of)
+            {
                 let entry = FileEntry {
-                    path: d.path.clone(),
+                    path: rel.clone(),
                     size: d.size,
                     mtime_ns: d.mtime_ns,
                     ..original.clone()
                 };
-                by_path.insert(d.path.clone(), entry);
+                by_path.insert(rel, entry);
             }
         }
     }
@@ -739,8 +895,8 @@ pub fn prepare(
     let total = paths.len();
     let checked: Vec<Checked> = paths
         .par_iter()
-        .map(|path| {
-            let c = check_file(&src, path, &by_path, config.max_pixels);
+        .map(|(path, _)| {
+            let c = check_file(&root, path, &by_path, config.max_pixels);
             let d = done.fetch_add(1, Ordering::Relaxed) + 1;
             let reused = matches!(c, Checked::Entry(_, true));
             progress(Progress::Checked {
@@ -754,11 +910,12 @@ pub fn prepare(
         .collect();
 
     let mut files = Vec::new();
+    let mut file_sources = Vec::new();
     let mut rejected = Vec::new();
     let mut duplicates = Vec::new();
     let mut first_by_hash: HashMap<String, String> = HashMap::new();
     let (mut decoded, mut reused) = (0, 0);
-    for c in checked {
+    for (c, (_, source)) in checked.into_iter().zip(&paths) {
         match c {
             Checked::Rejected(r) => rejected.push(r),
             Checked::Entry(entry, was_reused) => {
@@ -778,27 +935,31 @@ pub fn prepare(
                 } else {
                     first_by_hash.insert(entry.blake3.clone(), entry.path.clone());
                     files.push(*entry);
+                    file_sources.push(*source);
                 }
             }
         }
     }
     if files.is_empty() {
-        return Err(DataError::EmptyDataset { path: src });
+        return Err(DataError::EmptyDataset { path: root });
     }
-    assign_splits(&mut files, config.seed, config.val_fraction);
-    if let Some(m) = previous
+    let same_rule = previous
         .as_ref()
-        .filter(|m| m.seed == config.seed && m.val_fraction == config.val_fraction)
-    {
-        keep_previous_sides(&mut files, m);
-    }
+        .filter(|m| m.seed == config.seed && m.val_fraction == config.val_fraction);
+    split_each_source(
+        &mut files,
+        &file_sources,
+        config.seed,
+        config.val_fraction,
+        same_rule,
+    );
     let statistics = statistics(&files);
 
     let (noisy_validation, noisy_written, noisy_reused) = match &config.noisy_validation {
         Some(nv) => {
             let prev = previous.as_ref().and_then(|m| m.noisy_validation.as_ref());
             let (set, kept) =
-                write_noisy(&src, &out, &files, nv, prev, config.max_pixels, progress)?;
+                write_noisy(&root, &out, &files, nv, prev, config.max_pixels, progress)?;
             let written = set.files.len() - kept;
             (Some(set), written, kept)
         }
@@ -807,7 +968,8 @@ pub fn prepare(
 
     let manifest = Manifest {
         schema_version: MANIFEST_VERSION,
-        source_dir: src,
+        source_dir: root,
+        sources,
         seed: config.seed,
         val_fraction: config.val_fraction,
         files,
@@ -1229,5 +1391,193 @@ mod tests {
             .filter(|p| p.trim_end_matches(".png").parse::<usize>().unwrap() < 100)
             .collect();
         assert_eq!(after_old, before.iter().collect::<Vec<_>>());
+    }
+
+    /// `n` distinct RGB images `0.png`... in `dir`, their content set by `salt`.
+    fn images(dir: &Path, n: usize, salt: usize) {
+        fs::create_dir_all(dir).unwrap();
+        for i in 0..n {
+            let img = image(3, 8 + i, 10, salt + i);
+            save(dir.join(format!("{i}.png")), &img, None, BitDepth::Eight).unwrap();
+        }
+    }
+
+    /// `photos/` with `n_photos` images and `set/more/` with `n_more` others in one tempdir, and
+    /// a config over both (in that order) writing to a second tempdir.
+    fn two_sources(
+        n_photos: usize,
+        n_more: usize,
+    ) -> (tempfile::TempDir, tempfile::TempDir, PrepareConfig) {
+        let top = tempfile::tempdir().unwrap();
+        let (photos, more) = (top.path().join("photos"), top.path().join("set/more"));
+        images(&photos, n_photos, 0);
+        images(&more, n_more, 100);
+        let out = tempfile::tempdir().unwrap();
+        let mut config = PrepareConfig::new(photos, out.path());
+        config.src.push(more);
+        (top, out, config)
+    }
+
+    /// The split side of every file of `m`, by absolute path.
+    fn sides(m: &Manifest) -> HashMap<PathBuf, Split> {
+        m.files
+            .iter()
+            .map(|f| (m.source_dir.join(&f.path), f.split))
+            .collect()
+    }
+
+    /// Every file of `before` is in `after`, on the same side.
+    fn assert_sides_kept(before: &Manifest, after: &Manifest) {
+        let after = sides(after);
+        for (path, side) in sides(before) {
+            assert_eq!(after.get(&path), Some(&side), "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn each_source_holds_out_validation_files() {
+        let (top, out, mut config) = two_sources(12, 3);
+        let more = &config.src[1];
+        fs::copy(top.path().join("photos/0.png"), more.join("copy.png")).unwrap();
+        config.val_fraction = 0.05;
+        let m = prepare(&config, &quiet).unwrap().manifest;
+
+        assert_eq!(m.source_dir, fs::canonicalize(top.path()).unwrap());
+        assert_eq!(m.sources, ["photos", "set/more"]);
+        assert_eq!(m.source_dirs()[1], fs::canonicalize(more).unwrap());
+        // 0.05 of 15 files is under one: split as one set, the small source would get none.
+        let counts = m.split_counts();
+        assert_eq!(
+            (counts[0].0 + counts[0].1, counts[1].0 + counts[1].1),
+            (12, 3)
+        );
+        assert!(counts.iter().all(|&(t, v)| t >= 1 && v >= 1), "{counts:?}");
+        // Identical bytes in two sources are a duplicate as within one.
+        assert_eq!(
+            (
+                m.duplicates[0].path.as_str(),
+                m.duplicates[0].duplicate_of.as_str()
+            ),
+            ("set/more/copy.png", "photos/0.png")
+        );
+        assert!(m.train_paths().iter().all(|p| p.is_file()));
+        assert!(m.validation_paths().iter().all(|p| p.is_file()));
+        assert_eq!(Manifest::load(out.path().join(MANIFEST_FILE)).unwrap(), m);
+    }
+
+    #[test]
+    fn a_rerun_with_one_more_file_keeps_every_side() {
+        let (_top, _out, mut config) = two_sources(6, 3);
+        // So small that each source's one validation file is the one nearest the threshold.
+        config.val_fraction = 0.001;
+        let first = prepare(&config, &quiet).unwrap();
+        assert_eq!(first.manifest.split_counts(), [(5, 1), (2, 1)]);
+        let held_out = first
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.path.starts_with("set/more/") && f.split == Split::Validation)
+            .unwrap();
+
+        // A new file nearer the threshold, which a fresh split would hold out instead.
+        let added = config.src[1].join("added.png");
+        let key = |p: &Path| split_key(0, &blake3::hash(&fs::read(p).unwrap()).to_hex());
+        for salt in 200.. {
+            save(&added, &image(3, 9, 9, salt), None, BitDepth::Eight).unwrap();
+            if key(&added) < split_key(0, &held_out.blake3) {
+                break;
+            }
+        }
+        let second = prepare(&config, &quiet).unwrap();
+        assert_eq!((second.decoded, second.reused), (1, 9));
+        assert_eq!(second.manifest.files.len(), 10);
+        assert_sides_kept(&first.manifest, &second.manifest);
+        let fresh = PrepareConfig {
+            reuse: false,
+            ..config
+        };
+        let fresh = prepare(&fresh, &quiet).unwrap().manifest;
+        let moved = fresh.source_dir.join(&held_out.path);
+        assert_eq!(sides(&fresh)[&moved], Split::Train);
+    }
+
+    #[test]
+    fn a_source_added_later_keeps_the_first_ones_entries_and_sides() {
+        let (_top, _out, mut config) = two_sources(6, 4);
+        let more = config.src.pop().unwrap();
+        config.val_fraction = 0.3;
+        let one = prepare(&config, &quiet).unwrap();
+        assert!(one.manifest.sources.is_empty());
+
+        config.src.push(more);
+        let two = prepare(&config, &quiet).unwrap();
+        assert_eq!((two.decoded, two.reused), (4, 6));
+        assert_sides_kept(&one.manifest, &two.manifest);
+    }
+
+    #[test]
+    fn nested_or_repeated_sources_are_refused() {
+        let src = source();
+        let out = tempfile::tempdir().unwrap();
+        let refused = |first: PathBuf, second: PathBuf| {
+            let mut config = PrepareConfig::new(first, out.path());
+            config.src.push(second);
+            prepare(&config, &quiet).unwrap_err().to_string()
+        };
+        let (top, sub) = (src.path().to_path_buf(), src.path().join("sub"));
+        let holds = format!(
+            "the source '{}' holds the source '{}'",
+            top.display(),
+            sub.display()
+        );
+        let e = refused(top.clone(), sub.clone());
+        assert!(e.contains(&holds), "{e}");
+        let e = refused(sub.clone(), top.clone());
+        assert!(e.contains(&holds), "{e}");
+        let again = sub.join("..");
+        let e = refused(top.clone(), again.clone());
+        assert!(
+            e.contains(&format!(
+                "the sources '{}' and '{}' are the same folder",
+                top.display(),
+                again.display()
+            )),
+            "{e}"
+        );
+        assert!(!out.path().join(MANIFEST_FILE).exists());
+    }
+
+    #[test]
+    fn a_single_source_manifest_without_sources_still_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MANIFEST_FILE);
+        let entry = |path: &str, split: &str| {
+            format!(
+                r#"{{"path": "{path}", "width": 4, "height": 3, "channels": 3,
+                "has_alpha": false, "bit_depth": 8, "format": "png", "blake3": "ab",
+                "size": 10, "mtime_ns": null, "split": "{split}",
+                "sum": [1.0, 1.0, 1.0], "sum_sq": [0.5, 0.5, 0.5]}}"#
+            )
+        };
+        let text = format!(
+            r#"{{"schema_version": 1, "source_dir": "/data/clean", "seed": 7,
+            "val_fraction": 0.1, "files": [{}, {}], "duplicates": [], "rejected": [],
+            "statistics": {{"channels": 3, "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2],
+            "images": 1, "pixels": 12}}, "noisy_validation": null}}"#,
+            entry("a.png", "train"),
+            entry("b/c.png", "val")
+        );
+        fs::write(&path, &text).unwrap();
+        let m = Manifest::load(&path).unwrap();
+        assert!(m.sources.is_empty());
+        assert_eq!(m.source_dirs(), [PathBuf::from("/data/clean")]);
+        assert_eq!(m.split_counts(), [(1, 1)]);
+        assert_eq!(m.validation_paths(), [PathBuf::from("/data/clean/b/c.png")]);
+        // Written back, it is the same document: one source adds nothing to the file.
+        let written = serde_json::to_value(&m).unwrap();
+        assert_eq!(
+            written,
+            serde_json::from_str::<serde_json::Value>(&text).unwrap()
+        );
     }
 }

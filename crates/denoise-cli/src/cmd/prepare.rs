@@ -1,4 +1,4 @@
-//! `denoise-cli prepare-data`: validate a folder of clean images and write `manifest.json`.
+//! `denoise-cli prepare-data`: validate folders of clean images and write `manifest.json`.
 
 use anyhow::Result;
 use denoise_data::manifest::{NoisyValidationConfig, PrepareConfig, Progress, prepare};
@@ -7,13 +7,13 @@ use std::path::PathBuf;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Folder of clean images (scanned recursively).
-    #[arg(long)]
-    src: PathBuf,
+    /// Folder of clean images (scanned recursively); repeat for several, each split on its own.
+    #[arg(long, required = true)]
+    src: Vec<PathBuf>,
     /// Output folder for manifest.json (and noisy validation images).
     #[arg(long)]
     out: PathBuf,
-    /// Fraction of the images held out for validation.
+    /// Fraction of the images of each source held out for validation.
     #[arg(long, default_value_t = 0.05)]
     val_fraction: f64,
     /// Seed of the train/validation split.
@@ -30,7 +30,8 @@ pub fn run(args: &Args) -> Result<()> {
         "--val-fraction must be in [0, 1), got {}",
         args.val_fraction
     );
-    let mut cfg = PrepareConfig::new(&args.src, &args.out);
+    let mut cfg = PrepareConfig::new(&args.src[0], &args.out);
+    cfg.src.extend_from_slice(&args.src[1..]);
     cfg.val_fraction = args.val_fraction;
     cfg.seed = args.seed;
     if let Some(spec) = &args.noisy_val {
@@ -67,6 +68,11 @@ pub fn run(args: &Args) -> Result<()> {
         report.decoded,
         report.reused
     );
+    if args.src.len() > 1 {
+        for (src, (train, val)) in args.src.iter().zip(m.split_counts()) {
+            eprintln!("  {}: {train} training, {val} validation", src.display());
+        }
+    }
     // The colour balance of what the model will learn from: a set much darker, brighter or
     // more muted than the photos it will denoise is worth knowing about before training.
     let st = &m.statistics;
