@@ -1,4 +1,5 @@
-//! `cargo xtask ci`: formatting, lints and every test of the workspace, as `.ci/run` runs them.
+//! `cargo xtask ci`: formatting, lints, every test of the workspace and a short fuzzing pass, as
+//! `.ci/run` runs them.
 //! Installs what the tests drive first when missing: Chromium and chromedriver (the web app's
 //! end-to-end test) and Slurm with munge (the job-array script's test, on a one-node Slurm it
 //! starts), and runs the tests with `CI` set, so those tests fail rather than skip without them.
@@ -35,6 +36,7 @@ pub fn run() -> Result<()> {
         "cargo test --workspace",
         util::cargo().args(["test", "--workspace"]).env("CI", ci),
     )?;
+    crate::fuzz::smoke()?;
     eprintln!("ci: all green in {:.0}s", start.elapsed().as_secs_f64());
     Ok(())
 }

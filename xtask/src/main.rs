@@ -4,6 +4,7 @@
 mod bench;
 mod ci;
 mod demo;
+mod fuzz;
 mod passthrough;
 mod setup;
 mod tidy;
@@ -31,7 +32,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Our inference (and training) throughput beside PyTorch's, measured in one run.
     Bench(bench::BenchArgs),
-    /// Exactly what CI runs: tidy, fmt check, clippy -D warnings, every test of the workspace.
+    /// Fuzz what reads outside input (images, noise specs, configs, manifests, model files,
+    /// HTTP requests) under libFuzzer, each target for --seconds; crashing inputs are kept in
+    /// fuzz/artifacts/.
+    Fuzz(fuzz::FuzzArgs),
+    /// Exactly what CI runs: tidy, fmt check, clippy -D warnings, every test of the workspace,
+    /// a few seconds of fuzzing per target.
     Ci,
     /// Checks of the repository's text: no process words or outside paths, anyhow only in
     /// binaries, README within its limit, relative links that resolve, no figures in doc comments.
@@ -56,6 +62,7 @@ fn main() {
         Command::Setup(args) => setup::run(&args).map(|_| ()),
         Command::Demo(args) => demo::run(&args),
         Command::Bench(args) => bench::run(&args),
+        Command::Fuzz(args) => fuzz::run(&args),
         Command::Ci => ci::run(),
         Command::Tidy => tidy::run(),
         Command::PrepareData { args } => passthrough::run("prepare-data", &args),

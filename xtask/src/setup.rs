@@ -152,7 +152,7 @@ fn python_torch(python: &Path) -> Result<Option<PathBuf>> {
     Ok(check_libtorch(&dir).is_ok().then_some(dir))
 }
 
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     if let Some(dir) = std::env::var_os("DENOISE_CACHE_DIR") {
         return Ok(PathBuf::from(dir));
     }
