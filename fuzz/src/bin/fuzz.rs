@@ -1,12 +1,23 @@
 //! The libFuzzer driver: `DENOISE_FUZZ_TARGET` names the target (see `denoise_fuzz::TARGETS`);
 //! with `DENOISE_FUZZ_SEEDS` set to a folder, the target's seeds are written there first. Built
 //! and run by `cargo xtask fuzz`.
+//!
+//! A crash is a panic that reaches the caller of our code. libfuzzer-sys's own hook aborts on
+//! every panic, also one our code catches on purpose (the image decoders run inside
+//! `catch_unwind`, and a decoder that panics on a hostile file is refused cleanly), so the hook
+//! here only remembers the message, and the target aborts when a panic escapes.
 
 #![no_main]
 
+use std::cell::RefCell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::OnceLock;
 
 static TARGET: OnceLock<Box<dyn denoise_fuzz::Target>> = OnceLock::new();
+
+thread_local! {
+    static LAST_PANIC: RefCell<String> = const { RefCell::new(String::new()) };
+}
 
 libfuzzer_sys::fuzz_target!(
     init: {
@@ -25,8 +36,15 @@ libfuzzer_sys::fuzz_target!(
             }
         }
         let _ = TARGET.set(target);
+        std::panic::set_hook(Box::new(|info| {
+            LAST_PANIC.with(|last| *last.borrow_mut() = info.to_string());
+        }));
     },
     |data: &[u8]| {
-        TARGET.get().expect("set at start").run(data);
+        let target = TARGET.get().expect("set at start");
+        if catch_unwind(AssertUnwindSafe(|| target.run(data))).is_err() {
+            LAST_PANIC.with(|last| eprintln!("fuzz: a panic escaped: {}", last.borrow()));
+            std::process::abort();
+        }
     }
 );
