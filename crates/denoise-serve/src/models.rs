@@ -4,8 +4,9 @@
 use crate::config::{ModelEntry, Strength};
 use crate::{Result, ServeError};
 use denoise_data::Image;
-use denoise_models::tile::{LevelUsed, NoiseLevel, TileConfig, denoise_image_cancellable};
-use denoise_models::{Model, Precision, artefact};
+use denoise_models::denoiser::{Job, PrecisionPolicy, Settings};
+use denoise_models::tile::{LevelUsed, NoiseLevel};
+use denoise_models::{ModelSource, Precision, artefact};
 use serde::Serialize;
 
 /// What `GET /api/models` says about a model.
@@ -46,31 +47,31 @@ impl ModelInfo {
 /// Blend width between tiles, in pixels.
 const OVERLAP: usize = 32;
 
-/// A loaded model, owned by one worker thread.
+/// A loaded model, owned by one worker thread: the library's [`denoise_models::Denoiser`] at
+/// fp32, since each request picks its own number of passes and an answer should not depend on
+/// which worker loaded the model.
 pub struct Denoiser {
-    model: Model,
-    tile: TileConfig,
+    inner: denoise_models::Denoiser,
 }
 
 impl Denoiser {
     /// Loads `entry` onto `device` at fp32. `tile` is the tile side (0: whole images).
     pub fn load(entry: &ModelEntry, device: tch::Device, tile: usize) -> Result<Self> {
-        let loaded =
-            artefact::load(&entry.path, device).map_err(|cause| ServeError::LoadModel {
-                name: entry.name.clone(),
-                path: entry.path.clone(),
-                cause,
-            })?;
-        let mut model = loaded.model;
-        model.set_precision(Precision::Fp32);
-        Ok(Self {
-            model,
-            tile: TileConfig {
-                tile,
-                overlap: OVERLAP,
-                ensemble: 1,
-            },
-        })
+        let settings = Settings {
+            device,
+            precision: PrecisionPolicy::Fixed(Precision::Fp32),
+            tile: Some(tile),
+            overlap: OVERLAP,
+            ..Settings::default()
+        };
+        let inner =
+            denoise_models::Denoiser::load(&ModelSource::Path(entry.path.clone()), &settings)
+                .map_err(|cause| ServeError::LoadModel {
+                    name: entry.name.clone(),
+                    path: entry.path.clone(),
+                    cause,
+                })?;
+        Ok(Self { inner })
     }
 
     /// Denoises `image`, converting gray <-> colour when the model wants the other (and back),
@@ -95,16 +96,11 @@ impl Denoiser {
             Strength::Fixed(s) => NoiseLevel::Uniform(s),
             Strength::Blind => NoiseLevel::Estimate,
         };
-        Ok(denoise_image_cancellable(
-            &self.model,
-            image,
-            level,
-            TileConfig {
-                ensemble,
-                ..self.tile
-            },
-            progress,
-            cancelled,
-        )?)
+        let job = Job {
+            ensemble: Some(ensemble),
+            progress: Some(progress),
+            cancelled: Some(cancelled),
+        };
+        Ok(self.inner.denoise(image, level, job)?)
     }
 }
