@@ -49,6 +49,19 @@ pub fn process_cpu_seconds() -> Option<f64> {
     }
 }
 
+/// Ignores SIGPIPE, as the Rust runtime does before an ordinary `main`: a program without one
+/// (a libFuzzer driver) would otherwise be killed when a socket's peer has gone, where a
+/// write should fail with an error instead.
+#[allow(unsafe_code)]
+pub fn ignore_sigpipe() {
+    #[cfg(unix)]
+    // SAFETY: setting a signal's disposition to SIG_IGN installs no handler of ours, and
+    // takes and returns plain values.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

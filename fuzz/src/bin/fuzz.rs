@@ -36,6 +36,8 @@ libfuzzer_sys::fuzz_target!(
             }
         }
         let _ = TARGET.set(target);
+        // The `http` target's server writes to sockets whose client may have gone.
+        denoise_models::sys::ignore_sigpipe();
         std::panic::set_hook(Box::new(|info| {
             LAST_PANIC.with(|last| *last.borrow_mut() = info.to_string());
         }));
