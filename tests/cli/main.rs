@@ -1339,6 +1339,26 @@ fn eval_pairs_scores_real_noisy_photos_by_name_and_names_unmatched_files() {
     ]);
     assert_clean_failure(&out, "unmatched");
     assert!(stderr(&out).contains("c.png"), "{}", stderr(&out));
+
+    // A clean photo paired with itself (how "clean photos stay clean" is measured): its noisy
+    // PSNR is infinite, and says so rather than NaN.
+    let same = dir.path().join("same");
+    for side in ["noisy", "clean"] {
+        std::fs::create_dir_all(same.join(side)).unwrap();
+        io::save(same.join(side).join("a.png"), &clean, None, BitDepth::Eight).unwrap();
+    }
+    let out = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--pairs",
+        same.to_str().unwrap(),
+        "--per-image",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("(noisy    inf dB)"), "{text}");
+    assert!(!text.contains("NaN"), "{text}");
 }
 
 #[test]

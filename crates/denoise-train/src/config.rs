@@ -62,6 +62,11 @@ pub struct TrainConfig {
     pub threads: usize,
     /// Patch loader threads (0 = one per core).
     pub workers: usize,
+    /// Weights kept as the starting model has them, by name prefix (`body` freezes every
+    /// `body.*` weight): to teach a new part, such as a level estimator, to serve a trained
+    /// body without changing what the body does for a hand-set level.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub freeze: Vec<String>,
 }
 
 impl Default for TrainConfig {
@@ -94,6 +99,7 @@ impl Default for TrainConfig {
             layout: None,
             threads: 0,
             workers: 0,
+            freeze: Vec::new(),
         }
     }
 }

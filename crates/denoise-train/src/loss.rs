@@ -1,6 +1,6 @@
 //! Training losses on tensors: MSE, L1 (MAE), Charbonnier and KL divergence, each agreeing with
-//! the `denoise-metrics` definition on the same data (tested below), and an MSE that weighs each
-//! patch by its noise level.
+//! the `denoise-metrics` definition on the same data (tested below), an MSE that weighs each
+//! patch by its noise level, and one that follows the patches' mean PSNR.
 
 use serde::{Deserialize, Serialize};
 use tch::{Kind, Tensor};
@@ -28,7 +28,15 @@ pub enum Loss {
     /// `floor` bounds it for nearly clean patches.
     #[serde(rename = "mse-level")]
     MseLevel { floor: f64 },
+    /// The geometric mean of the patches' MSEs: the MSE whose PSNR is the patches' mean PSNR, so
+    /// minimising it maximises the mean PSNR, the figure evaluation reports. A dB counts the
+    /// same on a nearly clean patch as on a noisy one, where plain MSE barely sees the clean
+    /// patch (and a model learns to smooth clean photos). Each MSE is floored at 1e-10.
+    Psnr,
 }
+
+/// The MSE floor of [`Loss::Psnr`]: identical patches would otherwise take an infinite log.
+const PSNR_LOSS_FLOOR: f64 = 1e-10;
 
 impl Loss {
     /// The mean loss of `output` against `target`, as an fp32 scalar.
@@ -53,6 +61,13 @@ impl Loss {
                 let weight = (level + floor).reciprocal() * (25.0 + floor);
                 (per_patch(&(&x - &y).square()) * weight).mean(Kind::Float)
             }
+            Loss::Psnr => (&x - &y)
+                .square()
+                .mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
+                .clamp_min(PSNR_LOSS_FLOOR)
+                .log()
+                .mean(Kind::Float)
+                .exp(),
             Loss::L1 => (&x - &y).abs().mean(Kind::Float),
             Loss::Charbonnier { eps } => ((&x - &y).square() + eps * eps).sqrt().mean(Kind::Float),
             Loss::Kld => {
@@ -109,6 +124,31 @@ mod tests {
             Loss::Kld.compute(&t(&a), &t(&a), None).double_value(&[]),
             0.0
         );
+    }
+
+    #[test]
+    fn the_psnr_loss_is_the_mse_at_the_patches_mean_psnr() {
+        // Patches with MSEs 1e-2 (20 dB) and 1e-4 (40 dB): mean PSNR 30 dB, so the loss is
+        // 1e-3, where plain MSE (5.05e-3) is nearly all the noisier patch's.
+        let output = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
+        let target = Tensor::cat(
+            &[
+                Tensor::full([1, 3, 4, 4], 0.1, (Kind::Float, Device::Cpu)),
+                Tensor::full([1, 3, 4, 4], 0.01, (Kind::Float, Device::Cpu)),
+            ],
+            0,
+        );
+        let loss = Loss::Psnr.compute(&output, &target, None).double_value(&[]);
+        assert!((loss - 1e-3).abs() < 1e-9, "{loss}");
+        let (a, b) = pair();
+        let one = Loss::Psnr.compute(&t(&a), &t(&b), None).double_value(&[]);
+        let mse = denoise_metrics::mse(&b, &a).unwrap();
+        assert!((one - mse).abs() < 1e-6 * mse, "one patch: {one} vs {mse}");
+        // Identical patches reach the floor, not zero (its log would be infinite).
+        let same = Loss::Psnr.compute(&t(&a), &t(&a), None).double_value(&[]);
+        assert!((same - 1e-10).abs() < 1e-15, "{same}");
+        let parsed: Loss = toml::from_str("kind = \"psnr\"").unwrap();
+        assert_eq!(parsed, Loss::Psnr);
     }
 
     #[test]

@@ -100,6 +100,11 @@ impl Trainer {
             Some(path) if !resume => Some(init::load(&mut cfg, &path)?),
             _ => None,
         };
+        if !cfg.freeze.is_empty() && !resume && start.is_none() {
+            return Err(TrainError::Config(
+                "freeze keeps weights as the starting model has them: give --init MODEL".into(),
+            ));
+        }
         if resume {
             run.reconcile(&mut cfg);
         }
@@ -123,12 +128,13 @@ impl Trainer {
         warnings.extend(check_training_images(&cfg, &checked, &train_files)?);
         warnings.extend(validation_split_warnings(&cfg, &val_files));
         let lock = run.lock()?;
-        let weights = Weights::new(
+        let mut weights = Weights::new(
             &checked.model,
             checked.device,
             cfg.precision,
             checked.layout,
         )?;
+        weights.freeze(&cfg.freeze)?;
         let ema = if cfg.ema_decay > 0.0 {
             Some(MovingAverage::new(
                 &checked.model,
@@ -1239,6 +1245,28 @@ mod tests {
         assert_eq!(resumed.step(), 10);
         let now = named(resumed.model());
         assert!(reference.iter().any(|(name, t)| !t.equal(&now[name])));
+
+        // Frozen weights stay exactly the artefact's while the rest train; freezing needs a
+        // starting model.
+        let first = reference.keys().next().unwrap().rsplit_once('.').unwrap().0;
+        let mut frozen = tune.clone();
+        frozen.freeze = vec![first.to_string()];
+        let run = dir.path().join("frozen");
+        let mut part = new_trainer(frozen.clone(), &run, false)
+            .unwrap()
+            .quiet(true);
+        part.run(&stop, None).unwrap();
+        let now = named(part.model());
+        drop(part);
+        for (name, t) in &reference {
+            let kept = name.starts_with(&format!("{first}."));
+            assert_eq!(t.equal(&now[name]), kept, "{name}");
+        }
+        frozen.init = None;
+        let err = new_trainer(frozen, &dir.path().join("z"), false)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("freeze"), "{err}");
 
         // Another architecture is refused, and so is a path that is not a model.
         let mut other = config(data.clone(), 10);

@@ -3,8 +3,9 @@
 //! copied between models by name.
 
 use crate::Result;
+use crate::TrainError;
 use denoise_models::{Layout, Model, ModelConfig, Precision};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use tch::{Device, Tensor};
 
 /// The master model and, for bf16 mixed precision, its shadow.
@@ -14,6 +15,8 @@ pub(crate) struct Weights {
     /// bf16, where the step's passes run; its trainable weights are refreshed from the master
     /// before each step, and its batch-norm statistics go back to the master after it.
     pub(crate) shadow: Option<Model>,
+    /// Weights that training leaves as they are ([`Weights::freeze`]).
+    frozen: BTreeSet<String>,
 }
 
 impl Weights {
@@ -35,7 +38,52 @@ impl Weights {
                 Some(m)
             }
         };
-        Ok(Self { master, shadow })
+        Ok(Self {
+            master,
+            shadow,
+            frozen: BTreeSet::new(),
+        })
+    }
+
+    /// Stops training the weights whose names are a prefix or start with `PREFIX.`: they take
+    /// no gradient (which also saves the backward pass their weight gradients) and Adam never
+    /// sees them. A prefix that names no weight, or one that leaves none to train, is refused.
+    pub(crate) fn freeze(&mut self, prefixes: &[String]) -> Result<()> {
+        if prefixes.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = self.master.var_store().variables().into_keys().collect();
+        let matches = |name: &str, p: &str| {
+            name == p || name.strip_prefix(p).is_some_and(|r| r.starts_with('.'))
+        };
+        for p in prefixes {
+            if !names.iter().any(|n| matches(n, p)) {
+                return Err(TrainError::Config(format!(
+                    "freeze: no weight is named '{p}' or '{p}.*' in this model"
+                )));
+            }
+        }
+        let frozen: BTreeSet<String> = names
+            .iter()
+            .filter(|n| prefixes.iter().any(|p| matches(n, p)))
+            .cloned()
+            .collect();
+        let learnt = trainable(&self.master);
+        if learnt.keys().all(|n| frozen.contains(n)) {
+            return Err(TrainError::Config(format!(
+                "freeze: {} leaves no weight to train",
+                prefixes.join(", ")
+            )));
+        }
+        for model in std::iter::once(&self.master).chain(&self.shadow) {
+            for (name, t) in model.var_store().variables() {
+                if frozen.contains(&name) {
+                    let _ = t.set_requires_grad(false);
+                }
+            }
+        }
+        self.frozen = frozen;
+        Ok(())
     }
 
     /// The model a step's passes run on: the shadow, its trainable weights refreshed from the
@@ -43,7 +91,7 @@ impl Weights {
     pub(crate) fn for_step(&self) -> &Model {
         match &self.shadow {
             Some(shadow) => {
-                copy_vars(&self.master, shadow, true);
+                copy_vars(&self.master, shadow, true, &BTreeSet::new());
                 shadow
             }
             None => &self.master,
@@ -51,10 +99,11 @@ impl Weights {
     }
 
     /// After an applied step: the batch-norm running statistics, updated in the shadow's
-    /// forward pass, go to the master.
+    /// forward pass, go to the master (frozen weights stay the master's: the shadow's are
+    /// rounded to bf16).
     pub(crate) fn after_step(&self) {
         if let Some(shadow) = &self.shadow {
-            copy_vars(shadow, &self.master, false);
+            copy_vars(shadow, &self.master, false, &self.frozen);
         }
     }
 
@@ -63,7 +112,7 @@ impl Weights {
     /// only its trainable weights.
     pub(crate) fn sync_shadow(&self) {
         if let Some(shadow) = &self.shadow {
-            copy_vars(&self.master, shadow, false);
+            copy_vars(&self.master, shadow, false, &BTreeSet::new());
         }
     }
 }
@@ -104,12 +153,13 @@ pub(crate) fn restore(
     })
 }
 
-/// Copies `from`'s trainable variables (or, with `trainable` false, its buffers) into `to`.
-fn copy_vars(from: &Model, to: &Model, trainable: bool) {
+/// Copies `from`'s trainable variables (or, with `trainable` false, its buffers and frozen
+/// weights) into `to`, except those named in `skip`.
+fn copy_vars(from: &Model, to: &Model, trainable: bool, skip: &BTreeSet<String>) {
     let src = from.var_store().variables();
     tch::no_grad(|| {
         for (name, mut dst) in to.var_store().variables() {
-            if dst.requires_grad() == trainable {
+            if dst.requires_grad() == trainable && !skip.contains(&name) {
                 if let Some(s) = src.get(&name) {
                     dst.copy_(s);
                 }
@@ -163,6 +213,71 @@ mod tests {
         mixed.after_step();
         assert!(value(&mixed.master, false).iter().all(|&v| v == 0.75));
         assert!(value(&mixed.master, true).iter().all(|&v| v == 0.25));
+    }
+
+    #[test]
+    fn frozen_weights_take_no_gradient_and_stay_the_masters_in_fp32() {
+        let _rng = crate::test_rng_lock();
+        let cfg = crate::tiny_dncnn(true);
+        let mut mixed = Weights::new(&cfg, Device::Cpu, Precision::Bf16, Layout::Nchw).unwrap();
+        let names: Vec<String> = trainable(&mixed.master).into_keys().collect();
+        // The first layer's weights (`body.0.weight`, `body.0.bias`): `body.0` is a prefix.
+        let first = names[0].rsplit_once('.').unwrap().0.to_string();
+        let frozen: Vec<&String> = names
+            .iter()
+            .filter(|n| n.starts_with(&format!("{first}.")))
+            .collect();
+        assert!(
+            !frozen.is_empty() && frozen.len() < names.len(),
+            "{names:?}"
+        );
+        mixed.freeze(std::slice::from_ref(&first)).unwrap();
+        let learnt = trainable(&mixed.master);
+        assert_eq!(learnt.len(), names.len() - frozen.len());
+        assert!(frozen.iter().all(|n| !learnt.contains_key(*n)));
+        // A value bf16 cannot hold: after a step the master must still hold it exactly.
+        let exact = 1.0 + 1.0 / 1024.0;
+        tch::no_grad(|| {
+            for (name, mut t) in mixed.master.var_store().variables() {
+                if frozen.contains(&&name) {
+                    let _ = t.fill_(exact);
+                }
+            }
+        });
+        mixed.sync_shadow();
+        let shadow = mixed.for_step();
+        for (name, t) in shadow.var_store().variables() {
+            if frozen.contains(&&name) {
+                assert!(!t.requires_grad(), "{name}");
+                assert_eq!(
+                    t.flatten(0, -1).double_value(&[0]),
+                    1.0,
+                    "bf16 rounds {name}"
+                );
+            }
+        }
+        mixed.after_step();
+        for (name, t) in mixed.master.var_store().variables() {
+            if frozen.contains(&&name) {
+                assert_eq!(t.flatten(0, -1).double_value(&[0]), exact, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn freezing_refuses_a_name_it_cannot_find_and_freezing_everything() {
+        let _rng = crate::test_rng_lock();
+        let cfg = crate::tiny_dncnn(false);
+        let mut w = Weights::new(&cfg, Device::Cpu, Precision::Fp32, Layout::Nchw).unwrap();
+        let err = w.freeze(&["nothing".into()]).unwrap_err().to_string();
+        assert!(err.contains("no weight is named 'nothing'"), "{err}");
+        let all: Vec<String> = trainable(&w.master).into_keys().collect();
+        let err = w.freeze(&all).unwrap_err().to_string();
+        assert!(err.contains("leaves no weight to train"), "{err}");
+        // A prefix matches whole name parts only: `bod` is not `body`.
+        let root = all[0].split('.').next().unwrap();
+        let err = w.freeze(&[root[..root.len() - 1].to_string()]).unwrap_err();
+        assert!(err.to_string().contains("no weight is named"), "{err}");
     }
 
     #[test]

@@ -374,9 +374,9 @@ fn print_row(name: &str, row: &serde_json::Value) {
     let num = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
     println!(
         "{name:<24} PSNR {:>6.2} dB  SSIM {:.4}  (noisy {:>6.2} dB)  {:.2} s/MP  {} images",
-        num("mean_psnr"),
+        decibels(&row["mean_psnr"]),
         num("mean_ssim"),
-        num("noisy_psnr"),
+        decibels(&row["noisy_psnr"]),
         num("seconds_per_mp"),
         row["images"].as_u64().unwrap_or(0)
     );
@@ -395,10 +395,16 @@ fn print_row(name: &str, row: &serde_json::Value) {
         println!(
             "    {:<28} {:>6.2} dB  SSIM {:.4}{estimate}",
             r["name"].as_str().unwrap_or(""),
-            r["psnr"].as_f64().unwrap_or(0.0),
+            decibels(&r["psnr"]),
             r["ssim"].as_f64().unwrap_or(0.0)
         );
     }
+}
+
+/// A PSNR from the report: JSON has no infinity, so identical images (an infinite PSNR, e.g. a
+/// clean photo scored against itself) are written as null, and read back here as infinite.
+fn decibels(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or(f64::INFINITY)
 }
 
 /// The level `--sigma` gives, or blind.
