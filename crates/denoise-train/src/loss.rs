@@ -31,12 +31,18 @@ pub enum Loss {
     /// The geometric mean of the patches' MSEs: the MSE whose PSNR is the patches' mean PSNR, so
     /// minimising it maximises the mean PSNR, the figure evaluation reports. A dB counts the
     /// same on a nearly clean patch as on a noisy one, where plain MSE barely sees the clean
-    /// patch (and a model learns to smooth clean photos). Each MSE is floored at 1e-10.
-    Psnr,
+    /// patch (and a model learns to smooth clean photos). A patch scoring over `max_db` counts
+    /// as `max_db` and pulls no further: without such a cap, nearly clean patches, whose every
+    /// dB is cheap to win, can outweigh the rest.
+    Psnr {
+        #[serde(default = "default_max_db")]
+        max_db: f64,
+    },
 }
 
-/// The MSE floor of [`Loss::Psnr`]: identical patches would otherwise take an infinite log.
-const PSNR_LOSS_FLOOR: f64 = 1e-10;
+fn default_max_db() -> f64 {
+    100.0
+}
 
 impl Loss {
     /// The mean loss of `output` against `target`, as an fp32 scalar.
@@ -61,10 +67,10 @@ impl Loss {
                 let weight = (level + floor).reciprocal() * (25.0 + floor);
                 (per_patch(&(&x - &y).square()) * weight).mean(Kind::Float)
             }
-            Loss::Psnr => (&x - &y)
+            Loss::Psnr { max_db } => (&x - &y)
                 .square()
                 .mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
-                .clamp_min(PSNR_LOSS_FLOOR)
+                .clamp_min(10f64.powf(-max_db / 10.0))
                 .log()
                 .mean(Kind::Float)
                 .exp(),
@@ -138,17 +144,25 @@ mod tests {
             ],
             0,
         );
-        let loss = Loss::Psnr.compute(&output, &target, None).double_value(&[]);
+        let psnr = Loss::Psnr { max_db: 100.0 };
+        let loss = psnr.compute(&output, &target, None).double_value(&[]);
         assert!((loss - 1e-3).abs() < 1e-9, "{loss}");
         let (a, b) = pair();
-        let one = Loss::Psnr.compute(&t(&a), &t(&b), None).double_value(&[]);
+        let one = psnr.compute(&t(&a), &t(&b), None).double_value(&[]);
         let mse = denoise_metrics::mse(&b, &a).unwrap();
         assert!((one - mse).abs() < 1e-6 * mse, "one patch: {one} vs {mse}");
-        // Identical patches reach the floor, not zero (its log would be infinite).
-        let same = Loss::Psnr.compute(&t(&a), &t(&a), None).double_value(&[]);
+        // Identical patches count as max_db (a log of zero would be infinite).
+        let same = psnr.compute(&t(&a), &t(&a), None).double_value(&[]);
         assert!((same - 1e-10).abs() < 1e-15, "{same}");
+        // Capped at 30 dB, the 40 dB patch counts as 30: the mean is 25 dB.
+        let capped = Loss::Psnr { max_db: 30.0 }
+            .compute(&output, &target, None)
+            .double_value(&[]);
+        assert!((capped - 10f64.powf(-2.5)).abs() < 1e-8, "{capped}");
         let parsed: Loss = toml::from_str("kind = \"psnr\"").unwrap();
-        assert_eq!(parsed, Loss::Psnr);
+        assert_eq!(parsed, psnr);
+        let parsed: Loss = toml::from_str("kind = \"psnr\"\nmax_db = 42.0").unwrap();
+        assert_eq!(parsed, Loss::Psnr { max_db: 42.0 });
     }
 
     #[test]
