@@ -455,6 +455,11 @@ impl Trainer {
         {
             training.insert("init".into(), serde_json::json!(init));
         }
+        if let (false, Some(serde_json::Value::Object(training))) =
+            (self.cfg.freeze.is_empty(), meta.training.as_mut())
+        {
+            training.insert("freeze".into(), serde_json::json!(self.cfg.freeze));
+        }
         artefact::save(self.shipped(), &meta, &self.run.file(LAST_MODEL_FILE))?;
         if best {
             artefact::save(self.shipped(), &meta, &self.run.file(artefact::FILE_NAME))?;
@@ -1262,6 +1267,8 @@ mod tests {
             let kept = name.starts_with(&format!("{first}."));
             assert_eq!(t.equal(&now[name]), kept, "{name}");
         }
+        let meta = artefact::read_metadata(&run).unwrap();
+        assert_eq!(meta.training.unwrap()["freeze"], serde_json::json!([first]));
         frozen.init = None;
         let err = new_trainer(frozen, &dir.path().join("z"), false)
             .err()
