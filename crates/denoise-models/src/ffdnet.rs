@@ -47,7 +47,7 @@ pub struct EstimatorConfig {
     /// the view and a quarter of the cost per layer, so a deeper, wider stack that tells
     /// texture from noise costs what a small one did. Noise levels change slowly, so little is
     /// lost. 1: the half-resolution sub-images themselves.
-    #[serde(skip_serializing_if = "is_one_i64")]
+    #[serde(skip_serializing_if = "is_one")]
     pub fold: i64,
     /// What the estimate is multiplied by before the body sees it: a shipped model's strength,
     /// chosen after training on real photos (the loss trains the estimate for its own noise).
@@ -55,12 +55,8 @@ pub struct EstimatorConfig {
     pub scale: f64,
 }
 
-fn is_one(v: &f64) -> bool {
-    *v == 1.0
-}
-
-fn is_one_i64(v: &i64) -> bool {
-    *v == 1
+fn is_one<T: PartialEq + From<u8>>(v: &T) -> bool {
+    *v == T::from(1)
 }
 
 impl Default for EstimatorConfig {

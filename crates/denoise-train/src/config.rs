@@ -212,6 +212,11 @@ impl TrainConfig {
                 return bad(format!("the mse-level loss needs floor > 0, got {floor}"));
             }
         }
+        if let Loss::Psnr { max_db } = self.loss
+            && !(max_db > 0.0 && max_db.is_finite())
+        {
+            return bad(format!("the psnr loss needs max_db > 0, got {max_db}"));
+        }
         if self.patch_size < 8 || self.patch_size % model.multiple() as usize != 0 {
             return bad(format!(
                 "patch_size {} must be at least 8 and a multiple of {} for {}",
@@ -440,6 +445,11 @@ mod tests {
             ..ffdnet.clone()
         });
         assert!(e.contains("floor"), "{e}");
+        let e = err(TrainConfig {
+            loss: Loss::Psnr { max_db: -1.0 },
+            ..good.clone()
+        });
+        assert!(e.contains("max_db"), "{e}");
         assert!(toml::from_str::<TrainConfig>("[model]\nkind = \"resnet\"\n").is_err());
         assert_eq!(
             err(TrainConfig {

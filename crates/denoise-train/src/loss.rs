@@ -44,6 +44,11 @@ fn default_max_db() -> f64 {
     100.0
 }
 
+/// Each patch's mean over C, H and W: no view, so a channels-last tensor works too.
+fn per_patch(t: &Tensor) -> Tensor {
+    t.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
+}
+
 impl Loss {
     /// The mean loss of `output` against `target`, as an fp32 scalar.
     ///
@@ -60,16 +65,11 @@ impl Loss {
             Loss::Mse => (&x - &y).square().mean(Kind::Float),
             Loss::MseLevel { floor } => {
                 let sigma = sigma.expect("the mse-level loss needs the noise-level map");
-                // Means over C, H, W: no view, so a channels-last output works too.
-                let per_patch =
-                    |t: &Tensor| t.mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float);
                 let level = per_patch(&sigma.to_kind(Kind::Float)) * 255.0;
                 let weight = (level + floor).reciprocal() * (25.0 + floor);
                 (per_patch(&(&x - &y).square()) * weight).mean(Kind::Float)
             }
-            Loss::Psnr { max_db } => (&x - &y)
-                .square()
-                .mean_dim([1i64, 2, 3].as_slice(), false, Kind::Float)
+            Loss::Psnr { max_db } => per_patch(&(&x - &y).square())
                 .clamp_min(10f64.powf(-max_db / 10.0))
                 .log()
                 .mean(Kind::Float)
@@ -132,18 +132,18 @@ mod tests {
         );
     }
 
+    /// Two 3 x 4 x 4 patches filled with `a` and `b`.
+    fn two_patches(a: f64, b: f64) -> Tensor {
+        let patch = |v| Tensor::full([1, 3, 4, 4], v, (Kind::Float, Device::Cpu));
+        Tensor::cat(&[patch(a), patch(b)], 0)
+    }
+
     #[test]
     fn the_psnr_loss_is_the_mse_at_the_patches_mean_psnr() {
         // Patches with MSEs 1e-2 (20 dB) and 1e-4 (40 dB): mean PSNR 30 dB, so the loss is
         // 1e-3, where plain MSE (5.05e-3) is nearly all the noisier patch's.
         let output = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
-        let target = Tensor::cat(
-            &[
-                Tensor::full([1, 3, 4, 4], 0.1, (Kind::Float, Device::Cpu)),
-                Tensor::full([1, 3, 4, 4], 0.01, (Kind::Float, Device::Cpu)),
-            ],
-            0,
-        );
+        let target = two_patches(0.1, 0.01);
         let psnr = Loss::Psnr { max_db: 100.0 };
         let loss = psnr.compute(&output, &target, None).double_value(&[]);
         assert!((loss - 1e-3).abs() < 1e-9, "{loss}");
@@ -170,13 +170,7 @@ mod tests {
         // Two patches with squared errors 0.01 and 0.04 at sigma 5 and 45 (0-255 scale); with
         // floor 5 the weights are 30/10 = 3 and 30/50 = 0.6: (3 * 0.01 + 0.6 * 0.04) / 2.
         let output = Tensor::zeros([2, 3, 4, 4], (Kind::Float, Device::Cpu));
-        let target = Tensor::cat(
-            &[
-                Tensor::full([1, 3, 4, 4], 0.1, (Kind::Float, Device::Cpu)),
-                Tensor::full([1, 3, 4, 4], 0.2, (Kind::Float, Device::Cpu)),
-            ],
-            0,
-        );
+        let target = two_patches(0.1, 0.2);
         let sigma = Tensor::cat(
             &[
                 Tensor::full([1, 1, 4, 4], 5.0 / 255.0, (Kind::Float, Device::Cpu)),

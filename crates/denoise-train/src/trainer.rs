@@ -638,11 +638,8 @@ pub(crate) fn optimisation_step(
     let buffers: Vec<(Tensor, Tensor)> = match weights.shadow {
         Some(_) => Vec::new(),
         None => weights
-            .master
-            .var_store()
-            .variables()
-            .into_values()
-            .filter(|t| !t.requires_grad())
+            .statistics()
+            .into_iter()
             .map(|t| {
                 let saved = t.copy();
                 (t, saved)

@@ -86,6 +86,18 @@ impl Weights {
         Ok(())
     }
 
+    /// The master's buffers (batch-norm running statistics): its variables that take no
+    /// gradient, less the frozen weights, which no pass changes.
+    pub(crate) fn statistics(&self) -> Vec<Tensor> {
+        self.master
+            .var_store()
+            .variables()
+            .into_iter()
+            .filter(|(name, t)| !t.requires_grad() && !self.frozen.contains(name))
+            .map(|(_, t)| t)
+            .collect()
+    }
+
     /// The model a step's passes run on: the shadow, its trainable weights refreshed from the
     /// master first, or the master itself.
     pub(crate) fn for_step(&self) -> &Model {
@@ -234,6 +246,9 @@ mod tests {
         mixed.freeze(std::slice::from_ref(&first)).unwrap();
         let learnt = trainable(&mixed.master);
         assert_eq!(learnt.len(), names.len() - frozen.len());
+        // Only batch-norm statistics count as buffers, not the frozen weights.
+        let all = mixed.master.var_store().variables().len();
+        assert_eq!(mixed.statistics().len(), all - names.len());
         assert!(frozen.iter().all(|n| !learnt.contains_key(*n)));
         // A value bf16 cannot hold: after a step the master must still hold it exactly.
         let exact = 1.0 + 1.0 / 1024.0;
