@@ -3,6 +3,17 @@
 use crate::{Server, client, decode, expect_error, noisy_case, png, psnr};
 use reqwest::multipart::{Form, Part};
 
+/// The `X-Denoise-Sigma` level and the `LO-HI` of `X-Denoise-Sigma-Range`.
+fn sigma_and_range(response: &reqwest::Response) -> (f32, (f32, f32)) {
+    let sigma = header(response, "x-denoise-sigma")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let range = header(response, "x-denoise-sigma-range").unwrap();
+    let (lo, hi) = range.split_once('-').unwrap();
+    (sigma, (lo.parse().unwrap(), hi.parse().unwrap()))
+}
+
 fn header(response: &reqwest::Response, name: &str) -> Option<String> {
     response
         .headers()
@@ -117,18 +128,32 @@ async fn every_route_answers() {
     assert_eq!(r.status(), 200);
     let ms: f64 = header(&r, "x-denoise-ms").unwrap().parse().unwrap();
     assert!(ms > 0.0);
-    let estimated: f32 = header(&r, "x-denoise-sigma").unwrap().parse().unwrap();
-    assert!((15.0..35.0).contains(&estimated), "{estimated}");
     // A colour photo's estimate follows its brightness; the header gives its range.
-    let range = header(&r, "x-denoise-sigma-range").unwrap();
-    let (lo, hi) = range.split_once('-').unwrap();
-    let (lo, hi): (f32, f32) = (lo.parse().unwrap(), hi.parse().unwrap());
+    let (estimated, (lo, hi)) = sigma_and_range(&r);
+    assert!((15.0..35.0).contains(&estimated), "{estimated}");
     assert!(
         lo <= estimated && estimated <= hi && hi - lo < 15.0,
-        "{range}"
+        "{lo}-{hi}"
     );
     // The Gaussian model estimates the level outside the network and reports it.
     assert_eq!(header(&r, "x-denoise-model").unwrap(), "gaussian");
+    assert!(header(&r, "x-denoise-sigma-source").is_none());
+
+    // The default model reads the level itself; the server reports that reading.
+    let r = http
+        .post(server.url("/api/denoise?sigma=blind"))
+        .body(noisy.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-denoise-sigma-source").unwrap(), "model");
+    let (read, (lo, hi)) = sigma_and_range(&r);
+    assert!(
+        (10.0..40.0).contains(&read),
+        "read {read} for sigma 25 noise"
+    );
+    assert!(lo <= read && read <= hi, "{lo}-{hi} around {read}");
     assert!(
         header(&r, "x-denoise-psnr").is_none(),
         "no reference, no PSNR"

@@ -362,6 +362,19 @@ fn weights_at_least(config: &ModelConfig) -> f64 {
                 .map_or(0.0, |e| stack(sub, e.features as f64, e.depth, 1.0));
             body + estimator
         }
+        // The residual blocks' kernels and the 2x2 down and up convs; head and tail.
+        ModelConfig::Drunet(c) => {
+            let w: Vec<f64> = c.widths.iter().map(|&w| w as f64).collect();
+            let block = |f: f64| 2.0 * conv3(f, f);
+            // Every scale has blocks down and up but the deepest, which has them once.
+            let blocks = 2.0 * w.iter().copied().map(block).sum::<f64>()
+                - w.last().copied().map_or(0.0, block);
+            let resample: f64 = w.windows(2).map(|p| 2.0 * 4.0 * p[0] * p[1]).sum();
+            let ends = w
+                .first()
+                .map_or(0.0, |&f| conv3(cin, f) + conv3(f, channels));
+            c.blocks as f64 * blocks + resample + ends
+        }
     }
 }
 
@@ -541,6 +554,8 @@ mod tests {
             r#"{"kind":"ffdnet","depth":4,"features":8,"batch_norm":true}"#,
             r#"{"kind":"ffdnet","depth":4,"features":8,"estimator":{"depth":3,"features":64}}"#,
             r#"{"kind":"ffdnet","channels":1,"estimator":{}}"#,
+            r#"{"kind":"drunet","widths":[1],"blocks":0}"#,
+            r#"{"kind":"drunet","widths":[4,64,2],"blocks":2,"noise_map":false}"#,
         ] {
             configs.push(serde_json::from_str(json).unwrap());
         }

@@ -8,6 +8,7 @@ use tch::{Tensor, nn};
 
 pub use crate::autoencoder::AutoencoderConfig;
 pub use crate::dncnn::DncnnConfig;
+pub use crate::drunet::DrunetConfig;
 pub use crate::ffdnet::FfdnetConfig;
 pub use crate::ridnet::RidnetConfig;
 pub use crate::unet::UnetConfig;
@@ -20,6 +21,16 @@ pub trait Net: std::fmt::Debug + Send {
     /// (its last channel) and 0 without, and H, W are multiples of [`ModelConfig::multiple`].
     /// Returns the denoised image, N x C x H x W.
     fn forward_t(&self, x: &Tensor, train: bool) -> Tensor;
+
+    /// The noise level a network with its own estimator reads from the image, on the `[0, 1]`
+    /// scale, as its body is told it; `None` for a network without one.
+    ///
+    /// # Shapes
+    /// `x`: N x C x H x W, the image alone, H and W multiples of [`ModelConfig::multiple`].
+    /// Returns N x 1 x H/k x W/k at the estimator's resolution (FFDNet: k = 2).
+    fn read_level(&self, _x: &Tensor) -> Option<Tensor> {
+        None
+    }
 }
 
 /// The model families, by name.
@@ -31,15 +42,17 @@ pub enum ModelKind {
     Ridnet,
     Dncnn,
     Ffdnet,
+    Drunet,
 }
 
 impl ModelKind {
-    pub const ALL: [ModelKind; 5] = [
+    pub const ALL: [ModelKind; 6] = [
         ModelKind::Autoencoder,
         ModelKind::Unet,
         ModelKind::Ridnet,
         ModelKind::Dncnn,
         ModelKind::Ffdnet,
+        ModelKind::Drunet,
     ];
 
     pub fn name(self) -> &'static str {
@@ -49,6 +62,7 @@ impl ModelKind {
             ModelKind::Ridnet => "ridnet",
             ModelKind::Dncnn => "dncnn",
             ModelKind::Ffdnet => "ffdnet",
+            ModelKind::Drunet => "drunet",
         }
     }
 
@@ -72,6 +86,10 @@ impl ModelKind {
                 ..Default::default()
             }),
             ModelKind::Ffdnet => ModelConfig::Ffdnet(FfdnetConfig::for_channels(channels)),
+            ModelKind::Drunet => ModelConfig::Drunet(DrunetConfig {
+                channels,
+                ..Default::default()
+            }),
         }
     }
 }
@@ -92,6 +110,7 @@ impl std::str::FromStr for ModelKind {
             "ridnet" => Ok(ModelKind::Ridnet),
             "dncnn" => Ok(ModelKind::Dncnn),
             "ffdnet" => Ok(ModelKind::Ffdnet),
+            "drunet" => Ok(ModelKind::Drunet),
             _ => Err(ModelError::UnknownKind {
                 name: s.to_owned(),
                 known: ModelKind::ALL.map(ModelKind::name).join(", "),
@@ -109,6 +128,7 @@ pub enum ModelConfig {
     Ridnet(RidnetConfig),
     Dncnn(DncnnConfig),
     Ffdnet(FfdnetConfig),
+    Drunet(DrunetConfig),
 }
 
 impl ModelConfig {
@@ -119,6 +139,7 @@ impl ModelConfig {
             ModelConfig::Ridnet(_) => ModelKind::Ridnet,
             ModelConfig::Dncnn(_) => ModelKind::Dncnn,
             ModelConfig::Ffdnet(_) => ModelKind::Ffdnet,
+            ModelConfig::Drunet(_) => ModelKind::Drunet,
         }
     }
 
@@ -139,6 +160,7 @@ impl ModelConfig {
             ModelConfig::Ridnet(c) => c.channels,
             ModelConfig::Dncnn(c) => c.channels,
             ModelConfig::Ffdnet(c) => c.channels,
+            ModelConfig::Drunet(c) => c.channels,
         }
     }
 
@@ -150,6 +172,7 @@ impl ModelConfig {
             ModelConfig::Ridnet(c) => c.noise_map,
             ModelConfig::Dncnn(c) => c.noise_map,
             ModelConfig::Ffdnet(_) => true,
+            ModelConfig::Drunet(c) => c.noise_map,
         }
     }
 
@@ -166,6 +189,7 @@ impl ModelConfig {
             ModelConfig::Unet(c) => 1 << c.levels,
             ModelConfig::Ridnet(_) | ModelConfig::Dncnn(_) => 1,
             ModelConfig::Ffdnet(_) => 2,
+            ModelConfig::Drunet(c) => c.multiple(),
         }
     }
 
@@ -183,6 +207,7 @@ impl ModelConfig {
             ModelConfig::Ridnet(c) => c.validate(),
             ModelConfig::Dncnn(c) => c.validate(),
             ModelConfig::Ffdnet(c) => c.validate(),
+            ModelConfig::Drunet(c) => c.validate(),
         }
     }
 
@@ -198,6 +223,7 @@ impl ModelConfig {
             ModelConfig::Ridnet(c) => Box::new(crate::ridnet::Ridnet::new(p, c, &mut flops)),
             ModelConfig::Dncnn(c) => Box::new(crate::dncnn::Dncnn::new(p, c, &mut flops)),
             ModelConfig::Ffdnet(c) => Box::new(crate::ffdnet::Ffdnet::new(p, c, &mut flops)),
+            ModelConfig::Drunet(c) => Box::new(crate::drunet::Drunet::new(p, c, &mut flops)),
         };
         Ok((net, flops))
     }

@@ -194,6 +194,11 @@ pub fn denoise_image_cancellable(
     let input = image.to_channels(model.config().channels() as usize)?;
     let (c, h, w) = input.shape();
     let (map, used) = model_map(model.config(), image, level);
+    // Blind, a model with its own estimator reads the level as it denoises: report that read.
+    let used = match used {
+        None if map.is_none() => crate::level::read_by_model(model, &input)?,
+        given => given,
+    };
     let out = denoise_tiled_cancellable(
         model,
         input.data(),

@@ -85,6 +85,7 @@ mod tests {
             ModelKind::Unet,
             ModelKind::Autoencoder,
             ModelKind::Ridnet,
+            ModelKind::Drunet,
         ] {
             tch::manual_seed(0);
             let json = match kind {
@@ -93,6 +94,7 @@ mod tests {
                 ModelKind::Ridnet => r#"{"kind":"ridnet","features":16,"blocks":1,"reduction":4}"#,
                 ModelKind::Dncnn => r#"{"kind":"dncnn","depth":4,"features":8}"#,
                 ModelKind::Ffdnet => r#"{"kind":"ffdnet","depth":4,"features":8}"#,
+                ModelKind::Drunet => r#"{"kind":"drunet","widths":[8,16],"blocks":1}"#,
             };
             let cfg: ModelConfig = serde_json::from_str(json).unwrap();
             let model = Model::new(&cfg, Device::Cpu).unwrap();

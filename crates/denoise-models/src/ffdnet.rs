@@ -307,6 +307,11 @@ impl Net for Ffdnet {
         let out = if self.residual { sub - out } else { out };
         out.pixel_shuffle(2)
     }
+
+    fn read_level(&self, x: &Tensor) -> Option<Tensor> {
+        let e = self.estimator.as_ref()?;
+        Some(e.forward(&x.pixel_unshuffle(2)))
+    }
 }
 
 /// A gray FFDNet that computes what `colour` computes on a gray picture repeated into RGB with

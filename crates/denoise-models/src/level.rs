@@ -2,9 +2,10 @@
 //! estimated from the image, or a per-pixel map), scaled for a gray <-> colour conversion, and
 //! what is reported of it.
 
-use crate::ModelConfig;
+use crate::{Model, ModelConfig, Result};
 use denoise_data::Image;
 use denoise_data::estimate::{self, NoiseEstimate};
+use tch::{Kind, Tensor};
 
 /// The noise level given to a model that takes a noise-level map (others ignore it).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -22,15 +23,17 @@ pub enum NoiseLevel<'a> {
 /// The noise level a model that takes one was given, when it was not given a map (0-255 scale).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct LevelUsed {
-    /// The level given or estimated; for a map estimated from brightness, its root mean square
-    /// over the pixels.
+    /// The level given or estimated; for a map (estimated from brightness, or read by the
+    /// model), its root mean square over the pixels.
     pub sigma: f32,
-    /// The least and the greatest level of a map estimated from brightness; `None` for one
-    /// level.
+    /// The least and the greatest level of a map; `None` for one level.
     pub range: Option<(f32, f32)>,
     /// Estimated for noise the colour channels share (`NoiseEstimate::Shared`): Immerkær's
     /// filter, which also reads texture, so the level is least sure.
     pub shared: bool,
+    /// Read by the model's own estimator as it denoised (its map can follow anything the
+    /// estimator learnt: brightness, texture, JPEG blocks), not by the classical estimators.
+    pub by_model: bool,
 }
 
 impl LevelUsed {
@@ -39,6 +42,7 @@ impl LevelUsed {
             sigma,
             range: None,
             shared: false,
+            by_model: false,
         }
     }
 
@@ -56,6 +60,7 @@ impl LevelUsed {
             sigma: (mean_square.sqrt() * 255.0) as f32,
             range: Some((lo.min(hi) * 255.0, hi * 255.0)),
             shared: false,
+            by_model: false,
         }
     }
 }
@@ -63,10 +68,17 @@ impl LevelUsed {
 impl std::fmt::Display for LevelUsed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:.1}", self.sigma)?;
-        if let Some((lo, hi)) = self.range {
-            write!(f, " (from {lo:.1} to {hi:.1} with brightness)")?;
+        match (self.range, self.by_model) {
+            (Some((lo, hi)), false) => write!(f, " (from {lo:.1} to {hi:.1} with brightness)"),
+            (Some((lo, hi)), true) => {
+                write!(
+                    f,
+                    ", read by the model (from {lo:.1} to {hi:.1} across the image)"
+                )
+            }
+            (None, true) => write!(f, ", read by the model"),
+            (None, false) => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -136,6 +148,55 @@ pub fn model_map(
     }
 }
 
+/// Rows of an image a model's estimator reads at once, and the rows of context on each side
+/// (beyond its view, so the strips join as one pass would): a 24-megapixel photo's level costs
+/// a strip's memory, not the whole image's. Both even, for FFDNet's half resolution.
+const READ_ROWS: usize = 512;
+const READ_CONTEXT: usize = 64;
+
+/// What a model with its own estimator reads from `input` (already in the model's channels):
+/// the root mean square, least and greatest of its map, in the 0-255 scale. `None` for other
+/// models.
+pub(crate) fn read_by_model(model: &Model, input: &Image) -> Result<Option<LevelUsed>> {
+    read_in_strips(model, input, READ_ROWS)
+}
+
+fn read_in_strips(model: &Model, input: &Image, rows: usize) -> Result<Option<LevelUsed>> {
+    if !model.config().estimates_level() {
+        return Ok(None);
+    }
+    let (c, h, w) = input.shape();
+    let image = Tensor::from_slice(input.data()).view([1, c as i64, h as i64, w as i64]);
+    let (mut sum_sq, mut count) = (0f64, 0f64);
+    let (mut lo, mut hi) = (f64::INFINITY, 0f64);
+    for start in (0..h).step_by(rows) {
+        let from = start.saturating_sub(READ_CONTEXT);
+        let to = (start + rows + READ_CONTEXT).min(h);
+        let strip = image.narrow(2, from as i64, (to - from) as i64);
+        let Some(level) = model.read_level(&strip)? else {
+            return Ok(None);
+        };
+        // The strip's own rows, at the level's resolution.
+        let k = (to - from).div_ceil(level.size()[2].max(1) as usize).max(1);
+        let first = ((start - from) / k) as i64;
+        let own = (rows.min(h - start).div_ceil(k) as i64).min(level.size()[2] - first);
+        let own = level.narrow(2, first, own);
+        sum_sq += own.square().sum(Kind::Double).double_value(&[]);
+        count += own.numel() as f64;
+        lo = lo.min(own.min().double_value(&[]));
+        hi = hi.max(own.max().double_value(&[]));
+    }
+    if count == 0.0 {
+        return Ok(None);
+    }
+    Ok(Some(LevelUsed {
+        sigma: ((sum_sq / count).sqrt() * 255.0) as f32,
+        range: Some(((lo.min(hi) * 255.0) as f32, (hi * 255.0) as f32)),
+        shared: false,
+        by_model: true,
+    }))
+}
+
 /// An RGB image whose channels differ by at most this much anywhere (two 8-bit levels: what
 /// JPEG's chroma rounding leaves of a gray picture) is taken to be gray for its noise level.
 pub const GRAY_SPREAD: f32 = 2.0 / 255.0;
@@ -160,5 +221,100 @@ pub fn conversion_noise_gain(from: usize, to: usize) -> f32 {
             .sum::<f32>()
             .sqrt(),
         _ => 1.0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// A small FFDNet whose estimator has random weights, so that its reading varies across
+    /// the image (a fresh estimator reads one level everywhere).
+    fn reader() -> Model {
+        tch::manual_seed(5);
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"kind":"ffdnet","depth":3,"features":8,
+                "estimator":{"depth":2,"features":4,"smooth":3}}"#,
+        )
+        .unwrap();
+        let model = Model::new(&cfg, Device::Cpu).unwrap();
+        tch::no_grad(|| {
+            for (name, mut var) in model.var_store().variables() {
+                if name.starts_with("estimator") {
+                    var.copy_(&(var.randn_like() * 0.5));
+                }
+            }
+        });
+        model
+    }
+
+    fn picture(h: usize, w: usize) -> Image {
+        let data = (0..3 * h * w)
+            .map(|i| ((i * 37 % 101) as f32 / 101.0 + (i / w % 17) as f32 / 40.0).min(1.0))
+            .collect();
+        Image::new(3, h, w, data).unwrap()
+    }
+
+    #[test]
+    fn strips_read_what_one_pass_reads() {
+        let _rng = crate::test_rng_lock();
+        let model = reader();
+        // Odd height: the last strip is short and ends in a padded row.
+        let image = picture(203, 30);
+        let whole = read_in_strips(&model, &image, 1 << 20).unwrap().unwrap();
+        let strips = read_in_strips(&model, &image, 32).unwrap().unwrap();
+        let (lo, hi) = whole.range.unwrap();
+        assert!(hi - lo > 0.5, "the reading should vary: {whole:?}");
+        assert!(
+            (whole.sigma - strips.sigma).abs() < 1e-4,
+            "{whole:?} vs {strips:?}"
+        );
+        let (slo, shi) = strips.range.unwrap();
+        assert!((lo - slo).abs() < 1e-4 && (hi - shi).abs() < 1e-4);
+        assert!(strips.by_model);
+    }
+
+    #[test]
+    fn blind_denoising_reports_the_models_own_reading() {
+        let _rng = crate::test_rng_lock();
+        let model = reader();
+        let image = picture(40, 36);
+        let tiles = crate::tile::TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 1,
+        };
+        let (_, used) = crate::denoiser::denoise_image(
+            &model,
+            &image,
+            NoiseLevel::Estimate,
+            tiles,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        let used = used.expect("a blind estimator model reports what it read");
+        assert_eq!(Some(used), read_by_model(&model, &image).unwrap());
+        assert!(
+            used.to_string().contains("read by the model (from"),
+            "{used}"
+        );
+        // Given a level, it reports that level, not its reading.
+        let (_, given) = crate::denoiser::denoise_image(
+            &model,
+            &image,
+            NoiseLevel::Uniform(12.0),
+            tiles,
+            &mut |_, _| {},
+        )
+        .unwrap();
+        assert_eq!(given, Some(LevelUsed::uniform(12.0)));
+    }
+
+    #[test]
+    fn a_model_without_an_estimator_reads_nothing() {
+        let _rng = crate::test_rng_lock();
+        let model = crate::tiny_ffdnet();
+        assert_eq!(read_by_model(&model, &picture(8, 8)).unwrap(), None);
     }
 }

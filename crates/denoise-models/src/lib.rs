@@ -9,6 +9,7 @@ pub mod config;
 pub mod denoiser;
 pub mod device;
 pub mod dncnn;
+pub mod drunet;
 pub mod ensemble;
 pub mod error;
 pub mod export;

@@ -59,6 +59,7 @@ impl Model {
             ModelConfig::Ridnet(c) => 2 * c.features,
             ModelConfig::Dncnn(c) => c.features,
             ModelConfig::Ffdnet(c) => c.features / 4 + 1,
+            ModelConfig::Drunet(c) => c.widths.first().copied().unwrap_or(64),
         }
     }
 
@@ -156,26 +157,58 @@ impl Model {
         }
         let device = self.device();
         let kind = self.precision.kind();
-        let run = || {
+        guarded(|| {
             tch::no_grad(|| -> Result<Tensor> {
                 let x = to_channels_last(&noisy.f_to_device(device)?.f_to_kind(kind)?);
                 let map = sigma.map(|s| s.to_device(device).to_kind(kind));
                 let out = self.forward_t(&x, map.as_ref(), false);
                 Ok(out.f_to_kind(Kind::Float)?.f_contiguous()?)
             })
-        };
-        // Plain tch ops panic on libtorch errors (out-of-memory included): turn that into an
-        // error here, the edge, so a caller can retry with a smaller tile.
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
-            Ok(result) => result,
-            Err(payload) => {
-                let message = payload
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_else(|| "unknown libtorch failure".to_owned());
-                Err(ModelError::Torch(tch::TchError::Torch(message)))
-            }
+        })
+    }
+
+    /// The noise level a model with its own estimator reads from `noisy` (what blind use tells
+    /// its body), on the `[0, 1]` scale; `None` for other models. Runs as [`Self::denoise`]
+    /// does: no autograd, the model's precision, errors as `Err`.
+    ///
+    /// # Shapes
+    /// `noisy`: N x C x H x W, any H and W. Returns N x 1 x ceil(H/k) x ceil(W/k), k being the
+    /// estimator's resolution (FFDNet: 2).
+    pub fn read_level(&self, noisy: &Tensor) -> Result<Option<Tensor>> {
+        if !self.config.estimates_level() {
+            return Ok(None);
+        }
+        let device = self.device();
+        let kind = self.precision.kind();
+        let (h, w) = (noisy.size()[2], noisy.size()[3]);
+        guarded(|| {
+            tch::no_grad(|| -> Result<Option<Tensor>> {
+                let x = to_channels_last(&noisy.f_to_device(device)?.f_to_kind(kind)?);
+                let padded = pad_to_multiple(&x, self.config.multiple());
+                let Some(level) = self.net.read_level(&padded) else {
+                    return Ok(None);
+                };
+                // The padded rows and columns are cut off at the level's own resolution.
+                let k = padded.size()[2] / level.size()[2];
+                let level = crop_to(&level, (h + k - 1) / k, (w + k - 1) / k);
+                Ok(Some(level.f_to_kind(Kind::Float)?.f_contiguous()?))
+            })
+        })
+    }
+}
+
+/// Runs `run`, turning a libtorch panic into an error. Plain tch ops panic on libtorch errors
+/// (out-of-memory included): caught here, the edge, a caller can retry with a smaller tile.
+fn guarded<T>(run: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(run)) {
+        Ok(result) => result,
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+                .unwrap_or_else(|| "unknown libtorch failure".to_owned());
+            Err(ModelError::Torch(tch::TchError::Torch(message)))
         }
     }
 }
@@ -197,6 +230,7 @@ mod tests {
             ModelKind::Ridnet => r#"{"kind":"ridnet","features":16,"blocks":1,"reduction":1}"#,
             ModelKind::Dncnn => r#"{"kind":"dncnn","depth":4,"features":8}"#,
             ModelKind::Ffdnet => r#"{"kind":"ffdnet","depth":4,"features":8}"#,
+            ModelKind::Drunet => r#"{"kind":"drunet","widths":[8,16,16],"blocks":1}"#,
         };
         let mut v: serde_json::Value = serde_json::from_str(json).unwrap();
         v["channels"] = channels.into();

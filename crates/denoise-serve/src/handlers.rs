@@ -468,9 +468,12 @@ fn denoised_response(d: Denoised) -> Response {
     set("x-denoise-ensemble", d.ensemble.to_string());
     if let Some(used) = d.sigma {
         set("x-denoise-sigma", format!("{:.1}", used.sigma));
-        // An estimate that follows brightness: its least and greatest level.
+        // A map (following brightness, or read by the model): its least and greatest level.
         if let Some((lo, hi)) = used.range {
             set("x-denoise-sigma-range", format!("{lo:.1}-{hi:.1}"));
+        }
+        if used.by_model {
+            set("x-denoise-sigma-source", "model".into());
         }
     }
     if let Some((input, output)) = d.psnr {

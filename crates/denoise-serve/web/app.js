@@ -338,12 +338,15 @@ function showResult(blob, headers, roundTripMs, fixed, input) {
   $('stat-time').title = `server ${ms} ms, round trip ${Math.round(roundTripMs)} ms`;
   const sigma = headers.get('X-Denoise-Sigma');
   const range = headers.get('X-Denoise-Sigma-Range');
+  const byModel = headers.get('X-Denoise-Sigma-Source') === 'model';
   $('stat-sigma').textContent = sigma
     ? `${range && !fixed ? range.replace('-', '–') : sigma}${fixed ? '' : ' (est.)'}`
     : 'n/a (blind model)';
   $('stat-sigma').title = !sigma || fixed
     ? ''
-    : range
+    : byModel
+      ? `read by the model's own estimator, from ${range ? range.replace('-', ' to ') : sigma} across the image; root mean square ${sigma}`
+      : range
       ? `estimated from the image, by brightness (patch covariance per brightness group, Chen et al. 2015); root mean square ${sigma}`
       : 'estimated from the image';
   $('stat-size').textContent = (headers.get('X-Denoise-Size') || '').replace('x', ' × ');

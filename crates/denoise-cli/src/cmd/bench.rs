@@ -11,7 +11,7 @@ use std::time::Instant;
 #[derive(clap::Args)]
 pub struct Args {
     /// A shipped model name, an artefact file or a run directory (default: the shipped default),
-    /// or a model kind (autoencoder, unet, ridnet, dncnn, ffdnet: its default config with random
+    /// or a model kind (autoencoder, unet, ridnet, dncnn, ffdnet, drunet: its default config with random
     /// weights, for speed comparisons before training).
     #[arg(long)]
     model: Option<String>,

@@ -22,7 +22,7 @@ use clap::{Parser, Subcommand};
 #[command(
     name = "denoise-cli",
     version,
-    about = "Denoise images with trained CNNs (autoencoder, UNet, RIDNet, DnCNN, FFDNet) on libtorch",
+    about = "Denoise images with trained CNNs (autoencoder, UNet, RIDNet, DnCNN, FFDNet, DRUNet) on libtorch",
     propagate_version = true
 )]
 pub struct Cli {

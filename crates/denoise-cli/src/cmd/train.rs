@@ -18,7 +18,7 @@ pub struct Args {
     /// saved absolute in the run's config).
     #[arg(long)]
     data: Option<PathBuf>,
-    /// Model kind with its default config (autoencoder, unet, ridnet, dncnn, ffdnet), instead of
+    /// Model kind with its default config (autoencoder, unet, ridnet, dncnn, ffdnet, drunet), instead of
     /// the config's [model].
     #[arg(long)]
     model: Option<String>,
