@@ -182,6 +182,15 @@ impl ModelConfig {
         matches!(self, ModelConfig::Ffdnet(c) if c.estimator.is_some())
     }
 
+    /// For a model with its own level estimator, the rows of context and the alignment its
+    /// reading needs when an image is read in strips ([`crate::ffdnet::EstimatorConfig`]).
+    pub(crate) fn estimator_view(&self) -> Option<(usize, usize)> {
+        match self {
+            ModelConfig::Ffdnet(c) => c.estimator.as_ref().map(|e| e.view()),
+            _ => None,
+        }
+    }
+
     /// Input height and width must be multiples of this (the model pads to it).
     pub fn multiple(&self) -> i64 {
         match self {

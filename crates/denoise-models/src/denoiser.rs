@@ -196,7 +196,7 @@ pub fn denoise_image_cancellable(
     let (map, used) = model_map(model.config(), image, level);
     // Blind, a model with its own estimator reads the level as it denoises: report that read.
     let used = match used {
-        None if map.is_none() => crate::level::read_by_model(model, &input)?,
+        None if map.is_none() => crate::level::read_by_model(model, image, &input)?,
         given => given,
     };
     let out = denoise_tiled_cancellable(

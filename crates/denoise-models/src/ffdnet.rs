@@ -59,6 +59,20 @@ fn is_one<T: PartialEq + From<u8>>(v: &T) -> bool {
     *v == T::from(1)
 }
 
+impl EstimatorConfig {
+    /// The image rows a reading depends on beyond its own (each side), and the alignment of
+    /// a strip's first row that keeps its sub-image and fold grids the whole image's: what
+    /// reading an image in strips needs for the strips to read as one pass would.
+    pub(crate) fn view(&self) -> (usize, usize) {
+        let fold = self.fold.max(1) as usize;
+        let align = 2 * fold;
+        // In half-resolution rows: each conv reaches one folded row (`fold` rows), a fold cell
+        // spans `fold - 1` more, and the box `smooth / 2`.
+        let half = fold * self.depth + (fold - 1) + self.smooth.max(1) as usize / 2;
+        ((2 * half).div_ceil(align) * align, align)
+    }
+}
+
 impl Default for EstimatorConfig {
     fn default() -> Self {
         Self {

@@ -31,8 +31,9 @@ pub struct LevelUsed {
     /// Estimated for noise the colour channels share (`NoiseEstimate::Shared`): Immerkær's
     /// filter, which also reads texture, so the level is least sure.
     pub shared: bool,
-    /// Read by the model's own estimator as it denoised (its map can follow anything the
-    /// estimator learnt: brightness, texture, JPEG blocks), not by the classical estimators.
+    /// Read by the model's own estimator, over the whole image in one reading (its map can
+    /// follow anything the estimator learnt: brightness, texture, JPEG blocks), not by the
+    /// classical estimators.
     pub by_model: bool,
 }
 
@@ -82,6 +83,26 @@ impl std::fmt::Display for LevelUsed {
     }
 }
 
+/// A gray picture stored as RGB (a scan, a black-and-white photo) has its noise in every
+/// channel alike, as a gray image shown to a colour model: its level is read as gray. Only a
+/// model given a noise level needs to know (the scan is the image's size).
+fn gray_rgb(config: &ModelConfig, image: &Image) -> bool {
+    config.noise_map()
+        && image.channels() == 3
+        && config.channels() == 3
+        && image.is_gray_within(GRAY_SPREAD)
+}
+
+/// What the image's own noise level (`channels` of them, `gray_rgb` as [`gray_rgb`] says) is
+/// multiplied by in the map a model of `config` is given.
+fn map_gain(config: &ModelConfig, channels: usize, gray_rgb: bool) -> f32 {
+    if gray_rgb {
+        conversion_noise_gain(1, 3)
+    } else {
+        conversion_noise_gain(channels, config.channels() as usize)
+    }
+}
+
 /// The map a model of `config` is given for `image` (on the `[0, 1]` scale, `h x w`, as the
 /// model sees the image once converted to its channels; `None` for a model that takes no level
 /// or reads it itself), and the level used, when the model was not given a map.
@@ -95,18 +116,9 @@ pub fn model_map(
     image: &Image,
     level: NoiseLevel<'_>,
 ) -> (Option<Vec<f32>>, Option<LevelUsed>) {
-    let c = config.channels() as usize;
     let (_, h, w) = image.shape();
-    // A gray picture stored as RGB (a scan, a black-and-white photo) has its noise in every
-    // channel alike, as a gray image shown to a colour model: read it as gray.
-    // Only a model given a noise level needs to know (the scan is the image's size).
-    let gray_rgb =
-        config.noise_map() && image.channels() == 3 && c == 3 && image.is_gray_within(GRAY_SPREAD);
-    let gain = if gray_rgb {
-        conversion_noise_gain(1, 3)
-    } else {
-        conversion_noise_gain(image.channels(), c)
-    };
+    let gray_rgb = gray_rgb(config, image);
+    let gain = map_gain(config, image.channels(), gray_rgb);
     match (config.noise_map(), level) {
         (false, _) => (None, None),
         (true, NoiseLevel::Map(map)) => (Some(map.iter().map(|s| s * gain).collect()), None),
@@ -148,31 +160,47 @@ pub fn model_map(
     }
 }
 
-/// Rows of an image a model's estimator reads at once, and the rows of context on each side
-/// (beyond its view, so the strips join as one pass would): a 24-megapixel photo's level costs
-/// a strip's memory, not the whole image's. Both even, for FFDNet's half resolution.
+/// Rows of an image a model's estimator reads at once (rounded up to its alignment): a
+/// 24-megapixel photo's level costs a strip's memory, not the whole image's.
 const READ_ROWS: usize = 512;
-const READ_CONTEXT: usize = 64;
 
-/// What a model with its own estimator reads from `input` (already in the model's channels):
-/// the root mean square, least and greatest of its map, in the 0-255 scale. `None` for other
-/// models.
-pub(crate) fn read_by_model(model: &Model, input: &Image) -> Result<Option<LevelUsed>> {
-    read_in_strips(model, input, READ_ROWS)
+/// What a model with its own estimator reads from `image` (`input`: the image in the model's
+/// channels, as it denoises it), summarised: the root mean square, least and greatest of its
+/// map, on the 0-255 scale and in the image's own terms, as `--sigma` takes a level (the
+/// reading of a gray picture shown to a colour model is divided by the gain [`model_map`]
+/// would apply). `None` for other models.
+pub(crate) fn read_by_model(
+    model: &Model,
+    image: &Image,
+    input: &Image,
+) -> Result<Option<LevelUsed>> {
+    read_in_strips(model, image, input, READ_ROWS)
 }
 
-fn read_in_strips(model: &Model, input: &Image, rows: usize) -> Result<Option<LevelUsed>> {
-    if !model.config().estimates_level() {
+fn read_in_strips(
+    model: &Model,
+    image: &Image,
+    input: &Image,
+    rows: usize,
+) -> Result<Option<LevelUsed>> {
+    let config = model.config();
+    let Some((context, align)) = config.estimator_view() else {
         return Ok(None);
-    }
+    };
+    let gain = f64::from(map_gain(config, image.channels(), gray_rgb(config, image)));
+    let rows = rows.div_ceil(align) * align;
     let (c, h, w) = input.shape();
-    let image = Tensor::from_slice(input.data()).view([1, c as i64, h as i64, w as i64]);
     let (mut sum_sq, mut count) = (0f64, 0f64);
     let (mut lo, mut hi) = (f64::INFINITY, 0f64);
     for start in (0..h).step_by(rows) {
-        let from = start.saturating_sub(READ_CONTEXT);
-        let to = (start + rows + READ_CONTEXT).min(h);
-        let strip = image.narrow(2, from as i64, (to - from) as i64);
+        // Beyond the estimator's view each side, so the strips join as one pass would.
+        let from = start.saturating_sub(context);
+        let to = (start + rows + context).min(h);
+        let strip: Vec<f32> = (0..c)
+            .flat_map(|ch| &input.data()[(ch * h + from) * w..(ch * h + to) * w])
+            .copied()
+            .collect();
+        let strip = Tensor::from_slice(&strip).view([1, c as i64, (to - from) as i64, w as i64]);
         let Some(level) = model.read_level(&strip)? else {
             return Ok(None);
         };
@@ -189,9 +217,10 @@ fn read_in_strips(model: &Model, input: &Image, rows: usize) -> Result<Option<Le
     if count == 0.0 {
         return Ok(None);
     }
+    let scale = 255.0 / gain;
     Ok(Some(LevelUsed {
-        sigma: ((sum_sq / count).sqrt() * 255.0) as f32,
-        range: Some(((lo.min(hi) * 255.0) as f32, (hi * 255.0) as f32)),
+        sigma: ((sum_sq / count).sqrt() * scale) as f32,
+        range: Some(((lo.min(hi) * scale) as f32, (hi * scale) as f32)),
         shared: false,
         by_model: true,
     }))
@@ -229,15 +258,12 @@ mod tests {
     use super::*;
     use tch::Device;
 
-    /// A small FFDNet whose estimator has random weights, so that its reading varies across
-    /// the image (a fresh estimator reads one level everywhere).
-    fn reader() -> Model {
+    /// A small FFDNet whose estimator (of `estimator`'s JSON) has random weights, so that its
+    /// reading varies across the image (a fresh estimator reads one level everywhere).
+    fn reader_with(estimator: &str) -> Model {
         tch::manual_seed(5);
-        let cfg: ModelConfig = serde_json::from_str(
-            r#"{"kind":"ffdnet","depth":3,"features":8,
-                "estimator":{"depth":2,"features":4,"smooth":3}}"#,
-        )
-        .unwrap();
+        let json = format!(r#"{{"kind":"ffdnet","depth":3,"features":8,"estimator":{estimator}}}"#);
+        let cfg: ModelConfig = serde_json::from_str(&json).unwrap();
         let model = Model::new(&cfg, Device::Cpu).unwrap();
         tch::no_grad(|| {
             for (name, mut var) in model.var_store().variables() {
@@ -247,6 +273,10 @@ mod tests {
             }
         });
         model
+    }
+
+    fn reader() -> Model {
+        reader_with(r#"{"depth":2,"features":4,"smooth":3}"#)
     }
 
     fn picture(h: usize, w: usize) -> Image {
@@ -259,20 +289,61 @@ mod tests {
     #[test]
     fn strips_read_what_one_pass_reads() {
         let _rng = crate::test_rng_lock();
-        let model = reader();
         // Odd height: the last strip is short and ends in a padded row.
         let image = picture(203, 30);
-        let whole = read_in_strips(&model, &image, 1 << 20).unwrap().unwrap();
-        let strips = read_in_strips(&model, &image, 32).unwrap().unwrap();
-        let (lo, hi) = whole.range.unwrap();
-        assert!(hi - lo > 0.5, "the reading should vary: {whole:?}");
-        assert!(
-            (whole.sigma - strips.sigma).abs() < 1e-4,
-            "{whole:?} vs {strips:?}"
-        );
-        let (slo, shi) = strips.range.unwrap();
-        assert!((lo - slo).abs() < 1e-4 && (hi - shi).abs() < 1e-4);
-        assert!(strips.by_model);
+        for estimator in [
+            r#"{"depth":2,"features":4,"smooth":3}"#,
+            r#"{"depth":3,"features":4,"smooth":5,"fold":2}"#,
+            r#"{"depth":2,"features":4,"smooth":7,"fold":3}"#,
+        ] {
+            let model = reader_with(estimator);
+            let read = |rows| {
+                read_in_strips(&model, &image, &image, rows)
+                    .unwrap()
+                    .unwrap()
+            };
+            let whole = read(1 << 20);
+            let strips = read(32);
+            let (lo, hi) = whole.range.unwrap();
+            assert!(
+                hi - lo > 0.5,
+                "{estimator}: the reading should vary: {whole:?}"
+            );
+            assert!(
+                (whole.sigma - strips.sigma).abs() < 1e-3,
+                "{estimator}: {whole:?} vs {strips:?}"
+            );
+            let (slo, shi) = strips.range.unwrap();
+            assert!(
+                (lo - slo).abs() < 1e-3 && (hi - shi).abs() < 1e-3,
+                "{estimator}: {whole:?} vs {strips:?}"
+            );
+            assert!(strips.by_model);
+        }
+    }
+
+    #[test]
+    fn a_gray_pictures_reading_is_given_in_its_own_terms() {
+        let _rng = crate::test_rng_lock();
+        let model = reader();
+        let colour = picture(40, 36);
+        let gray = colour.to_gray();
+        let rgb = gray.to_channels(3).unwrap();
+        let raw = model
+            .read_level(&Tensor::from_slice(rgb.data()).view([1, 3, 40, 36]))
+            .unwrap()
+            .unwrap();
+        let raw = raw.square().mean(Kind::Double).sqrt().double_value(&[]) * 255.0;
+        // Gray, or gray stored as RGB: what the model read over sqrt(3), as --sigma takes it.
+        for image in [&gray, &rgb] {
+            let used = read_by_model(&model, image, &rgb).unwrap().unwrap();
+            let expected = raw / 3f64.sqrt();
+            assert!(
+                (f64::from(used.sigma) - expected).abs() < 1e-3,
+                "{} vs {expected}",
+                used.sigma
+            );
+        }
     }
 
     #[test]
@@ -294,7 +365,7 @@ mod tests {
         )
         .unwrap();
         let used = used.expect("a blind estimator model reports what it read");
-        assert_eq!(Some(used), read_by_model(&model, &image).unwrap());
+        assert_eq!(Some(used), read_by_model(&model, &image, &image).unwrap());
         assert!(
             used.to_string().contains("read by the model (from"),
             "{used}"
@@ -315,6 +386,7 @@ mod tests {
     fn a_model_without_an_estimator_reads_nothing() {
         let _rng = crate::test_rng_lock();
         let model = crate::tiny_ffdnet();
-        assert_eq!(read_by_model(&model, &picture(8, 8)).unwrap(), None);
+        let image = picture(8, 8);
+        assert_eq!(read_by_model(&model, &image, &image).unwrap(), None);
     }
 }
