@@ -143,11 +143,12 @@ impl ModelConfig {
         }
     }
 
-    /// The gray twin of a colour FFDNet (what [`crate::ffdnet::gray_from_colour`] builds);
-    /// `None` for any other model.
+    /// The gray twin of a colour FFDNet or DRUNet (what [`crate::gray::gray_from_colour`]
+    /// builds); `None` for any other model.
     pub fn gray_twin(&self) -> Option<ModelConfig> {
         match self {
             ModelConfig::Ffdnet(c) => c.gray_twin().map(ModelConfig::Ffdnet),
+            ModelConfig::Drunet(c) => c.gray_twin().map(ModelConfig::Drunet),
             _ => None,
         }
     }
@@ -176,19 +177,40 @@ impl ModelConfig {
         }
     }
 
-    /// Whether the model reads the noise level itself where it is not given one (an FFDNet with
-    /// an estimator): blind use passes no map, or [`crate::ffdnet::ESTIMATE_HERE`].
+    /// The model's level-estimation branch, if it has one (FFDNet and DRUNet can).
+    pub fn estimator(&self) -> Option<&crate::estimator::EstimatorConfig> {
+        match self {
+            ModelConfig::Ffdnet(c) => c.estimator.as_ref(),
+            ModelConfig::Drunet(c) => c.estimator.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the model reads the noise level itself where it is not given one (a model with
+    /// an estimator): blind use passes no map, or [`crate::estimator::ESTIMATE_HERE`].
     pub fn estimates_level(&self) -> bool {
-        matches!(self, ModelConfig::Ffdnet(c) if c.estimator.is_some())
+        self.estimator().is_some()
+    }
+
+    /// The same model without its level-estimation branch (itself when it has none).
+    pub fn without_estimator(&self) -> ModelConfig {
+        match self {
+            ModelConfig::Ffdnet(c) => ModelConfig::Ffdnet(FfdnetConfig {
+                estimator: None,
+                ..c.clone()
+            }),
+            ModelConfig::Drunet(c) => ModelConfig::Drunet(DrunetConfig {
+                estimator: None,
+                ..c.clone()
+            }),
+            other => other.clone(),
+        }
     }
 
     /// For a model with its own level estimator, the rows of context and the alignment its
-    /// reading needs when an image is read in strips ([`crate::ffdnet::EstimatorConfig`]).
+    /// reading needs when an image is read in strips ([`crate::estimator::EstimatorConfig`]).
     pub(crate) fn estimator_view(&self) -> Option<(usize, usize)> {
-        match self {
-            ModelConfig::Ffdnet(c) => c.estimator.as_ref().map(|e| e.view()),
-            _ => None,
-        }
+        self.estimator().map(|e| e.view())
     }
 
     /// Input height and width must be multiples of this (the model pads to it).

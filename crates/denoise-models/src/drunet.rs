@@ -3,10 +3,12 @@
 //! blocks, with a noise-level map beside the image at the input. 2x2 strided convolutions go
 //! down, 2x2 transposed convolutions come up, and each skip is added rather than concatenated,
 //! so a scale costs only its blocks. The paper's widths (64-512, four blocks per scale, 32M
-//! weights) are far beyond a CPU's training budget; widths and blocks are configurable.
+//! weights) are far beyond a CPU's training budget; widths and blocks are configurable. Like
+//! FFDNet, it can carry a level-estimation branch ([`crate::estimator`]) for blind use.
 
 use crate::Result;
 use crate::config::{Net, ensure};
+use crate::estimator::{Estimator, EstimatorConfig};
 use crate::layers::{ConvSpec, Flops, conv};
 use serde::{Deserialize, Serialize};
 use tch::{Tensor, nn, nn::Module};
@@ -26,6 +28,10 @@ pub struct DrunetConfig {
     pub residual: bool,
     /// Take a noise-level map as an extra input channel (the paper does).
     pub noise_map: bool,
+    /// A level-estimation branch reading the level where the given map is negative (it runs
+    /// on the half-resolution sub-images, as FFDNet's does); needs `noise_map`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimator: Option<EstimatorConfig>,
 }
 
 impl Default for DrunetConfig {
@@ -36,11 +42,21 @@ impl Default for DrunetConfig {
             blocks: 4,
             residual: true,
             noise_map: true,
+            estimator: None,
         }
     }
 }
 
 impl DrunetConfig {
+    /// The gray twin of a colour config (what [`crate::gray::gray_from_colour`] builds), `None`
+    /// for one that is not colour, has an estimator or takes no map.
+    pub fn gray_twin(&self) -> Option<Self> {
+        (self.channels == 3 && self.estimator.is_none() && self.noise_map).then(|| Self {
+            channels: 1,
+            ..self.clone()
+        })
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         ensure((1..=6).contains(&self.widths.len()), || {
             format!(
@@ -53,12 +69,25 @@ impl DrunetConfig {
         })?;
         ensure(self.blocks <= 16, || {
             format!("drunet blocks must be at most 16, got {}", self.blocks)
-        })
+        })?;
+        if let Some(e) = &self.estimator {
+            ensure(self.noise_map, || {
+                "a drunet estimator needs noise_map = true: it fills in the map".into()
+            })?;
+            e.validate()?;
+        }
+        Ok(())
     }
 
-    /// Input height and width must be multiples of this.
+    /// Input height and width must be multiples of this (2 at least with an estimator, which
+    /// reads half-resolution sub-images).
     pub(crate) fn multiple(&self) -> i64 {
-        1 << (self.widths.len().max(1) - 1)
+        let scales = 1 << (self.widths.len().max(1) - 1);
+        if self.estimator.is_some() {
+            scales.max(2)
+        } else {
+            scales
+        }
     }
 }
 
@@ -127,6 +156,7 @@ pub struct Drunet {
     tail: nn::Conv2D,
     channels: i64,
     residual: bool,
+    estimator: Option<Estimator>,
 }
 
 impl Drunet {
@@ -179,6 +209,10 @@ impl Drunet {
         tch::no_grad(|| {
             let _ = tail.ws.g_mul_scalar_(RESIDUAL_START);
         });
+        let estimator = cfg
+            .estimator
+            .as_ref()
+            .map(|e| Estimator::new(&(p / "estimator"), 4 * cfg.channels, e, flops));
         Self {
             head,
             down,
@@ -187,12 +221,29 @@ impl Drunet {
             tail,
             channels: cfg.channels,
             residual: cfg.residual,
+            estimator,
         }
     }
 }
 
 impl Net for Drunet {
     fn forward_t(&self, x: &Tensor, _train: bool) -> Tensor {
+        let filled;
+        let x = match &self.estimator {
+            Some(e) => {
+                let image = x.narrow(1, 0, self.channels);
+                let map = x.narrow(1, self.channels, 1);
+                let (h, w) = (x.size()[2], x.size()[3]);
+                // The reading is at half resolution; each value covers its 2x2 block.
+                let read =
+                    e.forward(&image.pixel_unshuffle(2))
+                        .upsample_nearest2d([h, w], None, None);
+                let map = map.where_self(&map.ge(0.0), &read.to_kind(map.kind()));
+                filled = Tensor::cat(&[&image, &map], 1);
+                &filled
+            }
+            None => x,
+        };
         let first = self.head.forward(x);
         let mut skips = Vec::with_capacity(self.down.len());
         let mut h = first.shallow_clone();
@@ -211,11 +262,17 @@ impl Net for Drunet {
             out
         }
     }
+
+    fn read_level(&self, x: &Tensor) -> Option<Tensor> {
+        let e = self.estimator.as_ref()?;
+        Some(e.forward(&x.pixel_unshuffle(2)))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::estimator::ESTIMATOR_START;
     use crate::model::sigma_map;
     use crate::{Model, ModelConfig};
     use tch::{Device, Kind};
@@ -295,11 +352,55 @@ mod tests {
     }
 
     #[test]
+    fn an_estimator_reads_the_level_only_where_none_is_given() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(4);
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"kind":"drunet","widths":[8,16],"blocks":1,"estimator":{"depth":3,"features":4}}"#,
+        )
+        .unwrap();
+        assert!(cfg.estimates_level());
+        assert_eq!(cfg.multiple(), 2);
+        let model = Model::new(&cfg, Device::Cpu).unwrap();
+        // Trained-looking weights, so that the level steers the output.
+        tch::no_grad(|| {
+            for (name, mut v) in model.var_store().variables() {
+                if !name.starts_with("estimator.") {
+                    v.copy_(&(v.randn_like() * 0.1));
+                }
+            }
+        });
+        let x = Tensor::rand([1, 3, 18, 22], (Kind::Float, Device::Cpu));
+        crate::estimator::assert_reads_only_where_none_given(&model, &x);
+        let read = model.read_level(&x).unwrap().expect("it has an estimator");
+        assert_eq!(read.size(), [1, 1, 9, 11]);
+        assert!((read - ESTIMATOR_START).abs().max().double_value(&[]) < 1e-6);
+        // The branch's weights sit apart from the body's, so training can freeze the body.
+        let names: Vec<String> = model.var_store().variables().into_keys().collect();
+        assert!(names.iter().any(|n| n == "estimator.0.weight"));
+        assert!(names.iter().all(|n| {
+            n.starts_with("estimator.")
+                || ["head.", "down.", "bottom.", "up.", "tail."]
+                    .iter()
+                    .any(|p| n.starts_with(p))
+        }));
+        assert_eq!(cfg.without_estimator().estimator(), None);
+    }
+
+    #[test]
     fn bad_configs_are_refused() {
         for (json, message) in [
             (r#"{"kind":"drunet","widths":[]}"#, "1 to 6 widths"),
             (r#"{"kind":"drunet","widths":[8,0]}"#, "must be positive"),
             (r#"{"kind":"drunet","blocks":17}"#, "at most 16"),
+            (
+                r#"{"kind":"drunet","noise_map":false,"estimator":{}}"#,
+                "needs noise_map",
+            ),
+            (
+                r#"{"kind":"drunet","estimator":{"smooth":4}}"#,
+                "smooth must be an odd",
+            ),
         ] {
             let cfg: ModelConfig = serde_json::from_str(json).unwrap();
             let err = cfg.validate().unwrap_err().to_string();

@@ -114,7 +114,7 @@ impl Model {
             (true, None) if self.config.estimates_level() => {
                 let map = Tensor::full(
                     [noisy.size()[0], 1, h, w],
-                    f64::from(crate::ffdnet::ESTIMATE_HERE),
+                    f64::from(crate::estimator::ESTIMATE_HERE),
                     (noisy.kind(), noisy.device()),
                 );
                 Tensor::cat(&[noisy, &map], 1)

@@ -39,7 +39,7 @@ pub fn prepare(cfg: &mut TrainConfig, path: &Path, asked: &FineTune) -> Result<O
             _ => {
                 return Err(TrainError::FineTune(format!(
                     "--channels {channels} with --init: '{}' is a {}-channel {}, and only a \
-                     colour ffdnet turns into a gray one (--channels 1)",
+                     colour ffdnet or drunet turns into a gray one (--channels 1)",
                     path.display(),
                     own,
                     meta.model.kind()
@@ -87,10 +87,10 @@ pub(crate) fn load(cfg: &mut TrainConfig, path: &Path) -> Result<Start> {
         }
         // A gray model started from a colour one of the same architecture.
         Some(want) if theirs.gray_twin().as_ref() == Some(want) => {
-            denoise_models::ffdnet::gray_from_colour(&art.model)?
+            denoise_models::gray::gray_from_colour(&art.model)?
         }
         // An estimator added to a model: the body starts from the artefact, the estimator fresh.
-        Some(want) if without_estimator(want) == *theirs && want.estimates_level() => art.model,
+        Some(want) if want.without_estimator() == *theirs && want.estimates_level() => art.model,
         Some(want) if want != theirs => {
             let show = |m: &ModelConfig| serde_json::to_string(m).unwrap_or_default();
             return Err(TrainError::Config(format!(
@@ -124,17 +124,6 @@ pub(crate) fn start_from(start: &Start, model: &Model) -> Result<()> {
     weights::restore(model, &named, "").map_err(|message| {
         TrainError::Config(format!("init '{}': {message}", start.path.display()))
     })
-}
-
-/// `model` with its level-estimation branch taken off.
-fn without_estimator(model: &ModelConfig) -> ModelConfig {
-    match model {
-        ModelConfig::Ffdnet(c) => ModelConfig::Ffdnet(denoise_models::ffdnet::FfdnetConfig {
-            estimator: None,
-            ..c.clone()
-        }),
-        other => other.clone(),
-    }
 }
 
 #[cfg(test)]
@@ -235,7 +224,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("is a 3-channel ffdnet, and only a colour ffdnet turns into a gray one"),
+            err.contains(
+                "is a 3-channel ffdnet, and only a colour ffdnet or drunet turns into a gray one"
+            ),
             "{err}"
         );
     }

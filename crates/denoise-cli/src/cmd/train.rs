@@ -31,7 +31,7 @@ pub struct Args {
     init: Option<String>,
     /// Image channels for --model (3 colour, the default; 1 gray). With --init, 1 turns a
     /// colour FFDNet into a gray one that starts out computing what the colour one does on a
-    /// gray picture (a gray model trained from the colour default: --init default --channels 1).
+    /// gray picture (a gray model trained from the colour Gaussian model: --init gaussian --channels 1).
     #[arg(long)]
     channels: Option<i64>,
     /// Training noise spec (e.g. gaussian:0-55, method2).
