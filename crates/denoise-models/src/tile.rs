@@ -85,14 +85,15 @@ pub fn denoise_tiled_cancellable(
     let overlap = cfg.overlap.min(tile / 2);
     let mut out = vec![0f32; c * h * w];
     let mut weight = vec![0f32; h * w];
-    let ys = starts(h, tile, overlap);
-    let xs = starts(w, tile, overlap);
+    let align = model.config().multiple() as usize;
+    let ys = starts(h, tile, overlap, align);
+    let xs = starts(w, tile, overlap, align);
     // One step per pass over a tile: a one-tile image with 8 passes still moves.
     let total = ys.len() * xs.len() * cfg.ensemble;
     let mut done = 0;
     for &y in &ys {
         for &x in &xs {
-            let (th, tw) = (tile.min(h - y), tile.min(w - x));
+            let (th, tw) = (extent(y, &ys, h, tile), extent(x, &xs, w, tile));
             let before = done;
             let planes = Planes {
                 image,
@@ -134,19 +135,33 @@ pub fn denoise_tiled_cancellable(
     Ok(out)
 }
 
-/// Tile origins along one axis: step `tile - overlap`, the last tile flush with the end.
-fn starts(len: usize, tile: usize, overlap: usize) -> Vec<usize> {
+/// Tile origins along one axis: multiples of `align` (the model's grid, so that every tile
+/// sees the image on the whole image's grid; a network that downsamples is not shift
+/// invariant), at most `tile - overlap` apart, the last as close to the end as alignment lets it
+/// be. Every tile but the last is `tile` long; the last runs to the end (up to `align - 1`
+/// longer).
+fn starts(len: usize, tile: usize, overlap: usize, align: usize) -> Vec<usize> {
     if len <= tile {
         return vec![0];
     }
-    let step = tile - overlap;
+    let align = align.max(1);
+    let step = ((tile - overlap) / align * align).max(align);
     let mut v: Vec<usize> = (0..)
         .map(|i| i * step)
         .take_while(|&s| s + tile < len)
         .collect();
-    v.push(len - tile);
+    v.push((len - tile) / align * align);
     v.dedup();
     v
+}
+
+/// The extent of the tile at `start` (one of `starts`) along an axis of `len`.
+fn extent(start: usize, starts: &[usize], len: usize, tile: usize) -> usize {
+    if starts.last() == Some(&start) {
+        len - start
+    } else {
+        tile
+    }
 }
 
 /// The image a tiled run reads: `c x h x w` samples and the `h x w` noise-level map, if any.
@@ -290,9 +305,15 @@ mod tests {
     #[test]
     fn starts_cover_the_axis() {
         let _rng = crate::test_rng_lock();
-        assert_eq!(starts(100, 128, 16), vec![0]);
-        assert_eq!(starts(300, 128, 32), vec![0, 96, 172]);
-        assert_eq!(starts(256, 128, 0), vec![0, 128]);
+        assert_eq!(starts(100, 128, 16, 1), vec![0]);
+        assert_eq!(starts(300, 128, 32, 1), vec![0, 96, 172]);
+        assert_eq!(starts(256, 128, 0, 1), vec![0, 128]);
+        // On a model's grid of 8: the last tile starts at 168 and runs 132 pixels to the end.
+        assert_eq!(starts(300, 128, 32, 8), vec![0, 96, 168]);
+        assert_eq!(extent(168, &[0, 96, 168], 300, 128), 132);
+        assert_eq!(extent(96, &[0, 96, 168], 300, 128), 128);
+        // A step that is not on the grid is shortened to it.
+        assert_eq!(starts(300, 128, 30, 8), vec![0, 96, 168]);
     }
 
     #[test]
@@ -422,6 +443,35 @@ mod tests {
         assert_eq!(calls, 12);
         // The receptive field (4 layers of 3x3: radius 4) fits in the 8-pixel half-overlap, so
         // tiles agree with the whole image up to float rounding.
+        let max = whole
+            .iter()
+            .zip(&tiled)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-4, "max difference {max}");
+    }
+
+    #[test]
+    fn tiles_keep_a_downsampling_models_grid() {
+        let _rng = crate::test_rng_lock();
+        // FFDNet works on the 2x2 sub-images: a tile starting on an odd row would see other
+        // sub-images than the whole image does. 75 rows in tiles of 48 would end flush at 27.
+        let model = tiny_ffdnet();
+        let (c, h, w) = (3usize, 75usize, 61usize);
+        let img = Tensor::rand([(c * h * w) as i64], (Kind::Float, Device::Cpu));
+        let img: Vec<f32> = Vec::try_from(&img).unwrap();
+        let sigma = vec![25.0f32 / 255.0; h * w];
+        let run = |tile| {
+            let cfg = TileConfig {
+                tile,
+                overlap: 32,
+                ensemble: 1,
+            };
+            denoise_tiled(&model, &img, Some(&sigma), (c, h, w), cfg, &mut |_, _| {}).unwrap()
+        };
+        let (whole, tiled) = (run(0), run(48));
+        // Three layers at half resolution reach 6 pixels, inside the 8 pixels next to a
+        // tile's inner edge that blending ignores.
         let max = whole
             .iter()
             .zip(&tiled)
