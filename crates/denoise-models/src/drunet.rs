@@ -49,10 +49,12 @@ impl Default for DrunetConfig {
 
 impl DrunetConfig {
     /// The gray twin of a colour config (what [`crate::gray::gray_from_colour`] builds), `None`
-    /// for one that is not colour, has an estimator or takes no map.
+    /// for one that is not colour or takes no map. A level-estimation branch is left behind,
+    /// as for FFDNet.
     pub fn gray_twin(&self) -> Option<Self> {
-        (self.channels == 3 && self.estimator.is_none() && self.noise_map).then(|| Self {
+        (self.channels == 3 && self.noise_map).then(|| Self {
             channels: 1,
+            estimator: None,
             ..self.clone()
         })
     }

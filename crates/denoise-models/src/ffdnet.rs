@@ -52,10 +52,12 @@ impl FfdnetConfig {
     }
 
     /// The gray twin of a colour config (what [`crate::gray::gray_from_colour`] builds), `None`
-    /// for one that is not colour or that has an estimator.
+    /// for one that is not colour. A level-estimation branch is left behind: it learnt colour
+    /// noise, so a gray model starts from the body alone.
     pub fn gray_twin(&self) -> Option<Self> {
-        (self.channels == 3 && self.estimator.is_none()).then(|| Self {
+        (self.channels == 3).then(|| Self {
             channels: 1,
+            estimator: None,
             ..self.clone()
         })
     }

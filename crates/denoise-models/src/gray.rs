@@ -34,17 +34,19 @@ fn ends(cfg: &ModelConfig) -> Option<Ends> {
     }
 }
 
-/// The gray twin of `colour` (an FFDNet or a DRUNet with a level map).
+/// The gray twin of `colour` (an FFDNet or a DRUNet with a level map), without the colour
+/// model's level-estimation branch if it has one.
 ///
 /// The first layer sums the weights of the three channels' inputs and scales the map's by
 /// sqrt(3); the last combines the channels' outputs (and biases) with the luma weights, which
-/// sum to 1, so a residual `input - out` passes through. Every other weight is copied.
+/// sum to 1, so a residual `input - out` passes through. Every other weight of the body is
+/// copied.
 pub fn gray_from_colour(colour: &Model) -> Result<Model> {
     let cfg = colour.config();
     let (Some(gray_cfg), Some(ends)) = (cfg.gray_twin(), ends(cfg)) else {
         return Err(ModelError::Config(format!(
-            "only a colour ffdnet or drunet (with a level map and no estimator) turns into a \
-             gray model, not a {}-channel {}",
+            "only a colour ffdnet or drunet (with a level map) turns into a gray model, not a \
+             {}-channel {}",
             cfg.channels(),
             cfg.kind()
         )));
@@ -139,12 +141,43 @@ mod tests {
         for json in [
             r#"{"kind":"dncnn","depth":3,"features":4}"#,
             r#"{"kind":"drunet","widths":[8],"blocks":1,"noise_map":false}"#,
-            r#"{"kind":"drunet","widths":[8],"blocks":1,"estimator":{"depth":2,"features":4}}"#,
         ] {
             let cfg: ModelConfig = serde_json::from_str(json).unwrap();
             let model = Model::new(&cfg, Device::Cpu).unwrap();
             let err = gray_from_colour(&model).unwrap_err().to_string();
             assert!(err.contains("turns into a gray model"), "{json}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_colour_model_with_an_estimator_gives_the_gray_twin_of_its_body() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(7);
+        for json in [
+            r#"{"kind":"ffdnet","depth":3,"features":4,"estimator":{"depth":2,"features":4}}"#,
+            r#"{"kind":"drunet","widths":[8],"blocks":1,"estimator":{"depth":2,"features":4}}"#,
+        ] {
+            let cfg: ModelConfig = serde_json::from_str(json).unwrap();
+            let colour = Model::new(&cfg, Device::Cpu).unwrap();
+            let gray = gray_from_colour(&colour).unwrap();
+            assert!(!gray.config().estimates_level(), "{json}");
+            assert_eq!(
+                Some(gray.config().clone()),
+                cfg.without_estimator().gray_twin()
+            );
+            // The body's gray twin, weight for weight.
+            let body = Model::new(&cfg.without_estimator(), Device::Cpu).unwrap();
+            let named = colour.var_store().variables();
+            tch::no_grad(|| {
+                for (name, mut v) in body.var_store().variables() {
+                    v.copy_(&named[&name]);
+                }
+            });
+            let twin = gray_from_colour(&body).unwrap();
+            let a = gray.var_store().variables();
+            for (name, v) in twin.var_store().variables() {
+                assert!(a[&name].equal(&v), "{json}: {name}");
+            }
         }
     }
 }

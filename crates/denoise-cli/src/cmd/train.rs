@@ -30,8 +30,9 @@ pub struct Args {
     #[arg(long, value_name = "MODEL", conflicts_with = "resume")]
     init: Option<String>,
     /// Image channels for --model (3 colour, the default; 1 gray). With --init, 1 turns a
-    /// colour FFDNet into a gray one that starts out computing what the colour one does on a
-    /// gray picture (a gray model trained from the colour Gaussian model: --init gaussian --channels 1).
+    /// colour FFDNet or DRUNet into a gray one that starts out computing what the colour one
+    /// does on a gray picture, leaving any level-estimation branch behind (a gray model
+    /// trained from the default's FFDNet: --init default --channels 1).
     #[arg(long)]
     channels: Option<i64>,
     /// Training noise spec (e.g. gaussian:0-55, method2).
