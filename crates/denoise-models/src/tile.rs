@@ -302,6 +302,14 @@ mod tests {
 
     use crate::tiny_ffdnet;
 
+    /// The largest absolute difference between two outputs.
+    fn max_gap(a: &[f32], b: &[f32]) -> f32 {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    }
+
     #[test]
     fn starts_cover_the_axis() {
         let _rng = crate::test_rng_lock();
@@ -443,11 +451,7 @@ mod tests {
         assert_eq!(calls, 12);
         // The receptive field (4 layers of 3x3: radius 4) fits in the 8-pixel half-overlap, so
         // tiles agree with the whole image up to float rounding.
-        let max = whole
-            .iter()
-            .zip(&tiled)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max = max_gap(&whole, &tiled);
         assert!(max < 1e-4, "max difference {max}");
     }
 
@@ -472,11 +476,7 @@ mod tests {
         let (whole, tiled) = (run(0), run(48));
         // Three layers at half resolution reach 6 pixels, inside the 8 pixels next to a
         // tile's inner edge that blending ignores.
-        let max = whole
-            .iter()
-            .zip(&tiled)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let max = max_gap(&whole, &tiled);
         assert!(max < 1e-4, "max difference {max}");
     }
 }
