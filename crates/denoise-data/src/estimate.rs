@@ -117,6 +117,67 @@ pub fn estimate_noise(img: &Image) -> NoiseEstimate {
     }
 }
 
+/// [`estimate_noise`]'s level-by-brightness or uniform estimate, only for noise that is white:
+/// independent across the colour channels ([`estimate_sigma`]'s check) and from pixel to pixel.
+/// `None` for a gray image, noise the channels share, an image too small for the patch
+/// estimate, or noise correlated between neighbouring pixels.
+///
+/// Averaging 2x2 blocks halves white noise but leaves noise that neighbouring pixels share,
+/// as demosaicing, in-camera processing and JPEG leave it, nearly as strong. So the noise is
+/// taken as white when the patch estimate of the 2x2-averaged image is at most
+/// [`SPATIALLY_WHITE_RATIO`] of the full image's. The patch estimate reads only the part of
+/// camera noise that is white, far below its strength: such noise is better read by a model
+/// trained on it.
+///
+/// # Shapes
+/// C x H x W in.
+pub fn white_noise_estimate(img: &Image) -> Option<NoiseEstimate> {
+    if img.channels() < 2 {
+        return None;
+    }
+    let patch = patch_covariance_sigma(img)?;
+    if patch < CONSISTENT_RATIO * immerkaer_sigma(img) {
+        return None;
+    }
+    let averaged = patch_sigma_with(&average_2x2(img), AVERAGED_PATCHES)?;
+    if averaged > SPATIALLY_WHITE_RATIO * patch {
+        return None;
+    }
+    Some(match noise_level_function(img) {
+        Some(nlf) => NoiseEstimate::Brightness(nlf.with_mean_level(patch)),
+        None => NoiseEstimate::Uniform(patch),
+    })
+}
+
+/// The largest ratio of the patch estimates of an image's 2x2 averages and of the image itself
+/// at which [`white_noise_estimate`] takes the noise as white: white noise gives 0.5, camera
+/// noise about 1 or more (docs/benchmarks.md has the ratios measured on photos).
+pub const SPATIALLY_WHITE_RATIO: f32 = 0.75;
+
+/// The patches [`white_noise_estimate`] reads of the 2x2 averages: a quarter of
+/// [`MAX_PATCHES`], which keeps the check cheap and is far more than the ratio's margins need.
+const AVERAGED_PATCHES: usize = MAX_PATCHES / 4;
+
+/// The image at half the resolution, each pixel the mean of a 2x2 block (an odd last row or
+/// column is dropped).
+fn average_2x2(img: &Image) -> Image {
+    let (channels, h, w) = img.shape();
+    let (h2, w2) = (h / 2, w / 2);
+    let mut data = Vec::with_capacity(channels * h2 * w2);
+    for c in 0..channels {
+        let plane = img.plane(c);
+        for y in 0..h2 {
+            let (top, bottom) = (&plane[2 * y * w..][..w], &plane[(2 * y + 1) * w..][..w]);
+            data.extend(
+                (0..w2).map(|x| {
+                    (top[2 * x] + top[2 * x + 1] + bottom[2 * x] + bottom[2 * x + 1]) / 4.0
+                }),
+            );
+        }
+    }
+    Image::new(channels, h2, w2, data).expect("the shape matches the data")
+}
+
 /// What [`estimate_noise`] multiplies Immerkær's level by where the channels share their noise.
 ///
 /// Noise shared by the channels reads, to a model trained on independent noise, as stronger
@@ -133,7 +194,12 @@ pub const SHARED_NOISE_GAIN: f32 = 1.4;
 /// # Shapes
 /// C x H x W in.
 pub fn patch_covariance_sigma(img: &Image) -> Option<f32> {
-    let origins = patch_grid(img, MAX_PATCHES)?;
+    patch_sigma_with(img, MAX_PATCHES)
+}
+
+/// [`patch_covariance_sigma`] from at most `max` patches.
+fn patch_sigma_with(img: &Image, max: usize) -> Option<f32> {
+    let origins = patch_grid(img, max)?;
     let dim = img.channels() * PATCH * PATCH;
     if origins.len() < MIN_PATCHES_PER_DIM * dim {
         return None;
@@ -146,40 +212,26 @@ pub fn patch_covariance_sigma(img: &Image) -> Option<f32> {
 /// [`PATCH`]-sided patches, all channels together) by the smallest eigenvalues of their
 /// covariance; `None` when it is not finite.
 fn patch_noise_variance(img: &Image, origins: &[(usize, usize)]) -> Option<f64> {
-    let (channels, _, w) = img.shape();
+    let channels = img.channels();
     let dim = channels * PATCH * PATCH;
-    // Sums of x and of x x^T (upper triangle) over the patches. Values are centred on their
-    // channel's mean and summed in f32 over blocks of 256 patches (twice the SIMD width of
-    // f64), then the blocks in f64: the noise variance is down to about 1e-5 of the second
-    // moments, and a block's f32 rounding stays near 1e-7 of them.
+    // Sums of x and of x x^T over the patches. Values are centred on their channel's mean and
+    // x x^T summed in f32 over blocks of `BLOCK` patches, then the blocks in f64.
     let means: Vec<f32> = (0..channels)
         .map(|c| {
             let plane = img.plane(c);
             (plane.iter().map(|&v| f64::from(v)).sum::<f64>() / plane.len() as f64) as f32
         })
         .collect();
-    let mut sum = vec![0.0f64; dim];
-    let mut gram = vec![0.0f64; dim * dim];
-    let mut block = vec![0.0f32; dim * dim];
-    let mut x = vec![0.0f32; dim];
-    for chunk in origins.chunks(256) {
-        for &(y0, x0) in chunk {
-            let mut k = 0;
-            for (c, &mean) in means.iter().enumerate() {
-                let plane = img.plane(c);
-                for dy in 0..PATCH {
-                    for &v in &plane[(y0 + dy) * w + x0..][..PATCH] {
-                        x[k] = v - mean;
-                        k += 1;
-                    }
-                }
-            }
-            for (s, &v) in sum.iter_mut().zip(&x) {
-                *s += f64::from(v);
-            }
-            add_outer_product(&mut block, &x);
-        }
-        flush(&mut block, &mut gram);
+    // Runs of chunks on all cores, their sums added in order (the same result on any number
+    // of cores).
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = origins
+        .par_chunks(PARALLEL_BLOCKS * BLOCK)
+        .map(|part| patch_moments(img, &means, part))
+        .collect();
+    let (mut sum, mut gram) = (vec![0.0f64; dim], vec![0.0f64; dim * dim]);
+    for (s, g) in parts {
+        sum.iter_mut().zip(&s).for_each(|(t, v)| *t += v);
+        gram.iter_mut().zip(&g).for_each(|(t, v)| *t += v);
     }
     let n = origins.len() as f64;
     let mut cov = vec![0.0f64; dim * dim];
@@ -196,43 +248,78 @@ fn patch_noise_variance(img: &Image, origins: &[(usize, usize)]) -> Option<f64> 
     variance.is_finite().then_some(variance)
 }
 
-/// Adds the upper triangle of x x^T to `block` (row-major, `x.len()` on a side): the patch
-/// estimate's inner loop, about 6,000 multiply-adds a patch for 6x6 colour patches. On a CPU
-/// with AVX2 and FMA (detected at run time; the build sets no `target-cpu`) the loop runs 8
-/// fused multiply-adds an instruction, where the baseline x86-64 code has 4-wide SSE2
-/// multiplies and adds: see the `estimate` bench's header for what that saves.
-fn add_outer_product(block: &mut [f32], x: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(unsafe_code)]
-        unsafe fn fused(block: &mut [f32], x: &[f32]) {
-            outer_product_loop::<true>(block, x);
+/// The sums of x and of x x^T (f64) over the patches at `origins`, each x centred on its
+/// channel's mean in `means`.
+fn patch_moments(img: &Image, means: &[f32], origins: &[(usize, usize)]) -> (Vec<f64>, Vec<f64>) {
+    let w = img.width();
+    let dim = means.len() * PATCH * PATCH;
+    let mut sum = vec![0.0f64; dim];
+    let mut gram = vec![0.0f64; dim * dim];
+    let mut block = vec![0.0f32; dim * dim];
+    // A chunk's patches as the columns of a `dim x BLOCK` matrix, so that the chunk's
+    // second moments are one matrix product.
+    let mut columns = vec![0.0f32; dim * BLOCK];
+    for chunk in origins.chunks(BLOCK) {
+        for (p, &(y0, x0)) in chunk.iter().enumerate() {
+            let mut k = 0;
+            for (c, &mean) in means.iter().enumerate() {
+                let plane = img.plane(c);
+                for dy in 0..PATCH {
+                    for &v in &plane[(y0 + dy) * w + x0..][..PATCH] {
+                        columns[k * BLOCK + p] = v - mean;
+                        sum[k] += f64::from(v - mean);
+                        k += 1;
+                    }
+                }
+            }
         }
-        // SAFETY: `fused` needs AVX2 and FMA, and this CPU has both (checked just above); its
-        // body is safe Rust.
-        #[allow(unsafe_code)]
-        unsafe {
-            fused(block, x)
-        };
-        return;
+        // Columns past the chunk's end hold the previous chunk's patches: clear them.
+        if chunk.len() < BLOCK {
+            for row in columns.chunks_mut(BLOCK) {
+                row[chunk.len()..].fill(0.0);
+            }
+        }
+        second_moments(&columns, dim, &mut block);
+        flush(&mut block, &mut gram);
     }
-    outer_product_loop::<false>(block, x);
+    (sum, gram)
 }
 
-/// [`add_outer_product`]'s loop; `FUSED` rounds each multiply-add once (`f32::mul_add`), which
-/// is only fast where the function is compiled for FMA.
-#[inline(always)]
-fn outer_product_loop<const FUSED: bool>(block: &mut [f32], x: &[f32]) {
-    let dim = x.len();
-    for (i, &xi) in x.iter().enumerate() {
-        for (g, &xj) in block[i * dim + i..(i + 1) * dim].iter_mut().zip(&x[i..]) {
-            *g = if FUSED {
-                xi.mul_add(xj, *g)
-            } else {
-                *g + xi * xj
-            };
-        }
+/// Blocks of patches one core sums at a time: 10 runs for the 20,000 patches of the whole
+/// image's estimate, which share 2 to 8 cores out evenly enough.
+const PARALLEL_BLOCKS: usize = 8;
+
+/// Patches summed in f32 before the sums move to f64: the noise variance is down to about 1e-5
+/// of the second moments, and a block's f32 rounding stays near 1e-7 of them.
+const BLOCK: usize = 256;
+
+/// `block = X X^T` for the `dim x BLOCK` row-major `columns` X: the patch estimate's inner
+/// loop, about 12,000 multiply-adds a patch for 6x6 colour patches (the whole square, though
+/// it is symmetric: a packed matrix product keeps its operands in cache, which a loop over the
+/// upper triangle does not, and is the faster of the two; the `estimate` bench times it).
+fn second_moments(columns: &[f32], dim: usize, block: &mut [f32]) {
+    assert!(columns.len() == dim * BLOCK && block.len() == dim * dim);
+    // SAFETY: `columns` holds `dim x BLOCK` values read with row stride BLOCK (as X) and
+    // column stride BLOCK (as X^T, BLOCK x dim), and `block` `dim x dim` written with row
+    // stride `dim`: every index the product touches is inside the slices, checked above.
+    #[allow(unsafe_code)]
+    unsafe {
+        matrixmultiply::sgemm(
+            dim,
+            BLOCK,
+            dim,
+            1.0,
+            columns.as_ptr(),
+            BLOCK as isize,
+            1,
+            columns.as_ptr(),
+            1,
+            BLOCK as isize,
+            0.0,
+            block.as_mut_ptr(),
+            dim as isize,
+            1,
+        );
     }
 }
 
@@ -813,6 +900,43 @@ mod tests {
     }
 
     #[test]
+    fn only_noise_white_in_space_and_colour_gets_a_white_noise_estimate() {
+        let clean = ramp(3, 128, 160);
+        let noisy = |spec: &str, seed| spec.parse::<NoiseSpec>().unwrap().apply(&clean, seed).image;
+        for sigma in [5.0f32, 25.0] {
+            let white = noisy(&format!("gaussian:{sigma}+round"), 3);
+            let Some(NoiseEstimate::Brightness(nlf)) = white_noise_estimate(&white) else {
+                panic!("white noise of sigma {sigma} should get a level by brightness");
+            };
+            let mean = nlf.map(&white).iter().sum::<f32>() / clean.pixels() as f32 * 255.0;
+            assert!((mean - sigma).abs() < 0.15 * sigma, "sigma {sigma}: {mean}");
+        }
+        // Simulated camera noise: demosaicing spreads it over neighbouring pixels.
+        for iso in [800, 6400] {
+            let camera = noisy(&format!("camera:iso={iso}"), 3);
+            assert_eq!(white_noise_estimate(&camera), None, "iso {iso}");
+        }
+        // White noise blurred over 2x2 pixels, channel by channel: white across channels only.
+        let white = noisy("gaussian:25", 3);
+        let (c, h, w) = white.shape();
+        let blurred = Image::from_fn(c, h - 1, w - 1, |c, y, x| {
+            let n = |y, x| white.get(c, y, x) - clean.get(c, y, x);
+            clean.get(c, y, x) + (n(y, x) + n(y + 1, x) + n(y, x + 1) + n(y + 1, x + 1)) / 2.0
+        });
+        assert!(matches!(
+            estimate_noise(&blurred),
+            NoiseEstimate::Brightness(_)
+        ));
+        assert_eq!(white_noise_estimate(&blurred), None);
+        // Gray, or noise the channels share.
+        let gray = NoiseSpec::Gaussian { lo: 15.0, hi: 15.0 }
+            .apply(&ramp(1, 96, 128), 6)
+            .image;
+        assert_eq!(white_noise_estimate(&gray), None);
+        assert_eq!(white_noise_estimate(&gray.to_channels(3).unwrap()), None);
+    }
+
+    #[test]
     fn the_noise_level_function_follows_shot_noise() {
         let (peak, read) = (40.0f32, 2.0f32);
         let noisy = NoiseSpec::PoissonGaussian { peak, sigma: read }
@@ -1004,31 +1128,31 @@ mod tests {
     }
 
     #[test]
-    fn the_fused_and_plain_outer_products_agree() {
-        // add_outer_product takes the fused (FMA) loop where the CPU has it; the plain loop is
-        // what other CPUs run. Rounding differs, so within a tolerance, over a block's worth.
+    fn the_second_moments_are_the_product_of_the_patches() {
+        // A short chunk (zeros past its end, as `patch_moments` leaves them), and a block
+        // holding other values, which the product replaces.
         let dim = 108;
-        let (mut fast, mut plain) = (vec![0.0f32; dim * dim], vec![0.0f32; dim * dim]);
-        for p in 0..256 {
-            let x: Vec<f32> = (0..dim)
-                .map(|i| (((p * 31 + i * 7) % 19) as f32 - 9.0) * 0.01)
-                .collect();
-            add_outer_product(&mut fast, &x);
-            outer_product_loop::<false>(&mut plain, &x);
-        }
-        for i in 0..dim {
-            for j in 0..dim {
-                let (f, q) = (fast[i * dim + j], plain[i * dim + j]);
-                if j < i {
-                    assert_eq!((f, q), (0.0, 0.0), "the lower triangle is left alone");
-                } else {
-                    // Entries are sums of 256 products of up to 0.09^2 with mixed signs, so
-                    // the rounding is absolute: about 1e-8 here.
-                    assert!((f - q).abs() <= 1e-6, "{i},{j}: {f} vs {q}");
-                }
+        let n = 100;
+        let mut columns = vec![0.0f32; dim * BLOCK];
+        for (k, row) in columns.chunks_mut(BLOCK).enumerate() {
+            for (p, v) in row[..n].iter_mut().enumerate() {
+                *v = (((p * 31 + k * 7) % 19) as f32 - 9.0) * 0.01;
             }
         }
-        assert!(plain[dim + 1] > 0.0, "a sum of squares");
+        let mut block = vec![1.0f32; dim * dim];
+        second_moments(&columns, dim, &mut block);
+        for i in 0..dim {
+            for j in 0..dim {
+                let exact: f64 = (0..n)
+                    .map(|p| f64::from(columns[i * BLOCK + p]) * f64::from(columns[j * BLOCK + p]))
+                    .sum();
+                // Sums of 100 products of up to 0.09^2 with mixed signs: f32 rounding is
+                // about 1e-8 here.
+                let got = f64::from(block[i * dim + j]);
+                assert!((got - exact).abs() <= 1e-6, "{i},{j}: {got} vs {exact}");
+            }
+        }
+        assert!(block[dim + 1] > 0.0, "a sum of squares");
     }
 
     #[test]

@@ -126,8 +126,18 @@ pub fn model_map(
             Some(vec![s / 255.0 * gain; h * w]),
             Some(LevelUsed::uniform(s)),
         ),
-        // The model reads the level itself where it is given no map.
-        (true, NoiseLevel::Estimate) if config.estimates_level() => (None, None),
+        // A model that reads the level itself is given a map only for noise white in space
+        // and colour, which the classical estimate measures closely (the model's reader was
+        // trained mostly on camera noise and reads low white noise as such).
+        (true, NoiseLevel::Estimate) if config.estimates_level() => {
+            match (!gray_rgb)
+                .then(|| estimate::white_noise_estimate(image))
+                .flatten()
+            {
+                Some(estimate) => given_estimate(image, estimate, gain),
+                None => (None, None),
+            }
+        }
         (true, NoiseLevel::Estimate) => {
             // A colour picture shown to a gray model gets 0.669 times the estimate; for noise
             // the channels share (`NoiseEstimate::Shared`, already 1.4 times the filter) that
@@ -137,25 +147,35 @@ pub fn model_map(
             } else {
                 estimate::estimate_noise(image)
             };
-            match estimate {
-                NoiseEstimate::Uniform(s) => (
-                    Some(vec![s / 255.0 * gain; h * w]),
-                    Some(LevelUsed::uniform(s)),
-                ),
-                NoiseEstimate::Shared(s) => (
-                    Some(vec![s / 255.0 * gain; h * w]),
-                    Some(LevelUsed {
-                        shared: true,
-                        ..LevelUsed::uniform(s)
-                    }),
-                ),
-                NoiseEstimate::Brightness(nlf) => {
-                    let mut map = nlf.map(image);
-                    let used = LevelUsed::of_map(&map);
-                    map.iter_mut().for_each(|s| *s *= gain);
-                    (Some(map), Some(used))
-                }
-            }
+            given_estimate(image, estimate, gain)
+        }
+    }
+}
+
+/// The map (times `gain`) and the level used for a classical `estimate` of `image`'s noise.
+fn given_estimate(
+    image: &Image,
+    estimate: NoiseEstimate,
+    gain: f32,
+) -> (Option<Vec<f32>>, Option<LevelUsed>) {
+    let (_, h, w) = image.shape();
+    match estimate {
+        NoiseEstimate::Uniform(s) => (
+            Some(vec![s / 255.0 * gain; h * w]),
+            Some(LevelUsed::uniform(s)),
+        ),
+        NoiseEstimate::Shared(s) => (
+            Some(vec![s / 255.0 * gain; h * w]),
+            Some(LevelUsed {
+                shared: true,
+                ..LevelUsed::uniform(s)
+            }),
+        ),
+        NoiseEstimate::Brightness(nlf) => {
+            let mut map = nlf.map(image);
+            let used = LevelUsed::of_map(&map);
+            map.iter_mut().for_each(|s| *s *= gain);
+            (Some(map), Some(used))
         }
     }
 }
@@ -380,6 +400,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(given, Some(LevelUsed::uniform(12.0)));
+    }
+
+    #[test]
+    fn a_reader_is_given_the_classical_level_only_for_white_noise() {
+        let _rng = crate::test_rng_lock();
+        let model = reader();
+        let config = model.config();
+        let clean = Image::from_fn(3, 96, 128, |c, y, x| {
+            0.2 + 0.5 * x as f32 / 128.0 + 0.1 * ((y / 8 + c) % 3) as f32
+        });
+        let noisy = |spec: &str| {
+            let spec: denoise_data::noise::NoiseSpec = spec.parse().unwrap();
+            spec.apply(&clean, 7).image
+        };
+        let white = noisy("gaussian:25+round");
+        let (map, used) = model_map(config, &white, NoiseLevel::Estimate);
+        let used = used.expect("white noise: the classical level is used");
+        assert!(map.is_some() && !used.by_model, "{used:?}");
+        assert!((used.sigma - 25.0).abs() < 2.5, "{used:?}");
+        // Camera noise, and a gray picture stored as RGB: the model reads the level itself.
+        for image in [noisy("camera:iso=3200"), white.to_gray().to_rgb()] {
+            assert_eq!(
+                model_map(config, &image, NoiseLevel::Estimate),
+                (None, None)
+            );
+        }
     }
 
     #[test]
