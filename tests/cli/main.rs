@@ -543,6 +543,7 @@ fn blind_eval_reports_each_images_estimated_sigma() {
     let blind = eval(&["--blind"]);
     let estimate = blind["sigma_estimate"].as_f64().unwrap();
     assert!((estimate - 25.0).abs() < 1.5, "{blind}");
+    assert_eq!(blind["read_by_model"], false, "{blind}");
     // Given the true level, there is no estimate to report.
     assert!(eval(&[]).get("sigma_estimate").is_none());
 }
@@ -774,6 +775,61 @@ fn blind_infer_says_how_it_read_the_noise() {
     let said = infer("shared.png", &shared);
     assert!(said.contains("share their noise"), "{said}");
     assert!(!said.contains("with brightness"), "{said}");
+}
+
+#[test]
+fn the_default_points_white_noise_to_the_gaussian_model() {
+    let dir = tempfile::tempdir().unwrap();
+    // Shipped models: a default that reads the level itself, and a `gaussian`.
+    let shipped = dir.path().join("models");
+    std::fs::create_dir(&shipped).unwrap();
+    tch::manual_seed(0);
+    let reader = r#"{"kind":"ffdnet","depth":3,"features":8,"estimator":{"depth":2,"features":4,"smooth":3}}"#;
+    let model = Model::new(&serde_json::from_str(reader).unwrap(), tch::Device::Cpu).unwrap();
+    let meta = artefact::Metadata::new(model.config());
+    artefact::save(&model, &meta, &shipped.join("default.safetensors")).unwrap();
+    std::fs::copy(
+        tiny_ffdnet(dir.path()),
+        shipped.join("gaussian.safetensors"),
+    )
+    .unwrap();
+    let (h, w) = (96, 128);
+    let clean = picture(h, w);
+    let white = denoise_data::noise::NoiseSpec::Gaussian { lo: 20.0, hi: 20.0 }
+        .apply(&clean, 1)
+        .image;
+    let camera: denoise_data::noise::NoiseSpec = "camera:iso=3200".parse().unwrap();
+    let camera = camera.apply(&clean, 1).image;
+    let infer = |name: &str, image: &Image, extra: &[&str]| {
+        let input = dir.path().join(name);
+        io::save(&input, image, None, BitDepth::Sixteen).unwrap();
+        let out = cli()
+            .env("DENOISE_MODELS", &shipped)
+            .args(["infer", input.to_str().unwrap(), "-o"])
+            .arg(dir.path().join(format!("out-{name}")))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        stderr(&out)
+    };
+    let hint = "`--model gaussian`";
+    let said = infer("white.png", &white, &[]);
+    assert!(
+        said.contains("its noise is white") && said.contains(hint),
+        "{said}"
+    );
+    assert!(said.contains("with brightness"), "{said}");
+    let said = infer("camera.png", &camera, &[]);
+    assert!(
+        said.contains("read by the model") && !said.contains(hint),
+        "{said}"
+    );
+    // A model chosen by name, or a level given by hand: nothing to point to.
+    let said = infer("white.png", &white, &["--model", "default"]);
+    assert!(!said.contains(hint), "{said}");
+    let said = infer("white.png", &white, &["--sigma", "20"]);
+    assert!(!said.contains(hint), "{said}");
 }
 
 #[test]

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use denoise_data::noise::NoiseSpec;
 use denoise_data::{dataset, io};
 use denoise_metrics::Shape;
-use denoise_models::{ModelSource, NoiseLevel};
+use denoise_models::{LevelUsed, ModelSource, NoiseLevel};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -338,11 +338,7 @@ fn evaluate(
                 let mut r = serde_json::json!({"name": rel, "psnr": p, "ssim": s, "noisy_psnr": n});
                 // The level the model was given where it estimated one (--blind).
                 if let Some(used) = used.filter(|_| map.is_none()) {
-                    r["sigma_estimate"] = used.sigma.into();
-                    // A level that follows brightness: its least and greatest values.
-                    if let Some((lo, hi)) = used.range {
-                        r["sigma_range"] = serde_json::json!([lo, hi]);
-                    }
+                    level_fields(&mut r, &used);
                 }
                 per_image.push(r);
             }
@@ -369,6 +365,16 @@ fn evaluate(
     Ok(results)
 }
 
+/// An image's estimated level in its `--per-image` entry: the level, its least and greatest
+/// values where it varies over the image, and whether the model read it itself.
+fn level_fields(r: &mut serde_json::Value, used: &LevelUsed) {
+    r["sigma_estimate"] = used.sigma.into();
+    if let Some((lo, hi)) = used.range {
+        r["sigma_range"] = serde_json::json!([lo, hi]);
+    }
+    r["read_by_model"] = used.by_model.into();
+}
+
 /// One noise level's line (and its images' with `--per-image`), for a person to read.
 fn print_row(name: &str, row: &serde_json::Value) {
     let num = |key: &str| row[key].as_f64().unwrap_or(f64::NAN);
@@ -381,9 +387,14 @@ fn print_row(name: &str, row: &serde_json::Value) {
         row["images"].as_u64().unwrap_or(0)
     );
     for r in row["per_image"].as_array().into_iter().flatten() {
+        let how = if r["read_by_model"].as_bool() == Some(true) {
+            "across the image, read by the model"
+        } else {
+            "with brightness"
+        };
         let range = match r["sigma_range"].as_array().map(|v| v.as_slice()) {
             Some([lo, hi]) => format!(
-                " ({:.1} to {:.1} with brightness)",
+                " ({:.1} to {:.1} {how})",
                 lo.as_f64().unwrap_or(f64::NAN),
                 hi.as_f64().unwrap_or(f64::NAN)
             ),
@@ -524,10 +535,7 @@ fn run_pairs(args: &Args, dir: &Path) -> Result<()> {
             let mut r =
                 serde_json::json!({"name": pair.name, "psnr": p, "ssim": s, "noisy_psnr": n});
             if let Some(used) = used.filter(|_| args.sigma.is_none()) {
-                r["sigma_estimate"] = used.sigma.into();
-                if let Some((lo, hi)) = used.range {
-                    r["sigma_range"] = serde_json::json!([lo, hi]);
-                }
+                level_fields(&mut r, &used);
             }
             per_image.push(r);
         }

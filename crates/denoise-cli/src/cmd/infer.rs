@@ -15,6 +15,19 @@ use std::time::Instant;
 
 /// The shipped gray model's name.
 const GRAY_MODEL: &str = "gray";
+/// The shipped model for white Gaussian noise.
+const GAUSSIAN_MODEL: &str = "gaussian";
+
+/// Which shipped models `infer` may point a picture to: the default model is in use and the
+/// other one is shipped.
+#[derive(Clone, Copy)]
+struct Hints {
+    /// The gray model, for a gray picture.
+    gray: bool,
+    /// The Gaussian model, for white noise that the default's reader leaves to the classical
+    /// estimate.
+    white: bool,
+}
 
 #[derive(clap::Args)]
 #[command(group = clap::ArgGroup::new("destination").required(true).args(["output", "out_dir"]))]
@@ -141,10 +154,19 @@ pub fn run(args: &Args) -> Result<()> {
             runner.model().config().kind().name()
         );
     }
-    // The default is a colour model; gray pictures are told of the shipped gray one.
-    let gray_hint = args.model.is_none()
-        && runner.model().config().channels() == 3
-        && crate::lookup::shipped_models().is_ok_and(|names| names.iter().any(|n| n == GRAY_MODEL));
+    // The default is a colour model; gray pictures are told of the shipped gray one, and
+    // white noise (which the default does not read itself) of the Gaussian one.
+    let shipped = |name: &str| {
+        crate::lookup::shipped_models().is_ok_and(|names| names.iter().any(|n| n == name))
+    };
+    let hints = Hints {
+        gray: args.model.is_none()
+            && runner.model().config().channels() == 3
+            && shipped(GRAY_MODEL),
+        white: args.model.is_none()
+            && runner.model().config().estimates_level()
+            && shipped(GAUSSIAN_MODEL),
+    };
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("[{bar:30}] {pos}/{len} files {msg}")
@@ -181,7 +203,7 @@ pub fn run(args: &Args) -> Result<()> {
             skipped.push(job.output.display().to_string());
         } else {
             let start = Instant::now();
-            match denoise_one(&runner, &job.input, &job.output, sigma, &bar, gray_hint) {
+            match denoise_one(&runner, &job.input, &job.output, sigma, &bar, hints) {
                 Ok((notes, used)) => {
                     for note in notes {
                         say(&bar, note);
@@ -374,7 +396,7 @@ fn denoise_one(
     output: &Path,
     sigma: Sigma,
     bar: &indicatif::ProgressBar,
-    gray_hint: bool,
+    hints: Hints,
 ) -> Result<(Vec<String>, Option<LevelUsed>)> {
     let (loaded, metadata) = io::load_with_metadata(input, io::DEFAULT_MAX_PIXELS)?;
     let depth = io::ImageFormat::from_path(output)
@@ -415,7 +437,7 @@ fn denoise_one(
     let mut notes = dropped_notes(output, &dropped);
     let gray_model = runner.model().config().channels() == 1;
     // Scanned only when a note could follow.
-    let gray_picture = (gray_model || gray_hint)
+    let gray_picture = (gray_model || hints.gray)
         && loaded
             .image
             .is_gray_within(denoise_models::level::GRAY_SPREAD);
@@ -425,7 +447,7 @@ fn denoise_one(
             output.display()
         ));
     }
-    if gray_hint && gray_picture {
+    if hints.gray && gray_picture {
         notes.push(format!(
             "{}: a gray picture: `--model {GRAY_MODEL}` (trained on gray images) denoises it better",
             input.display()
@@ -440,6 +462,14 @@ fn denoise_one(
     }
     if let (Sigma::Blind, Some(s)) = (sigma, used) {
         notes.push(format!("{}: estimated sigma {s}", input.display()));
+        if hints.white && !s.by_model {
+            notes.push(format!(
+                "{}: its noise is white, independent from pixel to pixel and across colours (as \
+                 synthetic noise is): `--model {GAUSSIAN_MODEL}`, a larger network trained on \
+                 white noise, denoises it better and takes longer",
+                input.display()
+            ));
+        }
         if s.shared {
             notes.push(format!(
                 "{}: its colour channels share their noise (a JPEG with subsampled colour, say), \
