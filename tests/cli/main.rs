@@ -802,7 +802,12 @@ fn the_default_points_white_noise_to_the_gaussian_model() {
     let camera = camera.apply(&clean, 1).image;
     let infer = |name: &str, image: &Image, extra: &[&str]| {
         let input = dir.path().join(name);
-        io::save(&input, image, None, BitDepth::Sixteen).unwrap();
+        let depth = if name.contains("8-bit") {
+            BitDepth::Eight
+        } else {
+            BitDepth::Sixteen
+        };
+        io::save(&input, image, None, depth).unwrap();
         let out = cli()
             .env("DENOISE_MODELS", &shipped)
             .args(["infer", input.to_str().unwrap(), "-o"])
@@ -830,6 +835,40 @@ fn the_default_points_white_noise_to_the_gaussian_model() {
     assert!(!said.contains(hint), "{said}");
     let said = infer("white.png", &white, &["--sigma", "20"]);
     assert!(!said.contains(hint), "{said}");
+    // A clean 8-bit file: its rounding is white, but not noise to point anywhere.
+    let said = infer("clean-8-bit.png", &clean, &[]);
+    assert!(!said.contains(hint), "{said}");
+    // eval says which images the model read itself.
+    let data = dir.path().join("clean");
+    std::fs::create_dir(&data).unwrap();
+    io::save(data.join("1.png"), &clean, None, BitDepth::Sixteen).unwrap();
+    let default = shipped.join("default.safetensors");
+    let out = eval_json(
+        &default,
+        &data,
+        "camera:iso=3200,gaussian:20",
+        &["--blind", "--per-image"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let read = |k: usize| v["results"][k]["per_image"][0]["read_by_model"].clone();
+    assert_eq!((read(0), read(1)), (true.into(), false.into()), "{v}");
+    let out = run(&[
+        "eval",
+        "--model",
+        default.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--noise",
+        "camera:iso=3200",
+        "--blind",
+        "--per-image",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("across the image, read by the model"),
+        "{text}"
+    );
 }
 
 #[test]

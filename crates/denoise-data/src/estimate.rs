@@ -118,16 +118,13 @@ pub fn estimate_noise(img: &Image) -> NoiseEstimate {
 }
 
 /// [`estimate_noise`]'s level-by-brightness or uniform estimate, only for noise that is white:
-/// independent across the colour channels ([`estimate_sigma`]'s check) and from pixel to pixel.
-/// `None` for a gray image, noise the channels share, an image too small for the patch
-/// estimate, or noise correlated between neighbouring pixels.
+/// independent across the colour channels ([`estimate_sigma`]'s check) and from pixel to pixel
+/// ([`whiteness`] at most [`SPATIALLY_WHITE_RATIO`]). `None` for a gray image, noise the
+/// channels share, noise correlated between neighbouring pixels, or a colour image under about
+/// 52x52 (its 2x2 averages have too few patches).
 ///
-/// Averaging 2x2 blocks halves white noise but leaves noise that neighbouring pixels share,
-/// as demosaicing, in-camera processing and JPEG leave it, nearly as strong. So the noise is
-/// taken as white when the patch estimate of the 2x2-averaged image is at most
-/// [`SPATIALLY_WHITE_RATIO`] of the full image's. The patch estimate reads only the part of
-/// camera noise that is white, far below its strength: such noise is better read by a model
-/// trained on it.
+/// The patch estimate reads only the part of camera noise that is white, far below its
+/// strength: such noise is better read by a model trained on it.
 ///
 /// # Shapes
 /// C x H x W in.
@@ -139,8 +136,7 @@ pub fn white_noise_estimate(img: &Image) -> Option<NoiseEstimate> {
     if patch < CONSISTENT_RATIO * immerkaer_sigma(img) {
         return None;
     }
-    let averaged = patch_sigma_with(&average_2x2(img), AVERAGED_PATCHES)?;
-    if averaged > SPATIALLY_WHITE_RATIO * patch {
+    if whiteness_given(img, patch)? > SPATIALLY_WHITE_RATIO {
         return None;
     }
     Some(match noise_level_function(img) {
@@ -149,9 +145,26 @@ pub fn white_noise_estimate(img: &Image) -> Option<NoiseEstimate> {
     })
 }
 
-/// The largest ratio of the patch estimates of an image's 2x2 averages and of the image itself
-/// at which [`white_noise_estimate`] takes the noise as white: white noise gives 0.5, camera
-/// noise about 1 or more (docs/benchmarks.md has the ratios measured on photos).
+/// How much of an image's noise survives averaging 2x2 blocks: the patch estimate of the
+/// averages over that of the image (0.5 for white noise, up to 1 for noise that neighbouring
+/// pixels share, as demosaicing, in-camera processing and JPEG leave it). `None` where either
+/// estimate cannot be made, or the image's is 0.
+///
+/// # Shapes
+/// C x H x W in.
+pub fn whiteness(img: &Image) -> Option<f32> {
+    whiteness_given(img, patch_covariance_sigma(img)?)
+}
+
+/// [`whiteness`] given the image's own patch estimate.
+fn whiteness_given(img: &Image, patch: f32) -> Option<f32> {
+    let averaged = patch_sigma_with(&average_2x2(img), AVERAGED_PATCHES)?;
+    (patch > 0.0).then(|| averaged / patch)
+}
+
+/// The largest [`whiteness`] at which [`white_noise_estimate`] takes the noise as white: white
+/// noise gives 0.5, camera noise about 1 or more (docs/benchmarks.md has the ratios measured on
+/// photos).
 pub const SPATIALLY_WHITE_RATIO: f32 = 0.75;
 
 /// The patches [`white_noise_estimate`] reads of the 2x2 averages: a quarter of
@@ -212,27 +225,8 @@ fn patch_sigma_with(img: &Image, max: usize) -> Option<f32> {
 /// [`PATCH`]-sided patches, all channels together) by the smallest eigenvalues of their
 /// covariance; `None` when it is not finite.
 fn patch_noise_variance(img: &Image, origins: &[(usize, usize)]) -> Option<f64> {
-    let channels = img.channels();
-    let dim = channels * PATCH * PATCH;
-    // Sums of x and of x x^T over the patches. Values are centred on their channel's mean and
-    // x x^T summed in f32 over blocks of `BLOCK` patches, then the blocks in f64.
-    let means: Vec<f32> = (0..channels)
-        .map(|c| {
-            let plane = img.plane(c);
-            (plane.iter().map(|&v| f64::from(v)).sum::<f64>() / plane.len() as f64) as f32
-        })
-        .collect();
-    // Runs of chunks on all cores, their sums added in order (the same result on any number
-    // of cores).
-    let parts: Vec<(Vec<f64>, Vec<f64>)> = origins
-        .par_chunks(PARALLEL_BLOCKS * BLOCK)
-        .map(|part| patch_moments(img, &means, part))
-        .collect();
-    let (mut sum, mut gram) = (vec![0.0f64; dim], vec![0.0f64; dim * dim]);
-    for (s, g) in parts {
-        sum.iter_mut().zip(&s).for_each(|(t, v)| *t += v);
-        gram.iter_mut().zip(&g).for_each(|(t, v)| *t += v);
-    }
+    let dim = img.channels() * PATCH * PATCH;
+    let (sum, gram) = moments(img, origins);
     let n = origins.len() as f64;
     let mut cov = vec![0.0f64; dim * dim];
     for i in 0..dim {
@@ -246,6 +240,31 @@ fn patch_noise_variance(img: &Image, origins: &[(usize, usize)]) -> Option<f64> 
     eigenvalues.sort_by(f64::total_cmp);
     let variance = noise_variance(&eigenvalues);
     variance.is_finite().then_some(variance)
+}
+
+/// The sums of x and of x x^T (f64, `dim` and `dim x dim`) over the patches at `origins`, each
+/// x centred on its channel's mean. x x^T is summed in f32 over blocks of [`BLOCK`] patches,
+/// then the blocks in f64; runs of blocks go to all cores and their sums are added in order
+/// (the same result on any number of cores).
+fn moments(img: &Image, origins: &[(usize, usize)]) -> (Vec<f64>, Vec<f64>) {
+    let channels = img.channels();
+    let dim = channels * PATCH * PATCH;
+    let means: Vec<f32> = (0..channels)
+        .map(|c| {
+            let plane = img.plane(c);
+            (plane.iter().map(|&v| f64::from(v)).sum::<f64>() / plane.len() as f64) as f32
+        })
+        .collect();
+    let parts: Vec<(Vec<f64>, Vec<f64>)> = origins
+        .par_chunks(PARALLEL_BLOCKS * BLOCK)
+        .map(|part| patch_moments(img, &means, part))
+        .collect();
+    let (mut sum, mut gram) = (vec![0.0f64; dim], vec![0.0f64; dim * dim]);
+    for (s, g) in parts {
+        sum.iter_mut().zip(&s).for_each(|(t, v)| *t += v);
+        gram.iter_mut().zip(&g).for_each(|(t, v)| *t += v);
+    }
+    (sum, gram)
 }
 
 /// The sums of x and of x x^T (f64) over the patches at `origins`, each x centred on its
@@ -296,7 +315,7 @@ const BLOCK: usize = 256;
 /// `block = X X^T` for the `dim x BLOCK` row-major `columns` X: the patch estimate's inner
 /// loop, about 12,000 multiply-adds a patch for 6x6 colour patches (the whole square, though
 /// it is symmetric: a packed matrix product keeps its operands in cache, which a loop over the
-/// upper triangle does not, and is the faster of the two; the `estimate` bench times it).
+/// upper triangle does not; docs/benchmarks.md has the `estimate` bench's timings).
 fn second_moments(columns: &[f32], dim: usize, block: &mut [f32]) {
     assert!(columns.len() == dim * BLOCK && block.len() == dim * dim);
     // SAFETY: `columns` holds `dim x BLOCK` values read with row stride BLOCK (as X) and
@@ -1125,6 +1144,61 @@ mod tests {
             .map(|(i, x)| x + (i % 3) as f64)
             .collect();
         reflect(&reflect(&a, v), &w)
+    }
+
+    #[test]
+    fn the_patch_moments_match_a_plain_f64_sum() {
+        // More patches than one run of blocks, and not a whole number of blocks: a short last
+        // block in the last of several runs.
+        let img = NoiseSpec::Gaussian { lo: 20.0, hi: 20.0 }
+            .apply(&ramp(3, 64, 64), 2)
+            .image;
+        let origins: Vec<(usize, usize)> = (0..59)
+            .flat_map(|y| (0..59).map(move |x| (y, x)))
+            .take(PARALLEL_BLOCKS * BLOCK + 300)
+            .collect();
+        let (sum, gram) = moments(&img, &origins);
+        let dim = 3 * PATCH * PATCH;
+        let means: Vec<f64> = (0..3)
+            .map(|c| img.plane(c).iter().map(|&v| f64::from(v)).sum::<f64>() / 4096.0)
+            .collect();
+        let patch = |(y0, x0): (usize, usize)| -> Vec<f64> {
+            (0..3)
+                .flat_map(|c| (0..PATCH * PATCH).map(move |k| (c, k / PATCH, k % PATCH)))
+                .map(|(c, dy, dx)| f64::from(img.get(c, y0 + dy, x0 + dx)) - means[c])
+                .collect()
+        };
+        let (mut exact_sum, mut exact_gram) = (vec![0.0; dim], vec![0.0; dim * dim]);
+        for &o in &origins {
+            let x = patch(o);
+            for i in 0..dim {
+                exact_sum[i] += x[i];
+                for j in 0..dim {
+                    exact_gram[i * dim + j] += x[i] * x[j];
+                }
+            }
+        }
+        for i in 0..dim {
+            assert!(
+                (sum[i] - exact_sum[i]).abs() < 1e-3,
+                "sum {i}: {} vs {}",
+                sum[i],
+                exact_sum[i]
+            );
+        }
+        // Second moments near 0.01-0.1 per patch over 2,348 patches; f32 blocks keep about
+        // 1e-6 of that.
+        for (k, (g, e)) in gram.iter().zip(&exact_gram).enumerate() {
+            assert!((g - e).abs() < 1e-4 * (1.0 + e.abs()), "{k}: {g} vs {e}");
+        }
+    }
+
+    #[test]
+    fn a_noiseless_picture_has_no_whiteness() {
+        // Both estimates read nothing: no ratio, and no white-noise estimate.
+        let flat = Image::from_fn(3, 64, 80, |c, _, _| 0.2 + 0.1 * c as f32);
+        assert_eq!(whiteness(&flat), None);
+        assert_eq!(white_noise_estimate(&flat), None);
     }
 
     #[test]

@@ -63,7 +63,8 @@ impl ValidationSet {
         for (clean, noisy, sigma) in &self.items {
             let (c, h, w) = clean.shape();
             let x = Tensor::from_slice(noisy.data()).view([1, c as i64, h as i64, w as i64]);
-            // A model that reads the level itself is validated blind, as it is used.
+            // A model that reads the level itself is validated reading it: its branch is what
+            // training changes (blind use gives white noise the classical estimate instead).
             let map = sigma
                 .as_ref()
                 .filter(|_| !model.config().estimates_level())

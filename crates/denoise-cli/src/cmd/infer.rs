@@ -156,9 +156,8 @@ pub fn run(args: &Args) -> Result<()> {
     }
     // The default is a colour model; gray pictures are told of the shipped gray one, and
     // white noise (which the default does not read itself) of the Gaussian one.
-    let shipped = |name: &str| {
-        crate::lookup::shipped_models().is_ok_and(|names| names.iter().any(|n| n == name))
-    };
+    let names = crate::lookup::shipped_models().unwrap_or_default();
+    let shipped = |name: &str| names.iter().any(|n| n == name);
     let hints = Hints {
         gray: args.model.is_none()
             && runner.model().config().channels() == 3
@@ -462,7 +461,8 @@ fn denoise_one(
     }
     if let (Sigma::Blind, Some(s)) = (sigma, used) {
         notes.push(format!("{}: estimated sigma {s}", input.display()));
-        if hints.white && !s.by_model {
+        // Under one 8-bit step the "noise" is a clean file's rounding.
+        if hints.white && !s.by_model && s.sigma >= 1.0 {
             notes.push(format!(
                 "{}: its noise is white, independent from pixel to pixel and across colours (as \
                  synthetic noise is): `--model {GAUSSIAN_MODEL}`, a larger network trained on \
