@@ -1,6 +1,7 @@
 //! Every route, and every bad input getting a 4xx JSON error while the server keeps serving.
 
 use crate::{Server, client, decode, expect_error, noisy_case, png, psnr};
+use denoise_data::noise::NoiseSpec;
 use reqwest::multipart::{Form, Part};
 
 /// The `X-Denoise-Sigma` level and the `LO-HI` of `X-Denoise-Sigma-Range`.
@@ -147,7 +148,23 @@ async fn every_route_answers() {
     let noisy_img = decode(&noisy);
     assert!(psnr(&clean, &result) > psnr(&clean, &noisy_img) + 3.0);
 
-    // The default model reads the level itself; the server reports that reading.
+    // The default model reads camera noise's level itself; the server reports that reading.
+    let camera: NoiseSpec = "camera:iso=3200".parse().unwrap();
+    let camera = camera.apply(&clean, 3).image;
+    let r = http
+        .post(server.url("/api/denoise?sigma=blind"))
+        .body(png(&camera))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(header(&r, "x-denoise-sigma-source").unwrap(), "model");
+    let (read, (lo, hi)) = sigma_and_range(&r);
+    assert!((3.0..60.0).contains(&read), "read {read} for camera noise");
+    assert!(lo <= read && read <= hi, "{lo}-{hi} around {read}");
+    let result = decode(&r.bytes().await.unwrap());
+    assert!(psnr(&clean, &result) > psnr(&clean, &camera) + 2.0);
+    // White noise it leaves to the classical estimate, which follows brightness.
     let r = http
         .post(server.url("/api/denoise?sigma=blind"))
         .body(noisy.clone())
@@ -155,13 +172,10 @@ async fn every_route_answers() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    assert_eq!(header(&r, "x-denoise-sigma-source").unwrap(), "model");
-    let (read, (lo, hi)) = sigma_and_range(&r);
-    assert!(
-        (10.0..40.0).contains(&read),
-        "read {read} for sigma 25 noise"
-    );
-    assert!(lo <= read && read <= hi, "{lo}-{hi} around {read}");
+    assert!(header(&r, "x-denoise-sigma-source").is_none());
+    let (estimated, (lo, hi)) = sigma_and_range(&r);
+    assert!((15.0..35.0).contains(&estimated), "{estimated}");
+    assert!(lo <= estimated && estimated <= hi, "{lo}-{hi}");
     let result = decode(&r.bytes().await.unwrap());
     assert!(psnr(&clean, &result) > psnr(&clean, &noisy_img) + 3.0);
 
