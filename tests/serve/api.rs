@@ -65,6 +65,13 @@ async fn every_route_answers() {
     assert_eq!(default["name"], "default");
     assert_eq!(default["kind"], "ffdnet");
     assert_eq!(default["takes_sigma"], true);
+    assert_eq!(default["reads_level"], true);
+    let gaussian = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gaussian");
+    assert_eq!(gaussian.unwrap()["reads_level"], false);
     assert_eq!(models["limits"]["max_upload_bytes"], 20 << 20);
     assert_eq!(models["limits"]["max_ensemble"], 8);
 

@@ -87,6 +87,17 @@ async fn the_page_denoises_an_upload_a_sample_and_a_drop() {
     assert_eq!(result.shape(), clean.shape());
     let (before, after) = (psnr(&clean, &decode(&noisy)), psnr(&clean, &result));
     assert!(after > before + 3.0, "PSNR {before:.2} -> {after:.2} dB");
+    // White noise, blind, on the default model: the page points to the Gaussian model.
+    let hint = page
+        .execute(
+            "const h = document.getElementById('hint'); return h.hidden ? null : h.textContent;",
+            json!([]),
+        )
+        .await;
+    assert!(
+        hint.as_str().is_some_and(|h| h.contains("gaussian model")),
+        "{hint}"
+    );
     let time = page.execute(&text_of("stat-time"), json!([])).await;
     assert!(time.as_str().unwrap().ends_with(" ms"), "{time}");
     let name = page
@@ -177,6 +188,12 @@ async fn the_page_denoises_an_upload_a_sample_and_a_drop() {
     assert_eq!(
         page.execute(&text_of("stat-sigma"), json!([])).await,
         "150.0"
+    );
+    // A level given by hand: nothing to point to.
+    assert_eq!(
+        page.execute("return document.getElementById('hint').hidden;", json!([]))
+            .await,
+        true
     );
 
     // Phone width, drag and drop.

@@ -19,6 +19,9 @@ pub struct ModelInfo {
     pub channels: i64,
     /// Whether `sigma` changes the result (the model takes a noise-level map).
     pub takes_sigma: bool,
+    /// Whether, blind, the model reads the level itself (all but white noise, which gets the
+    /// classical estimate).
+    pub reads_level: bool,
     /// The noise it was trained on, as a `denoise-data` spec.
     pub trained_on: Option<String>,
     /// Its best validation PSNR in dB, if recorded.
@@ -38,6 +41,7 @@ impl ModelInfo {
             kind: meta.model.kind().to_string(),
             channels: meta.model.channels(),
             takes_sigma: meta.model.noise_map(),
+            reads_level: meta.model.estimates_level(),
             trained_on: meta.noise,
             val_psnr: meta.val_psnr,
         })

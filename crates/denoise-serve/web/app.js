@@ -265,6 +265,7 @@ async function run() {
   const runId = ++state.run;
   const input = state.input;
   clearError();
+  $('hint').hidden = true;
   setBusy(true);
   setPageState('running');
   progressUi('Uploading…', null);
@@ -349,6 +350,15 @@ function showResult(blob, headers, roundTripMs, fixed, input) {
       : range
       ? `estimated from the image, by brightness (patch covariance per brightness group, Chen et al. 2015); root mean square ${sigma}`
       : 'estimated from the image';
+  // White noise, which a model that reads the level leaves to the classical estimate: the
+  // Gaussian model removes it better (under one 8-bit step it is a clean file's rounding).
+  const used = state.models.find((x) => x.name === headers.get('X-Denoise-Model'));
+  const white = !fixed && sigma && !byModel && Number(sigma) >= 1 && used && used.reads_level &&
+    state.models.some((x) => x.name === 'gaussian');
+  $('hint').textContent = white
+    ? 'This noise is white (independent from pixel to pixel and across colours, as synthetic noise is): the gaussian model removes it better, and takes longer.'
+    : '';
+  $('hint').hidden = !white;
   $('stat-size').textContent = (headers.get('X-Denoise-Size') || '').replace('x', ' × ');
   const psnr = headers.get('X-Denoise-Psnr');
   const psnrIn = headers.get('X-Denoise-Psnr-Input');
