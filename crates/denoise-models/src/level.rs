@@ -130,10 +130,12 @@ pub fn model_map(
         // and colour, which the classical estimate measures closely (the model's reader was
         // trained mostly on camera noise and reads low white noise as such).
         (true, NoiseLevel::Estimate) if config.estimates_level() => {
-            match (!gray_rgb)
-                .then(|| estimate::white_noise_estimate(image))
-                .flatten()
-            {
+            let white = if gray_rgb {
+                None
+            } else {
+                estimate::white_noise_estimate(image)
+            };
+            match white {
                 Some(estimate) => given_estimate(image, estimate, gain),
                 None => (None, None),
             }
