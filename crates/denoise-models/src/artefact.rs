@@ -367,13 +367,18 @@ fn weights_at_least(config: &ModelConfig) -> f64 {
             let w: Vec<f64> = c.widths.iter().map(|&w| w as f64).collect();
             let block = |f: f64| 2.0 * conv3(f, f);
             // Every scale has blocks down and up but the deepest, which has them once.
-            let blocks = 2.0 * w.iter().copied().map(block).sum::<f64>()
-                - w.last().copied().map_or(0.0, block);
+            let deepest = w.len() - 1;
+            let blocks = w[..deepest]
+                .iter()
+                .enumerate()
+                .map(|(i, &f)| (c.blocks.down(i) + c.blocks.up(i)) as f64 * block(f))
+                .sum::<f64>()
+                + c.blocks.bottom() as f64 * block(w[deepest]);
             let resample: f64 = w.windows(2).map(|p| 2.0 * 4.0 * p[0] * p[1]).sum();
             let ends = w
                 .first()
                 .map_or(0.0, |&f| conv3(cin, f) + conv3(f, channels));
-            c.blocks as f64 * blocks + resample + ends
+            blocks + resample + ends
         }
     }
 }

@@ -192,6 +192,16 @@ impl ModelConfig {
         self.estimator().is_some()
     }
 
+    /// Whether this is `from` with some of its DRUNet residual blocks left out (fewer at one
+    /// scale or more, everything else the same), so that it can start from `from`'s weights:
+    /// each scale keeps its first blocks, and the output changes only by what the others did.
+    pub fn prunes(&self, from: &ModelConfig) -> bool {
+        match (self, from) {
+            (ModelConfig::Drunet(a), ModelConfig::Drunet(b)) => a.prunes(b),
+            _ => false,
+        }
+    }
+
     /// The same model without its level-estimation branch (itself when it has none).
     pub fn without_estimator(&self) -> ModelConfig {
         match self {

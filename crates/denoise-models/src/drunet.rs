@@ -21,8 +21,8 @@ pub struct DrunetConfig {
     /// resolution (the input is padded to a multiple of `2^(scales - 1)`).
     pub widths: Vec<i64>,
     /// Residual blocks (conv-ReLU-conv plus the identity) per scale on the way down, at the
-    /// bottom, and per scale on the way up.
-    pub blocks: usize,
+    /// bottom, and per scale on the way up: one count for all, or a count for each.
+    pub blocks: Blocks,
     /// Predict the noise and subtract it (the paper predicts the clean image; residual
     /// learning converges faster, which matters when training on a CPU).
     pub residual: bool,
@@ -39,7 +39,7 @@ impl Default for DrunetConfig {
         Self {
             channels: 3,
             widths: vec![64, 128, 256, 512],
-            blocks: 4,
+            blocks: Blocks::Uniform(4),
             residual: true,
             noise_map: true,
             estimator: None,
@@ -59,6 +59,19 @@ impl DrunetConfig {
         })
     }
 
+    /// See [`crate::ModelConfig::prunes`].
+    pub(crate) fn prunes(&self, from: &Self) -> bool {
+        let same_otherwise = Self {
+            blocks: from.blocks.clone(),
+            ..self.clone()
+        } == *from;
+        let scales = self.widths.len() - 1;
+        let (a, b) = (&self.blocks, &from.blocks);
+        let fewer = (0..scales).all(|i| a.down(i) <= b.down(i) && a.up(i) <= b.up(i))
+            && a.bottom() <= b.bottom();
+        same_otherwise && fewer && a != b
+    }
+
     pub(crate) fn validate(&self) -> Result<()> {
         ensure((1..=6).contains(&self.widths.len()), || {
             format!(
@@ -69,9 +82,7 @@ impl DrunetConfig {
         ensure(self.widths.iter().all(|&w| w > 0), || {
             format!("drunet widths must be positive, got {:?}", self.widths)
         })?;
-        ensure(self.blocks <= 16, || {
-            format!("drunet blocks must be at most 16, got {}", self.blocks)
-        })?;
+        self.blocks.validate(self.widths.len() - 1)?;
         if let Some(e) = &self.estimator {
             ensure(self.noise_map, || {
                 "a drunet estimator needs noise_map = true: it fills in the map".into()
@@ -90,6 +101,77 @@ impl DrunetConfig {
         } else {
             scales
         }
+    }
+}
+
+/// How many residual blocks each scale runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Blocks {
+    /// The same count on the way down, at the bottom and on the way up.
+    Uniform(usize),
+    /// A count for each scale, so that a network can spend its arithmetic where it pays.
+    PerScale(ScaleBlocks),
+}
+
+/// Block counts per scale. `down` and `up` both list the scales above the bottom from full
+/// resolution down, so `down[i]` and `up[i]` run at the width `widths[i]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleBlocks {
+    pub down: Vec<usize>,
+    pub bottom: usize,
+    pub up: Vec<usize>,
+}
+
+/// More blocks than this at one scale is a typo, not a network this crate can train.
+const MAX_BLOCKS: usize = 16;
+
+impl Blocks {
+    pub(crate) fn down(&self, scale: usize) -> usize {
+        match self {
+            Self::Uniform(n) => *n,
+            Self::PerScale(b) => b.down[scale],
+        }
+    }
+    pub(crate) fn bottom(&self) -> usize {
+        match self {
+            Self::Uniform(n) => *n,
+            Self::PerScale(b) => b.bottom,
+        }
+    }
+    pub(crate) fn up(&self, scale: usize) -> usize {
+        match self {
+            Self::Uniform(n) => *n,
+            Self::PerScale(b) => b.up[scale],
+        }
+    }
+
+    fn validate(&self, above_bottom: usize) -> Result<()> {
+        let counts: Vec<usize> = match self {
+            Self::Uniform(n) => vec![*n],
+            Self::PerScale(b) => {
+                for (name, list) in [("down", &b.down), ("up", &b.up)] {
+                    ensure(list.len() == above_bottom, || {
+                        format!(
+                            "drunet blocks.{name} needs a count for each of the {above_bottom} \
+                             scales above the bottom, got {}",
+                            list.len()
+                        )
+                    })?;
+                }
+                b.down
+                    .iter()
+                    .chain(&b.up)
+                    .chain([&b.bottom])
+                    .copied()
+                    .collect()
+            }
+        };
+        let most = counts.into_iter().max().unwrap_or(0);
+        ensure(most <= MAX_BLOCKS, || {
+            format!("drunet blocks must be at most {MAX_BLOCKS} per scale, got {most}")
+        })
     }
 }
 
@@ -180,7 +262,8 @@ impl Drunet {
         let mut down = Vec::new();
         for (i, pair) in w.windows(2).enumerate() {
             let pd = p / "down" / i;
-            let blocks = res_blocks(&pd / "blocks", cfg.blocks, pair[0], scale, flops);
+            let n = cfg.blocks.down(i);
+            let blocks = res_blocks(&pd / "blocks", n, pair[0], scale, flops);
             scale /= 4.0;
             // A 2x2 kernel per output pixel, counted at the output's resolution.
             flops.0 += 2.0 * (pair[0] * pair[1] * 4) as f64 * scale;
@@ -189,7 +272,7 @@ impl Drunet {
             down.push(Down { blocks, conv });
         }
         let deepest = *w.last().expect("validated: at least one width");
-        let bottom = res_blocks(p / "bottom", cfg.blocks, deepest, scale, flops);
+        let bottom = res_blocks(p / "bottom", cfg.blocks.bottom(), deepest, scale, flops);
         let mut up = Vec::new();
         for (i, pair) in w.windows(2).rev().enumerate() {
             let pu = p / "up" / i;
@@ -198,7 +281,9 @@ impl Drunet {
             let mut conv = nn::conv_transpose2d(&pu / "conv", pair[1], pair[0], 2, transposed);
             linear_gain(&mut conv.ws);
             scale *= 4.0;
-            let blocks = res_blocks(&pu / "blocks", cfg.blocks, pair[0], scale, flops);
+            // `up` is built deepest first; its counts are listed full resolution first.
+            let n = cfg.blocks.up(w.len() - 2 - i);
+            let blocks = res_blocks(&pu / "blocks", n, pair[0], scale, flops);
             up.push(Up { conv, blocks });
         }
         let mut tail = conv(
@@ -294,7 +379,7 @@ mod tests {
         let _rng = crate::test_rng_lock();
         let cfg = DrunetConfig {
             widths: vec![8, 16],
-            blocks: 1,
+            blocks: Blocks::Uniform(1),
             ..Default::default()
         };
         let vs = nn::VarStore::new(Device::Cpu);
@@ -316,7 +401,7 @@ mod tests {
         let _rng = crate::test_rng_lock();
         let cfg = ModelConfig::Drunet(DrunetConfig {
             widths: vec![4, 8, 8],
-            blocks: 1,
+            blocks: Blocks::Uniform(1),
             ..Default::default()
         });
         assert_eq!(cfg.multiple(), 4);
@@ -341,7 +426,7 @@ mod tests {
         tch::manual_seed(0);
         let cfg = ModelConfig::Drunet(DrunetConfig {
             widths: vec![16, 32, 64, 128],
-            blocks: 2,
+            blocks: Blocks::Uniform(2),
             ..Default::default()
         });
         let model = Model::new(&cfg, Device::Cpu).unwrap();
@@ -390,11 +475,88 @@ mod tests {
     }
 
     #[test]
+    fn a_scale_without_blocks_computes_what_zeroed_blocks_do() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(7);
+        let full = ModelConfig::Drunet(DrunetConfig {
+            widths: vec![4, 8, 8],
+            blocks: Blocks::Uniform(2),
+            ..Default::default()
+        });
+        let cfg: ModelConfig = serde_json::from_str(
+            r#"{"kind":"drunet","widths":[4,8,8],"blocks":{"down":[2,1],"bottom":0,"up":[2,0]}}"#,
+        )
+        .unwrap();
+        cfg.validate().unwrap();
+        let (a, b) = (
+            Model::new(&full, Device::Cpu).unwrap(),
+            Model::new(&cfg, Device::Cpu).unwrap(),
+        );
+        let kept = b.var_store().variables();
+        let gone = [
+            "down.1.blocks.1.1.weight",
+            "bottom.0.1.weight",
+            "bottom.1.1.weight",
+            "up.0.blocks.0.1.weight",
+            "up.0.blocks.1.1.weight",
+        ];
+        tch::no_grad(|| {
+            for (name, mut v) in a.var_store().variables() {
+                v.copy_(&(v.randn_like() * 0.1));
+                match kept.get(&name) {
+                    Some(k) => {
+                        let mut k = k.shallow_clone();
+                        k.copy_(&v);
+                    }
+                    // A block whose second conv is zero passes its input through.
+                    None if name.ends_with(".1.weight") => {
+                        assert!(gone.contains(&name.as_str()), "{name}");
+                        let _ = v.zero_();
+                    }
+                    None => {}
+                }
+            }
+        });
+        // Five second convs and their five first convs are not built; `up` is deepest first.
+        assert_eq!(a.var_store().variables().len() - kept.len(), 10);
+        assert!(kept.contains_key("up.1.blocks.1.0.weight"));
+        let x = Tensor::rand([1, 3, 8, 12], (Kind::Float, Device::Cpu));
+        let map = sigma_map(1, 8, 12, 25.0, Device::Cpu);
+        let (ya, yb) = tch::no_grad(|| {
+            (
+                a.forward_t(&x, Some(&map), false),
+                b.forward_t(&x, Some(&map), false),
+            )
+        });
+        assert!(!ya.allclose(&x, 1e-3, 1e-3, false), "the weights must act");
+        assert!(ya.allclose(&yb, 1e-6, 1e-6, false));
+        // A uniform count round-trips as a number, per-scale counts as a table.
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(
+            json.contains(r#""blocks":{"down":[2,1],"bottom":0,"up":[2,0]}"#),
+            "{json}"
+        );
+        assert!(
+            serde_json::to_string(&full)
+                .unwrap()
+                .contains(r#""blocks":2"#)
+        );
+    }
+
+    #[test]
     fn bad_configs_are_refused() {
         for (json, message) in [
             (r#"{"kind":"drunet","widths":[]}"#, "1 to 6 widths"),
             (r#"{"kind":"drunet","widths":[8,0]}"#, "must be positive"),
             (r#"{"kind":"drunet","blocks":17}"#, "at most 16"),
+            (
+                r#"{"kind":"drunet","widths":[8,16],"blocks":{"down":[1],"bottom":17,"up":[1]}}"#,
+                "at most 16",
+            ),
+            (
+                r#"{"kind":"drunet","widths":[8,16,32],"blocks":{"down":[1],"bottom":1,"up":[1,1]}}"#,
+                "blocks.down needs a count for each of the 2",
+            ),
             (
                 r#"{"kind":"drunet","noise_map":false,"estimator":{}}"#,
                 "needs noise_map",

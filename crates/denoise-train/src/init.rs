@@ -76,7 +76,8 @@ pub(crate) struct Start {
 
 /// Loads the `init` artefact at `path` (a file or a run directory; on the CPU) and checks that
 /// it fits the run: a config without `[model]` takes the artefact's architecture; one whose
-/// `[model]` the weights do not fit is refused, before any work.
+/// `[model]` the weights do not fit (other than by an added estimator, a gray twin or left-out
+/// DRUNet blocks) is refused, before any work.
 pub(crate) fn load(cfg: &mut TrainConfig, path: &Path) -> Result<Start> {
     let art = artefact::load(path, Device::Cpu)?;
     let theirs = &art.metadata.model;
@@ -91,6 +92,8 @@ pub(crate) fn load(cfg: &mut TrainConfig, path: &Path) -> Result<Start> {
         }
         // An estimator added to a model: the body starts from the artefact, the estimator fresh.
         Some(want) if want.without_estimator() == *theirs && want.estimates_level() => art.model,
+        // A DRUNet with blocks left out: the blocks it keeps start from the artefact's.
+        Some(want) if want.prunes(theirs) => art.model,
         Some(want) if want != theirs => {
             let show = |m: &ModelConfig| serde_json::to_string(m).unwrap_or_default();
             return Err(TrainError::Config(format!(
@@ -110,7 +113,8 @@ pub(crate) fn load(cfg: &mut TrainConfig, path: &Path) -> Result<Start> {
 }
 
 /// Copies the starting model's weights into the run's `model`; an added estimator keeps its
-/// own initialisation.
+/// own initialisation, and weights the run's model has no place for (left-out blocks) are not
+/// copied.
 pub(crate) fn start_from(start: &Start, model: &Model) -> Result<()> {
     let mut named: BTreeMap<String, Tensor> =
         start.model.var_store().variables().into_iter().collect();
@@ -249,6 +253,48 @@ mod tests {
             ..TrainConfig::default()
         };
         let err = load(&mut other, &path).unwrap_err().to_string();
+        assert!(err.contains("does not match the run's [model]"), "{err}");
+    }
+
+    #[test]
+    fn a_drunet_with_blocks_left_out_starts_from_the_blocks_it_keeps() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(3);
+        let dir = tempfile::tempdir().unwrap();
+        let drunet = |blocks: &str| -> ModelConfig {
+            serde_json::from_str(&format!(
+                r#"{{"kind":"drunet","widths":[4,8,8],"blocks":{blocks}}}"#
+            ))
+            .unwrap()
+        };
+        let full = Model::new(&drunet("2"), Device::Cpu).unwrap();
+        let path = dir.path().join("full.safetensors");
+        artefact::save(&full, &artefact::Metadata::new(full.config()), &path).unwrap();
+        let pruned = drunet(r#"{"down":[2,1],"bottom":0,"up":[2,0]}"#);
+        assert!(pruned.prunes(full.config()) && !full.config().prunes(&pruned));
+        assert!(
+            !drunet("2").prunes(full.config()),
+            "the same model is not a pruned one"
+        );
+        let mut cfg = TrainConfig {
+            model: Some(pruned.clone()),
+            ..TrainConfig::default()
+        };
+        let start = load(&mut cfg, &path).unwrap();
+        let run = Model::new(&pruned, Device::Cpu).unwrap();
+        start_from(&start, &run).unwrap();
+        let theirs = full.var_store().variables();
+        let ours = run.var_store().variables();
+        assert_eq!(theirs.len() - ours.len(), 10);
+        for (name, v) in &ours {
+            assert!(v.equal(&theirs[name]), "{name} was not copied");
+        }
+        // More blocks than the artefact has cannot start from it.
+        let mut more = TrainConfig {
+            model: Some(drunet("3")),
+            ..TrainConfig::default()
+        };
+        let err = load(&mut more, &path).unwrap_err().to_string();
         assert!(err.contains("does not match the run's [model]"), "{err}");
     }
 }
