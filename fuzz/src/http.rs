@@ -57,6 +57,7 @@ impl Http {
             ModelEntry {
                 name: (*name).into(),
                 path,
+                white: None,
             }
         })
         .collect();

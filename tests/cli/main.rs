@@ -778,21 +778,24 @@ fn blind_infer_says_how_it_read_the_noise() {
 }
 
 #[test]
-fn the_default_points_white_noise_to_the_gaussian_model() {
+fn the_default_gives_blind_white_noise_to_its_white_noise_model() {
     let dir = tempfile::tempdir().unwrap();
-    // Shipped models: a default that reads the level itself, and a `gaussian`.
+    // Shipped models: a default that reads the level itself, and a white-noise model.
     let shipped = dir.path().join("models");
     std::fs::create_dir(&shipped).unwrap();
     tch::manual_seed(0);
     let reader = r#"{"kind":"ffdnet","depth":3,"features":8,"estimator":{"depth":2,"features":4,"smooth":3}}"#;
     let model = Model::new(&serde_json::from_str(reader).unwrap(), tch::Device::Cpu).unwrap();
     let meta = artefact::Metadata::new(model.config());
-    artefact::save(&model, &meta, &shipped.join("default.safetensors")).unwrap();
-    std::fs::copy(
-        tiny_ffdnet(dir.path()),
-        shipped.join("gaussian.safetensors"),
-    )
-    .unwrap();
+    let default = shipped.join("default.safetensors");
+    artefact::save(&model, &meta, &default).unwrap();
+    // Another network than the default's body, which blind white noise would get alone too.
+    tch::manual_seed(9);
+    let plain = r#"{"kind":"ffdnet","depth":3,"features":8}"#;
+    let model = Model::new(&serde_json::from_str(plain).unwrap(), tch::Device::Cpu).unwrap();
+    let white_model = shipped.join("white.safetensors");
+    let meta = artefact::Metadata::new(model.config());
+    artefact::save(&model, &meta, &white_model).unwrap();
     let (h, w) = (96, 128);
     let clean = picture(h, w);
     let white = denoise_data::noise::NoiseSpec::Gaussian { lo: 20.0, hi: 20.0 }
@@ -800,73 +803,106 @@ fn the_default_points_white_noise_to_the_gaussian_model() {
         .image;
     let camera: denoise_data::noise::NoiseSpec = "camera:iso=3200".parse().unwrap();
     let camera = camera.apply(&clean, 1).image;
-    let infer = |name: &str, image: &Image, extra: &[&str]| {
-        let input = dir.path().join(name);
-        let depth = if name.contains("8-bit") {
-            BitDepth::Eight
-        } else {
-            BitDepth::Sixteen
-        };
-        io::save(&input, image, None, depth).unwrap();
+    for (name, image) in [("white.png", &white), ("camera.png", &camera)] {
+        io::save(dir.path().join(name), image, None, BitDepth::Sixteen).unwrap();
+    }
+    io::save(
+        dir.path().join("clean-8-bit.png"),
+        &clean,
+        None,
+        BitDepth::Eight,
+    )
+    .unwrap();
+    // The notes and the output of `infer NAME` with `extra` flags.
+    let infer = |name: &str, extra: &[&str]| {
+        let output = dir
+            .path()
+            .join(format!("out-{}-{name}", extra.join("_").replace('/', "")));
         let out = cli()
             .env("DENOISE_MODELS", &shipped)
-            .args(["infer", input.to_str().unwrap(), "-o"])
-            .arg(dir.path().join(format!("out-{name}")))
+            .args(["infer", dir.path().join(name).to_str().unwrap(), "-o"])
+            .arg(&output)
             .args(extra)
             .output()
             .unwrap();
         assert!(out.status.success(), "{}", stderr(&out));
-        stderr(&out)
+        (stderr(&out), io::load(&output).unwrap().image)
     };
-    let hint = "`--model gaussian`";
-    let said = infer("white.png", &white, &[]);
+    let note = "denoised by the default's network for white noise";
+    let (default_path, white_path) = (default.to_str().unwrap(), white_model.to_str().unwrap());
+    // White noise goes to the white-noise model at the classical level, by the default's
+    // name or none; a model named by its file is not paired.
+    let (said, paired) = infer("white.png", &[]);
     assert!(
-        said.contains("its noise is white") && said.contains(hint),
+        said.contains("its noise is white") && said.contains(note),
         "{said}"
     );
     assert!(said.contains("with brightness"), "{said}");
-    let said = infer("camera.png", &camera, &[]);
+    let (_, by_white) = infer("white.png", &["--model", white_path]);
+    assert!(paired.data() == by_white.data());
+    let (said, by_name) = infer("white.png", &["--model", "default"]);
     assert!(
-        said.contains("read by the model") && !said.contains(hint),
+        said.contains(note) && by_name.data() == paired.data(),
         "{said}"
     );
-    // A model chosen by name, or a level given by hand: nothing to point to.
-    let said = infer("white.png", &white, &["--model", "default"]);
-    assert!(!said.contains(hint), "{said}");
-    let said = infer("white.png", &white, &["--sigma", "20"]);
-    assert!(!said.contains(hint), "{said}");
-    // A clean 8-bit file: its rounding is white, but not noise to point anywhere.
-    let said = infer("clean-8-bit.png", &clean, &[]);
-    assert!(!said.contains(hint), "{said}");
-    // eval says which images the model read itself.
+    let (said, alone) = infer("white.png", &["--model", default_path]);
+    assert!(
+        !said.contains(note) && alone.data() != paired.data(),
+        "{said}"
+    );
+    // Camera noise, and a level given by hand: the default itself.
+    let (said, out) = infer("camera.png", &[]);
+    assert!(
+        said.contains("read by the model") && !said.contains(note),
+        "{said}"
+    );
+    assert!(out.data() == infer("camera.png", &["--model", default_path]).1.data());
+    let (said, out) = infer("white.png", &["--sigma", "20"]);
+    assert!(!said.contains(note), "{said}");
+    let given = infer("white.png", &["--sigma", "20", "--model", default_path]).1;
+    assert!(out.data() == given.data());
+    // A clean 8-bit file: its rounding is white, but not noise to tell of.
+    let (said, _) = infer("clean-8-bit.png", &[]);
+    assert!(!said.contains(note), "{said}");
+    // eval says which images the model read itself, and which went to the white-noise model.
     let data = dir.path().join("clean");
     std::fs::create_dir(&data).unwrap();
     io::save(data.join("1.png"), &clean, None, BitDepth::Sixteen).unwrap();
-    let default = shipped.join("default.safetensors");
-    let out = eval_json(
-        &default,
-        &data,
-        "camera:iso=3200,gaussian:20",
-        &["--blind", "--per-image"],
+    let eval = |extra: &[&str]| {
+        let out = cli()
+            .env("DENOISE_MODELS", &shipped)
+            .args(["eval", "--data", data.to_str().unwrap()])
+            .args([
+                "--noise",
+                "camera:iso=3200,gaussian:20",
+                "--blind",
+                "--per-image",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", stderr(&out));
+        out
+    };
+    let v: serde_json::Value = serde_json::from_slice(&eval(&["--json"]).stdout).unwrap();
+    let field = |k: usize, key: &str| v["results"][k]["per_image"][0][key].clone();
+    assert_eq!(
+        (field(0, "read_by_model"), field(1, "read_by_model")),
+        (true.into(), false.into()),
+        "{v}"
     );
-    assert!(out.status.success(), "{}", stderr(&out));
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let read = |k: usize| v["results"][k]["per_image"][0]["read_by_model"].clone();
-    assert_eq!((read(0), read(1)), (true.into(), false.into()), "{v}");
-    let out = run(&[
-        "eval",
-        "--model",
-        default.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--noise",
-        "camera:iso=3200",
-        "--blind",
-        "--per-image",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        (field(0, "white_noise_model"), field(1, "white_noise_model")),
+        (false.into(), true.into()),
+        "{v}"
+    );
+    let text = String::from_utf8_lossy(&eval(&[]).stdout).into_owned();
     assert!(
         text.contains("across the image, read by the model"),
+        "{text}"
+    );
+    assert!(
+        text.contains("white noise: the white-noise network"),
         "{text}"
     );
 }

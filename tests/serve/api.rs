@@ -166,12 +166,14 @@ async fn every_route_answers() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(header(&r, "x-denoise-sigma-source").unwrap(), "model");
+    assert!(header(&r, "x-denoise-network").is_none());
     let (read, (lo, hi)) = sigma_and_range(&r);
     assert!((3.0..60.0).contains(&read), "read {read} for camera noise");
     assert!(lo <= read && read <= hi, "{lo}-{hi} around {read}");
     let result = decode(&r.bytes().await.unwrap());
     assert!(psnr(&clean, &result) > psnr(&clean, &camera) + 2.0);
-    // White noise it leaves to the classical estimate, which follows brightness.
+    // White noise goes to its white-noise network at the classical estimate, which follows
+    // brightness.
     let r = http
         .post(server.url("/api/denoise?sigma=blind"))
         .body(noisy.clone())
@@ -180,6 +182,7 @@ async fn every_route_answers() {
         .unwrap();
     assert_eq!(r.status(), 200);
     assert!(header(&r, "x-denoise-sigma-source").is_none());
+    assert_eq!(header(&r, "x-denoise-network").unwrap(), "white-noise");
     let (estimated, (lo, hi)) = sigma_and_range(&r);
     assert!((15.0..35.0).contains(&estimated), "{estimated}");
     assert!(lo <= estimated && estimated <= hi, "{lo}-{hi}");
@@ -595,7 +598,7 @@ async fn bad_inputs_get_json_errors_and_the_server_keeps_serving() {
     for (query, needle) in [
         (
             "?model=nope",
-            "unknown model 'nope' (known: default, gaussian, gray, method2)",
+            "unknown model 'nope' (known: default, gaussian, gray, method2, white)",
         ),
         ("?sigma=loud", "not a number"),
         ("?sigma=300", "0-255"),

@@ -87,7 +87,7 @@ async fn the_page_denoises_an_upload_a_sample_and_a_drop() {
     assert_eq!(result.shape(), clean.shape());
     let (before, after) = (psnr(&clean, &decode(&noisy)), psnr(&clean, &result));
     assert!(after > before + 3.0, "PSNR {before:.2} -> {after:.2} dB");
-    // White noise, blind, on the default model: the page points to the Gaussian model.
+    // White noise, blind, on the default model: the page says its white-noise network ran.
     let hint = page
         .execute(
             "const h = document.getElementById('hint'); return h.hidden ? null : h.textContent;",
@@ -95,7 +95,8 @@ async fn the_page_denoises_an_upload_a_sample_and_a_drop() {
         )
         .await;
     assert!(
-        hint.as_str().is_some_and(|h| h.contains("gaussian model")),
+        hint.as_str()
+            .is_some_and(|h| h.contains("white-noise network")),
         "{hint}"
     );
     let time = page.execute(&text_of("stat-time"), json!([])).await;
@@ -189,7 +190,7 @@ async fn the_page_denoises_an_upload_a_sample_and_a_drop() {
         page.execute(&text_of("stat-sigma"), json!([])).await,
         "150.0"
     );
-    // A level given by hand: nothing to point to.
+    // A level given by hand: the default itself.
     assert_eq!(
         page.execute("return document.getElementById('hint').hidden;", json!([]))
             .await,

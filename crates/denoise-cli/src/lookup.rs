@@ -79,9 +79,16 @@ pub fn shipped_model(name: &str) -> Result<Option<PathBuf>> {
     Ok(unpacked.is_file().then_some(unpacked))
 }
 
+/// The shipped default model's name.
+pub const DEFAULT_MODEL: &str = "default";
+
+/// The shipped model that the default gives blind white noise to
+/// (`Denoiser::with_white_noise_model`).
+pub const WHITE_NOISE_MODEL: &str = "white";
+
 /// The shipped default model's file.
 pub fn default_model() -> Result<PathBuf> {
-    shipped_model("default")?.with_context(|| {
+    shipped_model(DEFAULT_MODEL)?.with_context(|| {
         format!(
             "no default model: {} holds no default.safetensors; pass --model PATH",
             models_override()
@@ -127,6 +134,20 @@ pub fn resolve_model(spec: Option<&str>) -> Result<PathBuf> {
     }
     let known = shipped_models().unwrap_or_default().join(", ");
     bail!("no model '{spec}': not a file or directory, and not a shipped model (shipped: {known})")
+}
+
+/// The file of the model that `--model` (`spec`) pairs for white noise: the shipped white-noise
+/// model when `spec` names the shipped default (`None`, `default` or `photo`, none of them a
+/// path) and that model is shipped; `None` otherwise.
+pub fn white_noise_model(spec: Option<&str>) -> Result<Option<PathBuf>> {
+    let names_default = match spec {
+        None => true,
+        Some(s) => [DEFAULT_MODEL, "photo"].contains(&s) && !Path::new(s).exists(),
+    };
+    if !names_default {
+        return Ok(None);
+    }
+    shipped_model(WHITE_NOISE_MODEL)
 }
 
 /// Names of the shipped models, sorted.

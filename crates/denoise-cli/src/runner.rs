@@ -2,7 +2,7 @@
 //! [`Runner`], the model they load: the inference façade of `denoise-models` under the CLI's
 //! model lookup, with the line `infer` and `eval` print about it.
 
-use crate::lookup::resolve_model;
+use crate::lookup::{resolve_model, white_noise_model};
 use anyhow::Result;
 use denoise_models::tile::TileConfig;
 use denoise_models::{
@@ -84,7 +84,11 @@ impl Runner {
     /// Loads `--model` (`spec`; the default when `None`) as `settings` say.
     pub fn load(spec: Option<&str>, settings: &Settings) -> Result<Self> {
         let path = resolve_model(spec)?;
-        let denoiser = Denoiser::load(&ModelSource::Path(path), settings)?;
+        let mut denoiser = Denoiser::load(&ModelSource::Path(path), settings)?;
+        if let Some(white) = white_noise_model(spec)? {
+            denoiser = denoiser
+                .with_white_noise_model(Denoiser::load(&ModelSource::Path(white), settings)?)?;
+        }
         Ok(Self { denoiser })
     }
 
@@ -118,10 +122,22 @@ impl Runner {
             m.val_psnr
                 .map(|p| format!(", validation PSNR {p:.2} dB"))
                 .unwrap_or_default()
-        ) + &match self.tiles().ensemble {
-            1 => String::new(),
-            n => format!("; self-ensemble of {n} passes"),
-        } + self.bf16_note()
+        ) + &self
+            .denoiser
+            .white_noise_model()
+            .map(|w| {
+                format!(
+                    "; blind, white noise goes to {} ({})",
+                    w.source(),
+                    w.metadata().model.kind()
+                )
+            })
+            .unwrap_or_default()
+            + &match self.tiles().ensemble {
+                1 => String::new(),
+                n => format!("; self-ensemble of {n} passes"),
+            }
+            + self.bf16_note()
     }
 
     /// A warning when bf16 was asked for where it is emulated (slower than fp32).

@@ -7,6 +7,7 @@
 //! tiler ([`crate::tile`]) put together.
 
 use crate::artefact::Metadata;
+use crate::config::ensure;
 use crate::level::{LevelUsed, NoiseLevel, model_map};
 use crate::source::ModelSource;
 use crate::tile::{TileConfig, denoise_tiled_cancellable, never, tile_for_budget};
@@ -85,6 +86,8 @@ pub struct Denoiser {
     metadata: Metadata,
     source: ModelSource,
     tiles: TileConfig,
+    /// Blind, pictures whose noise is white go to this model ([`Self::with_white_noise_model`]).
+    white: Option<Box<Denoiser>>,
 }
 
 impl Denoiser {
@@ -110,7 +113,47 @@ impl Denoiser {
                 overlap: settings.overlap,
                 ensemble: settings.ensemble,
             },
+            white: None,
         })
+    }
+
+    /// Pairs this model, one that reads the noise level itself, with `white`, a model given
+    /// the level: blind, a picture whose noise is white in space and colour (the classical
+    /// estimate's check, [`denoise_data::estimate::white_noise_estimate`]) goes to `white` at
+    /// the classical level, and any other to this model, which reads the level itself. A
+    /// network trained on synthetic white noise in 8-bit files learns to undo its clipping,
+    /// which darkens real camera files' shadows: the two kinds of noise want two networks.
+    /// Refused for a model that does not read the level, a `white` that takes none, and
+    /// models of different channels.
+    pub fn with_white_noise_model(mut self, white: Denoiser) -> Result<Self> {
+        let (ours, theirs) = (self.model.config(), white.model.config());
+        ensure(ours.estimates_level(), || {
+            format!(
+                "only a model that reads the noise level itself takes a white-noise model; '{}' \
+                 does not",
+                self.source
+            )
+        })?;
+        ensure(theirs.noise_map() && !theirs.estimates_level(), || {
+            format!(
+                "a white-noise model is given the classical level: '{}' takes none, or reads \
+                 its own",
+                white.source
+            )
+        })?;
+        ensure(ours.channels() == theirs.channels(), || {
+            format!(
+                "'{}' and its white-noise model '{}' denoise different channels",
+                self.source, white.source
+            )
+        })?;
+        self.white = Some(Box::new(white));
+        Ok(self)
+    }
+
+    /// The model paired for white noise, if any.
+    pub fn white_noise_model(&self) -> Option<&Denoiser> {
+        self.white.as_deref()
     }
 
     pub fn model(&self) -> &Model {
@@ -144,19 +187,44 @@ impl Denoiser {
         level: NoiseLevel<'_>,
         job: Job<'_>,
     ) -> Result<(Image, Option<LevelUsed>)> {
+        let passes = job.ensemble.unwrap_or(self.tiles.ensemble);
         let tiles = TileConfig {
-            ensemble: job.ensemble.unwrap_or(self.tiles.ensemble),
+            ensemble: passes,
             ..self.tiles
         };
         let mut quiet = |_, _| {};
-        denoise_image_cancellable(
-            &self.model,
-            image,
-            level,
-            tiles,
-            job.progress.unwrap_or(&mut quiet),
-            job.cancelled.unwrap_or(&never),
-        )
+        let progress = job.progress.unwrap_or(&mut quiet);
+        let cancelled = job.cancelled.unwrap_or(&never);
+        let Some(white) = self
+            .white
+            .as_deref()
+            .filter(|_| level == NoiseLevel::Estimate)
+        else {
+            return denoise_image_cancellable(
+                &self.model,
+                image,
+                level,
+                tiles,
+                progress,
+                cancelled,
+            );
+        };
+        match crate::level::white_map(white.model.config(), image) {
+            Some((map, used)) => {
+                let tiles = TileConfig {
+                    ensemble: passes,
+                    ..white.tiles
+                };
+                let used = LevelUsed {
+                    by_white_model: true,
+                    ..used
+                };
+                let prepared = (Some(map), Some(used));
+                denoise_prepared(&white.model, image, prepared, tiles, progress, cancelled)
+            }
+            // Not white: this model reads the level, as `model_map` leaves it to.
+            None => denoise_prepared(&self.model, image, (None, None), tiles, progress, cancelled),
+        }
     }
 }
 
@@ -191,9 +259,21 @@ pub fn denoise_image_cancellable(
     progress: &mut dyn FnMut(usize, usize),
     cancelled: &dyn Fn() -> bool,
 ) -> Result<(Image, Option<LevelUsed>)> {
+    let prepared = model_map(model.config(), image, level);
+    denoise_prepared(model, image, prepared, cfg, progress, cancelled)
+}
+
+/// [`denoise_image_cancellable`] with the map and the level used already made.
+fn denoise_prepared(
+    model: &Model,
+    image: &Image,
+    (map, used): (Option<Vec<f32>>, Option<LevelUsed>),
+    cfg: TileConfig,
+    progress: &mut dyn FnMut(usize, usize),
+    cancelled: &dyn Fn() -> bool,
+) -> Result<(Image, Option<LevelUsed>)> {
     let input = image.to_channels(model.config().channels() as usize)?;
     let (c, h, w) = input.shape();
-    let (map, used) = model_map(model.config(), image, level);
     // Blind, a model with its own estimator reads the level as it denoises: report that read.
     let used = match used {
         None if map.is_none() => crate::level::read_by_model(model, image, &input)?,
@@ -371,6 +451,85 @@ mod tests {
         let auto = Denoiser::load(&source, &Settings::default()).unwrap();
         assert_eq!(auto.model().precision(), Precision::Fp32);
         assert_eq!(auto.tiles().tile, tile_for_budget(auto.model(), 1024));
+    }
+
+    /// `model` as a [`Denoiser`] built into the program, fp32, untiled.
+    fn loaded(model: &Model, name: &str) -> Denoiser {
+        let bytes = crate::artefact::to_bytes(model, &Metadata::new(model.config())).unwrap();
+        let source = ModelSource::BuiltIn {
+            name: name.into(),
+            bytes: Box::leak(bytes.into_boxed_slice()),
+        };
+        let settings = Settings {
+            tile: Some(0),
+            precision: PrecisionPolicy::Fixed(Precision::Fp32),
+            ..Settings::default()
+        };
+        Denoiser::load(&source, &settings).unwrap()
+    }
+
+    #[test]
+    fn blind_white_noise_goes_to_the_paired_model_and_other_noise_to_the_reader() {
+        let _rng = crate::test_rng_lock();
+        tch::manual_seed(5);
+        let cfg: crate::ModelConfig = serde_json::from_str(
+            r#"{"kind":"ffdnet","depth":3,"features":8,"estimator":{"depth":2,"features":4}}"#,
+        )
+        .unwrap();
+        let reader = Model::new(&cfg, Device::Cpu).unwrap();
+        let plain = tiny_ffdnet();
+        let clean = Image::from_fn(3, 96, 128, |c, y, x| {
+            0.2 + 0.5 * x as f32 / 128.0 + 0.1 * ((y / 8 + c) % 3) as f32
+        });
+        let noisy = |spec: &str| {
+            let spec: denoise_data::noise::NoiseSpec = spec.parse().unwrap();
+            spec.apply(&clean, 7).image
+        };
+        let (white, camera) = (noisy("gaussian:25+round"), noisy("camera:iso=3200"));
+        let paired = loaded(&reader, "reader")
+            .with_white_noise_model(loaded(&plain, "plain"))
+            .unwrap();
+        assert!(paired.white_noise_model().is_some());
+        let whole = TileConfig {
+            tile: 0,
+            overlap: 0,
+            ensemble: 1,
+        };
+        let quiet = &mut |_, _| {};
+        let run = |image: &Image, level| paired.denoise(image, level, Job::default()).unwrap();
+        // White noise: the paired model at the classical level, and the level says so.
+        let (out, used) = run(&white, NoiseLevel::Estimate);
+        let (map, level) = model_map(plain.config(), &white, NoiseLevel::Estimate);
+        let level = level.unwrap();
+        let map = map.unwrap();
+        let (direct, _) =
+            denoise_image(&plain, &white, NoiseLevel::Map(&map), whole, quiet).unwrap();
+        assert!(out.data() == direct.data());
+        let used = used.unwrap();
+        assert!(used.by_white_model && !used.by_model, "{used:?}");
+        assert_eq!(used.sigma, level.sigma);
+        // Camera noise, a gray picture stored as RGB, or a level given: the reader, as alone.
+        let gray = white.to_gray().to_rgb();
+        for (image, level) in [
+            (&camera, NoiseLevel::Estimate),
+            (&gray, NoiseLevel::Estimate),
+            (&white, NoiseLevel::Uniform(25.0)),
+        ] {
+            let (out, used) = run(image, level);
+            let (alone, alone_used) = denoise_image(&reader, image, level, whole, quiet).unwrap();
+            assert!(out.data() == alone.data());
+            assert_eq!(used, alone_used);
+            assert!(!used.is_some_and(|u| u.by_white_model));
+        }
+        // Pairings that cannot work are refused.
+        let refused = |a: &Model, b: &Model| {
+            loaded(a, "a")
+                .with_white_noise_model(loaded(b, "b"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(refused(&plain, &plain).contains("reads the noise level itself"));
+        assert!(refused(&reader, &reader).contains("takes none, or reads its own"));
     }
 
     #[test]

@@ -35,6 +35,9 @@ pub struct LevelUsed {
     /// follow anything the estimator learnt: brightness, texture, JPEG blocks), not by the
     /// classical estimators.
     pub by_model: bool,
+    /// Blind, the noise was found white and the picture went to the white-noise model paired
+    /// with this one ([`crate::Denoiser::with_white_noise_model`]), at this classical level.
+    pub by_white_model: bool,
 }
 
 impl LevelUsed {
@@ -44,6 +47,7 @@ impl LevelUsed {
             range: None,
             shared: false,
             by_model: false,
+            by_white_model: false,
         }
     }
 
@@ -62,6 +66,7 @@ impl LevelUsed {
             range: Some((lo.min(hi) * 255.0, hi * 255.0)),
             shared: false,
             by_model: false,
+            by_white_model: false,
         }
     }
 }
@@ -130,13 +135,8 @@ pub fn model_map(
         // and colour, which the classical estimate measures closely (the model's reader was
         // trained mostly on camera noise and reads low white noise as such).
         (true, NoiseLevel::Estimate) if config.estimates_level() => {
-            let white = if gray_rgb {
-                None
-            } else {
-                estimate::white_noise_estimate(image)
-            };
-            match white {
-                Some(estimate) => given_estimate(image, estimate, gain),
+            match white_map(config, image) {
+                Some((map, used)) => (Some(map), Some(used)),
                 None => (None, None),
             }
         }
@@ -151,6 +151,21 @@ pub fn model_map(
             };
             given_estimate(image, estimate, gain)
         }
+    }
+}
+
+/// The classical map a model of `config` is given for `image` (as [`model_map`]), and the level
+/// used, when the noise is white in space and colour ([`estimate::white_noise_estimate`]);
+/// `None` for other noise and for a gray picture stored as RGB.
+pub(crate) fn white_map(config: &ModelConfig, image: &Image) -> Option<(Vec<f32>, LevelUsed)> {
+    if gray_rgb(config, image) {
+        return None;
+    }
+    let estimate = estimate::white_noise_estimate(image)?;
+    let gain = map_gain(config, image.channels(), false);
+    match given_estimate(image, estimate, gain) {
+        (Some(map), Some(used)) => Some((map, used)),
+        _ => None,
     }
 }
 
@@ -245,6 +260,7 @@ fn read_in_strips(
         range: Some(((lo.min(hi) * scale) as f32, (hi * scale) as f32)),
         shared: false,
         by_model: true,
+        by_white_model: false,
     }))
 }
 

@@ -14,6 +14,9 @@ pub struct ModelEntry {
     pub name: String,
     /// The artefact file (or training run directory).
     pub path: PathBuf,
+    /// A model that, blind, denoises the pictures whose noise is white in its place
+    /// (`denoise_models::Denoiser::with_white_noise_model`): the shipped default has one.
+    pub white: Option<PathBuf>,
 }
 
 /// The server's configuration, built by `denoise-cli serve` from its flags.
@@ -200,6 +203,7 @@ mod tests {
         ModelEntry {
             name: name.into(),
             path: "m.safetensors".into(),
+            white: None,
         }
     }
 

@@ -475,6 +475,10 @@ fn denoised_response(d: Denoised) -> Response {
         if used.by_model {
             set("x-denoise-sigma-source", "model".into());
         }
+        // Blind white noise that the model's white-noise network denoised.
+        if used.by_white_model {
+            set("x-denoise-network", "white-noise".into());
+        }
     }
     if let Some((input, output)) = d.psnr {
         set("x-denoise-psnr-input", format!("{input:.2}"));

@@ -68,13 +68,20 @@ impl Denoiser {
             overlap: OVERLAP,
             ..Settings::default()
         };
-        let inner =
-            denoise_models::Denoiser::load(&ModelSource::Path(entry.path.clone()), &settings)
-                .map_err(|cause| ServeError::LoadModel {
-                    name: entry.name.clone(),
-                    path: entry.path.clone(),
-                    cause,
-                })?;
+        let failed = |path: &std::path::Path| {
+            let (name, path) = (entry.name.clone(), path.to_path_buf());
+            move |cause| ServeError::LoadModel { name, path, cause }
+        };
+        let load = |path: &std::path::Path| {
+            denoise_models::Denoiser::load(&ModelSource::Path(path.to_path_buf()), &settings)
+                .map_err(failed(path))
+        };
+        let mut inner = load(&entry.path)?;
+        if let Some(white) = &entry.white {
+            inner = inner
+                .with_white_noise_model(load(white)?)
+                .map_err(failed(white))?;
+        }
         Ok(Self { inner })
     }
 

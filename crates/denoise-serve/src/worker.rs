@@ -522,6 +522,7 @@ mod tests {
             models: vec![ModelEntry {
                 name: "m".into(),
                 path,
+                white: None,
             }],
             default_model: "m".into(),
             samples: Vec::new(),

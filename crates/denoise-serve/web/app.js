@@ -350,13 +350,10 @@ function showResult(blob, headers, roundTripMs, fixed, input) {
       : range
       ? `estimated from the image, by brightness (patch covariance per brightness group, Chen et al. 2015); root mean square ${sigma}`
       : 'estimated from the image';
-  // White noise, which a model that reads the level leaves to the classical estimate: the
-  // Gaussian model removes it better (under one 8-bit step it is a clean file's rounding).
-  const used = state.models.find((x) => x.name === headers.get('X-Denoise-Model'));
-  const white = !fixed && sigma && !byModel && Number(sigma) >= 1 && used && used.reads_level &&
-    state.models.some((x) => x.name === 'gaussian');
+  // Blind white noise that the model gave to its white-noise network.
+  const white = !fixed && headers.get('X-Denoise-Network') === 'white-noise';
   $('hint').textContent = white
-    ? 'This noise is white (independent from pixel to pixel and across colours, as synthetic noise is): the gaussian model removes it better, and takes longer.'
+    ? 'This noise is white (independent from pixel to pixel and across colours, as synthetic noise is): the white-noise network denoised it.'
     : '';
   $('hint').hidden = !white;
   $('stat-size').textContent = (headers.get('X-Denoise-Size') || '').replace('x', ' × ');

@@ -366,13 +366,15 @@ fn evaluate(
 }
 
 /// An image's estimated level in its `--per-image` entry: the level, its least and greatest
-/// values where it varies over the image, and whether the model read it itself.
+/// values where it varies over the image, whether the model read it itself, and whether the
+/// picture went to the model's white-noise network.
 fn level_fields(r: &mut serde_json::Value, used: &LevelUsed) {
     r["sigma_estimate"] = used.sigma.into();
     if let Some((lo, hi)) = used.range {
         r["sigma_range"] = serde_json::json!([lo, hi]);
     }
     r["read_by_model"] = used.by_model.into();
+    r["white_noise_model"] = used.by_white_model.into();
 }
 
 /// One noise level's line (and its images' with `--per-image`), for a person to read.
@@ -389,6 +391,8 @@ fn print_row(name: &str, row: &serde_json::Value) {
     for r in row["per_image"].as_array().into_iter().flatten() {
         let how = if r["read_by_model"].as_bool() == Some(true) {
             "across the image, read by the model"
+        } else if r["white_noise_model"].as_bool() == Some(true) {
+            "with brightness, white noise: the white-noise network"
         } else {
             "with brightness"
         };

@@ -15,8 +15,6 @@ use std::time::Instant;
 
 /// The shipped gray model's name.
 const GRAY_MODEL: &str = "gray";
-/// The shipped model for white Gaussian noise.
-const GAUSSIAN_MODEL: &str = "gaussian";
 
 /// Which shipped models `infer` may point a picture to: the default model is in use and the
 /// other one is shipped.
@@ -24,9 +22,6 @@ const GAUSSIAN_MODEL: &str = "gaussian";
 struct Hints {
     /// The gray model, for a gray picture.
     gray: bool,
-    /// The Gaussian model, for white noise that the default's reader leaves to the classical
-    /// estimate.
-    white: bool,
 }
 
 #[derive(clap::Args)]
@@ -154,17 +149,13 @@ pub fn run(args: &Args) -> Result<()> {
             runner.model().config().kind().name()
         );
     }
-    // The default is a colour model; gray pictures are told of the shipped gray one, and
-    // white noise (which the default does not read itself) of the Gaussian one.
+    // The default is a colour model; gray pictures are told of the shipped gray one.
     let names = crate::lookup::shipped_models().unwrap_or_default();
     let shipped = |name: &str| names.iter().any(|n| n == name);
     let hints = Hints {
         gray: args.model.is_none()
             && runner.model().config().channels() == 3
             && shipped(GRAY_MODEL),
-        white: args.model.is_none()
-            && runner.model().config().estimates_level()
-            && shipped(GAUSSIAN_MODEL),
     };
     let bar = indicatif::ProgressBar::new(jobs.len() as u64);
     bar.set_style(
@@ -461,12 +452,11 @@ fn denoise_one(
     }
     if let (Sigma::Blind, Some(s)) = (sigma, used) {
         notes.push(format!("{}: estimated sigma {s}", input.display()));
-        // Under one 8-bit step the "noise" is a clean file's rounding.
-        if hints.white && !s.by_model && s.sigma >= 1.0 {
+        // Under one 8-bit step the "noise" is a clean file's rounding: nothing to tell.
+        if s.by_white_model && s.sigma >= 1.0 {
             notes.push(format!(
                 "{}: its noise is white, independent from pixel to pixel and across colours (as \
-                 synthetic noise is): `--model {GAUSSIAN_MODEL}`, a larger network trained on \
-                 white noise, denoises it better and takes longer",
+                 synthetic noise is): denoised by the default's network for white noise",
                 input.display()
             ));
         }

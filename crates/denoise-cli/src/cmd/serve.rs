@@ -1,6 +1,8 @@
 //! `denoise-cli serve`: the web app and its HTTP API (`denoise-serve`), on one address.
 
-use crate::lookup::{resolve_model, samples_dir, shipped_model, shipped_models};
+use crate::lookup::{
+    DEFAULT_MODEL, resolve_model, samples_dir, shipped_model, shipped_models, white_noise_model,
+};
 use anyhow::{Context, Result};
 use denoise_serve::fetch::FetchConfig;
 use denoise_serve::{App, ModelEntry, ServeConfig};
@@ -156,7 +158,11 @@ fn model_entries(spec: Option<&str>) -> Result<(Vec<ModelEntry>, String)> {
     let mut entries = Vec::new();
     for name in shipped_models().unwrap_or_default() {
         if let Some(path) = shipped_model(&name)? {
-            entries.push(ModelEntry { path, name });
+            let white = match name.as_str() {
+                DEFAULT_MODEL => white_noise_model(None)?,
+                _ => None,
+            };
+            entries.push(ModelEntry { path, name, white });
         }
     }
     let default = match spec {
@@ -172,6 +178,7 @@ fn model_entries(spec: Option<&str>) -> Result<(Vec<ModelEntry>, String)> {
                 ModelEntry {
                     name: name.clone(),
                     path,
+                    white: None,
                 },
             );
             name
