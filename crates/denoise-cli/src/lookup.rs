@@ -11,6 +11,7 @@
 //! 4. `models/` in the data directory, where a user may add their own by name.
 
 use anyhow::{Context, Result, bail};
+use denoise_models::artefact::read_metadata;
 use std::path::{Path, PathBuf};
 
 mod built_in {
@@ -147,7 +148,34 @@ pub fn white_noise_model(spec: Option<&str>) -> Result<Option<PathBuf>> {
     if !names_default {
         return Ok(None);
     }
-    shipped_model(WHITE_NOISE_MODEL)
+    let (Some(white), Some(default)) = (
+        shipped_model(WHITE_NOISE_MODEL)?,
+        shipped_model(DEFAULT_MODEL)?,
+    ) else {
+        return Ok(None);
+    };
+    // Models a user put in place of the shipped ones may not fit together: then the default
+    // runs alone, as a named file would.
+    let fits = || -> Result<bool> {
+        let (ours, theirs) = (read_metadata(&default)?.model, read_metadata(&white)?.model);
+        Ok(ours.estimates_level()
+            && theirs.noise_map()
+            && !theirs.estimates_level()
+            && ours.channels() == theirs.channels())
+    };
+    match fits() {
+        Ok(true) => Ok(Some(white)),
+        Ok(false) => {
+            eprintln!(
+                "warning: '{}' does not fit as the white-noise model of '{}' (it must take a \
+                 noise level and not read it, and the default must read it): not used",
+                white.display(),
+                default.display()
+            );
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// Names of the shipped models, sorted.

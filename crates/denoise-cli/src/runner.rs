@@ -81,11 +81,23 @@ impl std::str::FromStr for Sigma {
 }
 
 impl Runner {
-    /// Loads `--model` (`spec`; the default when `None`) as `settings` say.
+    /// Loads `--model` (`spec`; the default when `None`) as `settings` say, with the
+    /// white-noise model it pairs with, if any ([`white_noise_model`]).
     pub fn load(spec: Option<&str>, settings: &Settings) -> Result<Self> {
+        Self::load_as(spec, settings, true)
+    }
+
+    /// [`Self::load`], without the white-noise model when `paired` is false (what is measured
+    /// is then this one model).
+    pub fn load_as(spec: Option<&str>, settings: &Settings, paired: bool) -> Result<Self> {
         let path = resolve_model(spec)?;
         let mut denoiser = Denoiser::load(&ModelSource::Path(path), settings)?;
-        if let Some(white) = white_noise_model(spec)? {
+        let white = if paired {
+            white_noise_model(spec)?
+        } else {
+            None
+        };
+        if let Some(white) = white {
             denoiser = denoiser
                 .with_white_noise_model(Denoiser::load(&ModelSource::Path(white), settings)?)?;
         }

@@ -65,6 +65,10 @@ impl DrunetConfig {
             blocks: from.blocks.clone(),
             ..self.clone()
         } == *from;
+        // Valid configs of the same widths only: the counts are then there to compare.
+        if !same_otherwise || self.validate().is_err() || from.validate().is_err() {
+            return false;
+        }
         let scales = self.widths.len() - 1;
         let (a, b) = (&self.blocks, &from.blocks);
         let fewer = (0..scales).all(|i| a.down(i) <= b.down(i) && a.up(i) <= b.up(i))

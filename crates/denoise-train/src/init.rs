@@ -79,6 +79,10 @@ pub(crate) struct Start {
 /// `[model]` the weights do not fit (other than by an added estimator, a gray twin or left-out
 /// DRUNet blocks) is refused, before any work.
 pub(crate) fn load(cfg: &mut TrainConfig, path: &Path) -> Result<Start> {
+    // The run's own architecture is checked first, so that its error is the one reported.
+    if let Some(want) = &cfg.model {
+        want.validate()?;
+    }
     let art = artefact::load(path, Device::Cpu)?;
     let theirs = &art.metadata.model;
     let model = match &cfg.model {
@@ -289,6 +293,17 @@ mod tests {
         for (name, v) in &ours {
             assert!(v.equal(&theirs[name]), "{name} was not copied");
         }
+        // A table of the wrong length is named as such, not taken for another model.
+        let mut bad = TrainConfig {
+            model: Some(drunet(r#"{"down":[2],"bottom":0,"up":[2,0]}"#)),
+            ..TrainConfig::default()
+        };
+        let err = load(&mut bad, &path).unwrap_err().to_string();
+        assert!(
+            err.contains("blocks.down needs a count for each of the 2"),
+            "{err}"
+        );
+        assert!(!drunet(r#"{"down":[2],"bottom":0,"up":[2,0]}"#).prunes(full.config()));
         // More blocks than the artefact has cannot start from it.
         let mut more = TrainConfig {
             model: Some(drunet("3")),

@@ -99,7 +99,7 @@ pub fn run(args: &Args) -> Result<()> {
     if args.record_bf16 {
         return record_bf16(args, data, &files, &specs);
     }
-    let runner = load(args, args.precision)?;
+    let runner = load(args, args.precision, true)?;
     let want = Channels::of(&runner, args.gray_through_colour)?;
     check_files(&files, want)?;
     if !args.json {
@@ -124,7 +124,8 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
-fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
+/// `--model` as `args` say; `paired`: with the default's white-noise model.
+fn load(args: &Args, precision: PrecisionArg, paired: bool) -> Result<Runner> {
     let settings = denoise_models::Settings {
         device: denoise_models::parse_device(&args.device).context("--device")?,
         precision: precision.policy(),
@@ -133,7 +134,7 @@ fn load(args: &Args, precision: PrecisionArg) -> Result<Runner> {
         overlap: 32,
         ensemble: args.ensemble,
     };
-    Runner::load(args.model.as_deref(), &settings)
+    Runner::load_as(args.model.as_deref(), &settings, paired)
 }
 
 /// The images a run evaluates: the model's own channel count, or gray images through a colour
@@ -222,7 +223,8 @@ fn record_bf16(
     files: &[PathBuf],
     specs: &[(String, NoiseSpec)],
 ) -> Result<()> {
-    let fp32 = load(args, PrecisionArg::Fp32)?;
+    // The loss is recorded in this model's file: measure it alone.
+    let fp32 = load(args, PrecisionArg::Fp32, false)?;
     let ModelSource::Path(file) = fp32.source().clone() else {
         bail!(
             "--record-bf16 writes into the model's file, and {} has none: give --model FILE",
@@ -231,7 +233,7 @@ fn record_bf16(
     };
     let want = Channels::Model(fp32.model().config().channels() as usize);
     check_files(files, want)?;
-    let bf16 = load(args, PrecisionArg::Bf16)?;
+    let bf16 = load(args, PrecisionArg::Bf16, false)?;
     eprintln!("{}", fp32.describe());
     let a = evaluate(args, data, &fp32, files, specs, want)?;
     let b = evaluate(args, data, &bf16, files, specs, want)?;
@@ -517,7 +519,7 @@ fn run_pairs(args: &Args, dir: &Path) -> Result<()> {
             problems.join("; ")
         );
     }
-    let runner = load(args, args.precision)?;
+    let runner = load(args, args.precision, true)?;
     if !args.json {
         println!("{}", runner.describe());
     }

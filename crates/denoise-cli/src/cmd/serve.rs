@@ -155,6 +155,11 @@ fn allowed_hosts(args: &Args) -> Vec<String> {
 
 /// The shipped models, plus `--model` when it names a file or directory; and the default's name.
 fn model_entries(spec: Option<&str>) -> Result<(Vec<ModelEntry>, String)> {
+    // `photo` names the default, unless a file or folder of that name is meant.
+    let spec = spec.map(|s| match s {
+        "photo" if !Path::new(s).exists() => DEFAULT_MODEL,
+        other => other,
+    });
     let mut entries = Vec::new();
     for name in shipped_models().unwrap_or_default() {
         if let Some(path) = shipped_model(&name)? {
@@ -215,5 +220,21 @@ fn sanitise(path: &Path) -> String {
         "custom".into()
     } else {
         name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_is_offered_with_its_white_noise_model_by_either_name() {
+        for spec in [None, Some("default"), Some("photo")] {
+            let (entries, default) = model_entries(spec).unwrap();
+            assert_eq!(default, DEFAULT_MODEL, "{spec:?}");
+            let entry = entries.iter().find(|e| e.name == DEFAULT_MODEL).unwrap();
+            assert!(entry.white.is_some(), "{spec:?}: {entry:?}");
+            assert_eq!(entries.iter().filter(|e| e.white.is_some()).count(), 1);
+        }
     }
 }
