@@ -393,6 +393,19 @@ impl NoiseLevelFunction {
         self
     }
 
+    /// The same with each level raised to the highest at any darker intensity, so that it
+    /// never falls toward white. Clipping at white takes noise away there, and a network trained
+    /// on clipped noise at its level before clipping wants that level; noise that grows with the
+    /// light (shot noise) already rises and is kept as it is.
+    pub fn rising(mut self) -> Self {
+        let mut highest = 0.0f32;
+        for p in &mut self.points {
+            highest = highest.max(p.1);
+            p.1 = highest;
+        }
+        self
+    }
+
     /// The level (0-255 scale) at mean intensity `m`.
     pub fn sigma_at(&self, m: f32) -> f32 {
         let p = &self.points;
@@ -1030,6 +1043,21 @@ mod tests {
             estimate_noise(&small),
             NoiseEstimate::Uniform(patch_covariance_sigma(&small).unwrap())
         );
+    }
+
+    #[test]
+    fn a_rising_function_keeps_its_rise_and_holds_its_peak_toward_white() {
+        let nlf = NoiseLevelFunction {
+            points: vec![
+                (0.1, 6.0),
+                (0.3, 12.0),
+                (0.5, 11.0),
+                (0.7, 14.0),
+                (0.9, 8.0),
+            ],
+        };
+        let levels: Vec<f32> = nlf.rising().points().iter().map(|p| p.1).collect();
+        assert_eq!(levels, [6.0, 12.0, 12.0, 14.0, 14.0]);
     }
 
     #[test]

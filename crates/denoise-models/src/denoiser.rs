@@ -123,6 +123,8 @@ impl Denoiser {
     /// the classical level, and any other to this model, which reads the level itself. A
     /// network trained on synthetic white noise in 8-bit files learns to undo its clipping,
     /// which darkens real camera files' shadows: the two kinds of noise want two networks.
+    /// `white` is taken to be such a network: its level by brightness never falls toward white,
+    /// where clipping took noise away ([`denoise_data::estimate::NoiseLevelFunction::rising`]).
     /// Refused for a model that does not read the level, a `white` that takes none, and
     /// models of different channels.
     pub fn with_white_noise_model(mut self, white: Denoiser) -> Result<Self> {
@@ -209,7 +211,7 @@ impl Denoiser {
                 cancelled,
             );
         };
-        match crate::level::white_map(white.model.config(), image) {
+        match crate::level::white_map(white.model.config(), image, true) {
             Some((map, used)) => {
                 let tiles = TileConfig {
                     ensemble: passes,
@@ -499,9 +501,7 @@ mod tests {
         let run = |image: &Image, level| paired.denoise(image, level, Job::default()).unwrap();
         // White noise: the paired model at the classical level, and the level says so.
         let (out, used) = run(&white, NoiseLevel::Estimate);
-        let (map, level) = model_map(plain.config(), &white, NoiseLevel::Estimate);
-        let level = level.unwrap();
-        let map = map.unwrap();
+        let (map, level) = crate::level::white_map(plain.config(), &white, true).unwrap();
         let (direct, _) =
             denoise_image(&plain, &white, NoiseLevel::Map(&map), whole, quiet).unwrap();
         assert!(out.data() == direct.data());

@@ -135,7 +135,7 @@ pub fn model_map(
         // and colour, which the classical estimate measures closely (the model's reader was
         // trained mostly on camera noise and reads low white noise as such).
         (true, NoiseLevel::Estimate) if config.estimates_level() => {
-            match white_map(config, image) {
+            match white_map(config, image, false) {
                 Some((map, used)) => (Some(map), Some(used)),
                 None => (None, None),
             }
@@ -156,12 +156,23 @@ pub fn model_map(
 
 /// The classical map a model of `config` is given for `image` (as [`model_map`]), and the level
 /// used, when the noise is white in space and colour ([`estimate::white_noise_estimate`]);
-/// `None` for other noise and for a gray picture stored as RGB.
-pub(crate) fn white_map(config: &ModelConfig, image: &Image) -> Option<(Vec<f32>, LevelUsed)> {
+/// `None` for other noise and for a gray picture stored as RGB. `before_clipping`: a level by
+/// brightness never falls toward white ([`estimate::NoiseLevelFunction::rising`]), for a model
+/// trained on clipped noise at its level before clipping.
+pub(crate) fn white_map(
+    config: &ModelConfig,
+    image: &Image,
+    before_clipping: bool,
+) -> Option<(Vec<f32>, LevelUsed)> {
     if gray_rgb(config, image) {
         return None;
     }
-    let estimate = estimate::white_noise_estimate(image)?;
+    let estimate = match estimate::white_noise_estimate(image)? {
+        NoiseEstimate::Brightness(nlf) if before_clipping => {
+            NoiseEstimate::Brightness(nlf.rising())
+        }
+        other => other,
+    };
     let gain = map_gain(config, image.channels(), false);
     match given_estimate(image, estimate, gain) {
         (Some(map), Some(used)) => Some((map, used)),
