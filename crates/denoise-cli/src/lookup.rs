@@ -156,25 +156,17 @@ pub fn white_noise_model(spec: Option<&str>) -> Result<Option<PathBuf>> {
     };
     // Models a user put in place of the shipped ones may not fit together: then the default
     // runs alone, as a named file would.
-    let fits = || -> Result<bool> {
-        let (ours, theirs) = (read_metadata(&default)?.model, read_metadata(&white)?.model);
-        Ok(ours.estimates_level()
-            && theirs.noise_map()
-            && !theirs.estimates_level()
-            && ours.channels() == theirs.channels())
-    };
-    match fits() {
-        Ok(true) => Ok(Some(white)),
-        Ok(false) => {
+    let (ours, theirs) = (read_metadata(&default)?.model, read_metadata(&white)?.model);
+    match ours.white_noise_pair_problem(&theirs) {
+        None => Ok(Some(white)),
+        Some(problem) => {
             eprintln!(
-                "warning: '{}' does not fit as the white-noise model of '{}' (it must take a \
-                 noise level and not read it, and the default must read it): not used",
+                "warning: '{}' does not fit as the white-noise model of '{}' ({problem}): not used",
                 white.display(),
                 default.display()
             );
             Ok(None)
         }
-        Err(e) => Err(e),
     }
 }
 

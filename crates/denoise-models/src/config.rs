@@ -202,6 +202,22 @@ impl ModelConfig {
         }
     }
 
+    /// Why a model of `white` cannot be this one's white-noise model
+    /// ([`crate::Denoiser::with_white_noise_model`]); `None` when it can.
+    pub fn white_noise_pair_problem(&self, white: &ModelConfig) -> Option<&'static str> {
+        if !self.estimates_level() {
+            Some("only a model that reads the noise level itself takes a white-noise model")
+        } else if !white.noise_map() || white.estimates_level() {
+            Some(
+                "a white-noise model is given the classical level: it must take one, and not read its own",
+            )
+        } else if self.channels() != white.channels() {
+            Some("a model and its white-noise model must denoise the same channels")
+        } else {
+            None
+        }
+    }
+
     /// The same model without its level-estimation branch (itself when it has none).
     pub fn without_estimator(&self) -> ModelConfig {
         match self {

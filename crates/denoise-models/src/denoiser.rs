@@ -125,28 +125,18 @@ impl Denoiser {
     /// which darkens real camera files' shadows: the two kinds of noise want two networks.
     /// `white` is taken to be such a network: its level by brightness never falls toward white,
     /// where clipping took noise away ([`denoise_data::estimate::NoiseLevelFunction::rising`]).
-    /// Refused for a model that does not read the level, a `white` that takes none, and
-    /// models of different channels.
+    /// Refused where [`crate::ModelConfig::white_noise_pair_problem`] names a problem.
     pub fn with_white_noise_model(mut self, white: Denoiser) -> Result<Self> {
-        let (ours, theirs) = (self.model.config(), white.model.config());
-        ensure(ours.estimates_level(), || {
+        let problem = self
+            .model
+            .config()
+            .white_noise_pair_problem(white.model.config());
+        ensure(problem.is_none(), || {
             format!(
-                "only a model that reads the noise level itself takes a white-noise model; '{}' \
-                 does not",
-                self.source
-            )
-        })?;
-        ensure(theirs.noise_map() && !theirs.estimates_level(), || {
-            format!(
-                "a white-noise model is given the classical level: '{}' takes none, or reads \
-                 its own",
-                white.source
-            )
-        })?;
-        ensure(ours.channels() == theirs.channels(), || {
-            format!(
-                "'{}' and its white-noise model '{}' denoise different channels",
-                self.source, white.source
+                "'{}' with '{}' as its white-noise model: {}",
+                self.source,
+                white.source,
+                problem.unwrap_or_default()
             )
         })?;
         self.white = Some(Box::new(white));
@@ -529,7 +519,7 @@ mod tests {
                 .to_string()
         };
         assert!(refused(&plain, &plain).contains("reads the noise level itself"));
-        assert!(refused(&reader, &reader).contains("takes none, or reads its own"));
+        assert!(refused(&reader, &reader).contains("must take one, and not read its own"));
     }
 
     #[test]
